@@ -1,0 +1,30 @@
+# mailproof: `make flows` runs the scenarios, `make test` everything. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ALLURE_RESULTS := reports/allure-results
+PYTEST_ARGS ?=
+
+.PHONY: flows test venv clean
+
+# The venv is rebuilt only when pyproject.toml changes (or it is missing).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Allure results are cleaned here, outside pytest: --clean-alluredir races between xdist workers.
+flows: $(STAMP)
+	rm -rf $(ALLURE_RESULTS) && mkdir -p $(ALLURE_RESULTS)
+	$(PY) -m pytest flows/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
+
+test: $(STAMP)
+	rm -rf $(ALLURE_RESULTS) && mkdir -p $(ALLURE_RESULTS)
+	$(PY) -m pytest tests/ flows/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(ALLURE_RESULTS) reports/allure-report .pytest_cache

@@ -1,0 +1,105 @@
+"""The flow runtime: what a flow function receives, identical under pytest and Locust.
+
+A flow is a plain synchronous function ``def signup(flow): ...`` (Locust is gevent-based and
+cannot drive asyncio per user, while sync code runs in both worlds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+from mailproof.criteria import Criteria
+from mailproof.http import TriggeringClient
+from mailproof.mailbox import Mailbox
+from mailproof.message import Message
+from mailproof.reporting import NullReporter, Reporter
+
+
+@dataclass(frozen=True)
+class FlowInfo:
+    """Metadata of a flow function, for reports (Allure labels) and load mixes."""
+
+    name: str
+    feature: str
+    story: str
+    severity: str = "normal"
+    description: str = ""
+
+
+def flow(fn: Optional[Callable] = None, *, feature: Optional[str] = None, story: Optional[str] = None,
+         severity: str = "normal") -> Callable:
+    """Mark a function as a flow: ``@flow(feature="Accounts", story="Signup confirmation")``."""
+
+    def decorate(func: Callable) -> Callable:
+        func.__mailproof_flow__ = FlowInfo(  # type: ignore[attr-defined]
+            name=func.__name__,
+            feature=feature or func.__module__.rsplit(".", 1)[-1].replace("_", " ").capitalize(),
+            story=story or func.__name__.replace("_", " "),
+            severity=severity,
+            description=(func.__doc__ or "").strip(),
+        )
+        return func
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def flow_info(fn: Callable) -> FlowInfo:
+    info = getattr(fn, "__mailproof_flow__", None)
+    return info if info is not None else flow(fn).__mailproof_flow__  # type: ignore[attr-defined]
+
+
+@dataclass
+class StepRecord:
+    name: str
+    seconds: float
+    ok: bool
+
+
+@dataclass
+class Flow:
+    """What a flow function works with.
+
+    ``http``: a requests-compatible client bound to the application; every request marks a
+    trigger. ``mailbox``: the Mailbox to hand out addresses and wait for mail. ``step(name)``:
+    a timed, reported step. ``mails``: every message this run waited for, in order.
+    """
+
+    http: Any
+    mailbox: Mailbox
+    reporter: Reporter = field(default_factory=NullReporter)
+    name: str = "flow"
+    steps: list[StepRecord] = field(default_factory=list)
+    mails: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.http = TriggeringClient(self.http, self.mark, self.reporter.http)
+        self.mailbox.observe(self._on_mail)
+
+    def mark(self) -> float:
+        """An explicit trigger, for mail caused by something other than an HTTP request."""
+        return self.mailbox.mark()
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        ok = False
+        try:
+            with self.reporter.step(name):
+                yield
+            ok = True
+        finally:
+            self.steps.append(StepRecord(name, time.perf_counter() - started, ok))
+
+    def _on_mail(self, event: str, msg: Message, criteria: Criteria) -> None:
+        if event == "delivered":
+            self.mails.append(msg)
+        self.reporter.mail(event, msg, criteria)
+
+
+def run(fn: Callable[..., Any], flow_obj: Flow, **params: Any) -> Any:
+    """Run one flow function; extra keyword arguments go to the function."""
+    flow_obj.name = flow_info(fn).name
+    return fn(flow_obj, **params)

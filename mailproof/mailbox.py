@@ -1,0 +1,332 @@
+"""The Mailbox: the one API flows use to expect mail, whatever captured it.
+
+``MailStore`` holds captured messages and the waiters; any backend (the in-process sink, the
+sink service client, an IMAP watcher) feeds it with ``deliver``. A delivery wakes exactly the
+waiters whose criteria it meets, from the delivering thread: nobody polls.
+
+``Mailbox`` is a view on a store for one test or one flow run: it hands out addresses, records
+trigger times for latency, only sees mail captured after it was opened, and never returns the
+same message twice (each ``wait_for`` claims what it returns).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import defaultdict
+from typing import Callable, Iterable, Optional, Union
+
+from mailproof.addresses import AddressBook
+from mailproof.criteria import Criteria, Text, recipients_of
+from mailproof.errors import MailLate, MailNotDelivered, UnexpectedMail
+from mailproof.message import Message
+
+NEAR_MISSES_SHOWN = 10
+
+
+class _Waiter:
+    __slots__ = ("criteria", "count", "exclude", "found", "event")
+
+    def __init__(self, criteria: Criteria, count: int, exclude: set[int]) -> None:
+        self.criteria = criteria
+        self.count = count
+        self.exclude = exclude
+        self.found: list[Message] = []
+        self.event = threading.Event()
+
+    def offer(self, msg: Message) -> bool:
+        """Take ``msg`` if it matches; True once the waiter has all it waits for."""
+        if msg.seq in self.exclude or not self.criteria.matches(msg):
+            return False
+        self.found.append(msg)
+        if len(self.found) >= self.count:
+            self.event.set()
+            return True
+        return False
+
+
+class MailStore:
+    """Thread-safe store of captured messages with push-based waiters.
+
+    Retention is bounded by ``max_messages``; eviction takes the oldest message that no live
+    address still expects (a message to an address of an open Mailbox is kept), and counts it.
+    """
+
+    def __init__(self, max_messages: int = 100_000) -> None:
+        self.max_messages = max_messages
+        self.evicted = 0
+        self.delivered = 0
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._messages: list[Message] = []  # in seq order
+        self._waiters_by_rcpt: dict[str, list[_Waiter]] = defaultdict(list)
+        self._waiters_any: list[_Waiter] = []
+        self._live: dict[str, int] = defaultdict(int)
+        self._listeners: list[Callable[[Message], None]] = []
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def deliver(self, msg: Message) -> Message:
+        with self._lock:
+            self._seq += 1
+            msg.seq = self._seq
+            self._messages.append(msg)
+            self.delivered += 1
+            if len(self._messages) > self.max_messages:
+                self._evict()
+            rcpts = recipients_of(msg)
+            for waiters in [self._waiters_by_rcpt.get(r) for r in rcpts] + [self._waiters_any]:
+                if waiters:
+                    waiters[:] = [w for w in waiters if not w.offer(msg)]
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(msg)
+        return msg
+
+    def deliver_captured(self, captured) -> Message:
+        """Adapter for ``fakes.CapturedMail`` (the in-process sink's callback)."""
+        return self.deliver(
+            Message(
+                captured.data,
+                mail_from=captured.mail_from,
+                rcpt_tos=captured.rcpt_tos,
+                received_at=captured.received_at,
+                source="sink",
+            )
+        )
+
+    def add_listener(self, listener: Callable[[Message], None]) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        with self._lock:
+            return self._seq
+
+    def since(self, seq: int) -> list[Message]:
+        with self._lock:
+            start = bisect.bisect_right(self._messages, seq, key=lambda m: m.seq)
+            return self._messages[start:]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._messages)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._messages.clear()
+
+    # -- used by Mailbox ---------------------------------------------------------------------
+
+    def _add_waiter(self, waiter: _Waiter) -> None:
+        key = waiter.criteria.recipient
+        if key:
+            self._waiters_by_rcpt[key].append(waiter)
+        else:
+            self._waiters_any.append(waiter)
+
+    def _remove_waiter(self, waiter: _Waiter) -> None:
+        key = waiter.criteria.recipient
+        waiters = self._waiters_by_rcpt.get(key) if key else self._waiters_any
+        if waiters and waiter in waiters:
+            waiters.remove(waiter)
+        if key and key in self._waiters_by_rcpt and not self._waiters_by_rcpt[key]:
+            del self._waiters_by_rcpt[key]
+
+    def _hold(self, address: str) -> None:
+        with self._lock:
+            self._live[address.lower()] += 1
+
+    def _release(self, addresses: Iterable[str]) -> None:
+        with self._lock:
+            for address in addresses:
+                key = address.lower()
+                self._live[key] -= 1
+                if self._live[key] <= 0:
+                    del self._live[key]
+
+    def _evict(self) -> None:
+        for index, msg in enumerate(self._messages):
+            if not (recipients_of(msg) & self._live.keys()):
+                del self._messages[index]
+                self.evicted += 1
+                return
+        # Every message is still expected: keep them all rather than drop one silently.
+
+
+class Mailbox:
+    """One test's (or one flow run's) view of a MailStore."""
+
+    def __init__(
+        self,
+        store: MailStore,
+        addresses: Optional[AddressBook] = None,
+        *,
+        default_within: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.addresses = addresses or AddressBook()
+        self.default_within = default_within
+        self.clock = clock
+        self.handed_out: list[str] = []
+        self.claimed: set[int] = set()
+        self._triggers: list[float] = []
+        self._start_seq = store.last_seq
+        self._observers: list[Callable[[str, Message, Criteria], None]] = []
+        self._closed = False
+
+    # -- addresses and triggers --------------------------------------------------------------
+
+    def address(self, label: str = "user") -> str:
+        """A fresh address that nobody else will receive mail at."""
+        address = self.addresses.address(label)
+        self.handed_out.append(address)
+        self.store._hold(address)
+        return address
+
+    def mark(self, at: Optional[float] = None) -> float:
+        """Record a trigger: latency of later mail is measured from the latest mark before it."""
+        at = self.clock() if at is None else at
+        bisect.insort(self._triggers, at)
+        return at
+
+    def trigger_for(self, received_at: Optional[float]) -> Optional[float]:
+        if received_at is None or not self._triggers:
+            return None
+        index = bisect.bisect_right(self._triggers, received_at)
+        return self._triggers[index - 1] if index else None
+
+    def observe(self, observer: Callable[[str, Message, Criteria], None]) -> None:
+        """Call ``observer(event, message, criteria)`` for each message a wait returns."""
+        self._observers.append(observer)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[Message]:
+        """Every message captured since this view opened, claimed or not."""
+        return self.store.since(self._start_seq)
+
+    def received(self, to: Optional[str] = None, **criteria) -> list[Message]:
+        """Messages already captured that match, without waiting (claimed ones included)."""
+        wanted = Criteria(to=to, **criteria)
+        return [m for m in self.messages if wanted.matches(m)]
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def wait_for(
+        self,
+        to: Optional[str] = None,
+        *,
+        subject: Optional[Text] = None,
+        contains: Optional[Text] = None,
+        header: Union[tuple, dict, None] = None,
+        sender: Optional[str] = None,
+        match: Optional[Callable[[Message], bool]] = None,
+        count: int = 1,
+        within: Optional[float] = None,
+    ) -> Union[Message, list[Message]]:
+        """Return the matching message(s) the moment they are captured.
+
+        Raises MailNotDelivered after ``within`` seconds (naming what did arrive), or MailLate
+        when a message came but its latency from the trigger exceeds ``within``.
+        """
+        if count < 1:
+            raise ValueError("count must be at least 1; use expect_no_mail() to expect none")
+        criteria = Criteria(to=to, subject=subject, contains=contains, header=header,
+                            sender=sender, match=match)
+        within = self.default_within if within is None else within
+        started = self.clock()
+        found = self._wait(criteria, count, within)
+        if len(found) < count:
+            raise MailNotDelivered(self._explain_missing(criteria, count, found, within, started))
+        found = found[:count]
+        for msg in found:
+            self.claimed.add(msg.seq)
+            msg.triggered_at = self.trigger_for(msg.received_at)
+            for observer in self._observers:
+                observer("delivered", msg, criteria)
+        late = [m for m in found if m.latency is not None and m.latency > within]
+        if late:
+            raise MailLate(
+                f"{criteria.describe()}: arrived {late[0].latency:.3f} s after the trigger, "
+                f"more than the {within:g} s allowed ({late[0].describe()})"
+            )
+        return found[0] if count == 1 else found
+
+    def expect_no_mail(
+        self,
+        to: Optional[str] = None,
+        *,
+        within: float = 1.0,
+        subject: Optional[Text] = None,
+        contains: Optional[Text] = None,
+        header: Union[tuple, dict, None] = None,
+        match: Optional[Callable[[Message], bool]] = None,
+    ) -> None:
+        """Assert that no matching mail arrives within ``within`` seconds (fails the moment one does)."""
+        criteria = Criteria(to=to, subject=subject, contains=contains, header=header, match=match)
+        found = self._wait(criteria, 1, within)
+        if found:
+            for observer in self._observers:
+                observer("unexpected", found[0], criteria)
+            raise UnexpectedMail(
+                f"expected no mail {criteria.describe()} within {within:g} s, "
+                f"but got {found[0].describe()}"
+            )
+
+    def close(self) -> None:
+        """Release this view's addresses so the store may evict their mail."""
+        if not self._closed:
+            self._closed = True
+            self.store._release(self.handed_out)
+
+    def __enter__(self) -> "Mailbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _wait(self, criteria: Criteria, count: int, within: float) -> list[Message]:
+        """Offer the waiter what is already here, then let deliveries wake it."""
+        store = self.store
+        waiter = _Waiter(criteria, count, self.claimed)
+        with store._lock:
+            for msg in store.since(self._start_seq):
+                if waiter.offer(msg):
+                    return waiter.found
+            store._add_waiter(waiter)
+        try:
+            waiter.event.wait(max(within, 0.0))
+        finally:
+            with store._lock:
+                store._remove_waiter(waiter)
+        return list(waiter.found)
+
+    def _explain_missing(self, criteria, count, found, within, started) -> str:
+        lines = [
+            f"no mail {criteria.describe()} within {within:g} s"
+            if not found
+            else f"only {len(found)} of {count} mails {criteria.describe()} within {within:g} s"
+        ]
+        window_start = min([started] + [t for t in self._triggers if t <= started][-1:])
+        arrived = [m for m in self.messages if (m.received_at or 0) >= window_start and m.seq not in {f.seq for f in found}]
+        if not arrived:
+            lines.append(f"no other mail arrived in that window ({len(self.messages)} captured in this test).")
+            return "\n".join(lines)
+        same = [m for m in arrived if criteria.recipient and criteria.recipient in recipients_of(m)]
+        others = [m for m in arrived if m not in same]
+        lines.append(f"{len(arrived)} other mail(s) arrived in that window:")
+        for msg in (same + others)[:NEAR_MISSES_SHOWN]:
+            why = "; ".join(criteria.mismatches(msg)) or "already claimed by an earlier wait"
+            lines.append(f"  - {msg.describe()} at +{(msg.received_at or 0) - window_start:.3f} s: {why}")
+        if len(arrived) > NEAR_MISSES_SHOWN:
+            lines.append(f"  ... and {len(arrived) - NEAR_MISSES_SHOWN} more")
+        return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""pytest plugin: fixtures for the capture backend, a per-test Mailbox, and running flows.
+
+Registered through the ``pytest11`` entry point, so any project with mailproof installed has:
+``mailbox``, ``flow``, ``run_flow``, ``mailproof_backend``, ``mailproof_app_url`` and the
+options below. Session fixtures are per xdist worker: each worker gets its own sink.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import allure
+import pytest
+
+from mailproof.addresses import AddressBook
+from mailproof.allure_reporter import AllureReporter
+from mailproof.embedded import EmbeddedSink
+from mailproof.errors import MailproofError
+from mailproof.flow import Flow, flow_info, run
+from mailproof.http import AppSession
+from mailproof.mailbox import Mailbox
+
+BACKENDS = ("sink", "imap")
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str
+    app_url: str
+    sink_host: str
+    sink_port: int
+    domain: str
+    within: float
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mailproof", "mailproof email flow testing")
+    group.addoption("--mailbox", dest="mailproof_backend", choices=BACKENDS, default=None,
+                    help="where flows read mail: 'sink' (in-process aiosmtpd, default) or 'imap'")
+    group.addoption("--app-url", dest="mailproof_app_url", default=None,
+                    help="base URL of an already running application under test")
+    group.addoption("--sink-host", dest="mailproof_sink_host", default=None,
+                    help="address the capture sink binds (default 127.0.0.1)")
+    group.addoption("--sink-port", dest="mailproof_sink_port", default=None, type=int,
+                    help="port the capture sink binds (default 0: the OS picks one)")
+    parser.addini("mailproof_backend", "default capture backend: sink or imap", default="sink")
+    parser.addini("mailproof_app_url", "base URL of the application under test", default="")
+    parser.addini("mailproof_sink_host", "address the capture sink binds", default="127.0.0.1")
+    parser.addini("mailproof_sink_port", "port the capture sink binds (0: OS-chosen)", default="0")
+    parser.addini("mailproof_domain", "domain of the test addresses handed out", default="mailproof.test")
+    parser.addini("mailproof_within", "default seconds a wait_for waits", default="10")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "flow: a test that runs a mailproof flow (added automatically)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if {"flow", "run_flow"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.flow)
+
+
+def _setting(config: pytest.Config, name: str, env: str) -> Any:
+    value = config.getoption(f"mailproof_{name}", default=None)
+    if value is None:
+        value = os.environ.get(env) or config.getini(f"mailproof_{name}")
+    return value
+
+
+@pytest.fixture(scope="session")
+def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
+    try:
+        settings = Settings(
+            backend=_setting(pytestconfig, "backend", "MAILPROOF_BACKEND"),
+            app_url=_setting(pytestconfig, "app_url", "MAILPROOF_APP_URL"),
+            sink_host=_setting(pytestconfig, "sink_host", "MAILPROOF_SINK_HOST"),
+            sink_port=int(_setting(pytestconfig, "sink_port", "MAILPROOF_SINK_PORT")),
+            domain=pytestconfig.getini("mailproof_domain"),
+            within=float(pytestconfig.getini("mailproof_within")),
+        )
+    except ValueError as exc:
+        raise MailproofError(f"invalid mailproof setting: {exc}. Check --sink-port and mailproof_within.") from exc
+    if settings.backend not in BACKENDS:
+        raise MailproofError(f"unknown mailbox backend {settings.backend!r}: use one of {', '.join(BACKENDS)}")
+    return settings
+
+
+@pytest.fixture(scope="session")
+def mailproof_backend(mailproof_settings: Settings):
+    """The running capture backend: ``smtp_host``/``smtp_port`` to send to, ``store`` to read."""
+    if mailproof_settings.backend != "sink":
+        raise MailproofError(
+            f"the {mailproof_settings.backend!r} backend is not available in this version; use --mailbox=sink"
+        )
+    with EmbeddedSink(host=mailproof_settings.sink_host, port=mailproof_settings.sink_port) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="session")
+def mailproof_address_book(mailproof_settings: Settings) -> AddressBook:
+    return AddressBook(domain=mailproof_settings.domain)
+
+
+@pytest.fixture
+def mailbox(mailproof_backend, mailproof_address_book, mailproof_settings):
+    """A clean view for this test: only mail captured from now on, addresses unique to the run."""
+    with Mailbox(mailproof_backend.store, mailproof_address_book,
+                 default_within=mailproof_settings.within) as view:
+        yield view
+
+
+@pytest.fixture(scope="session")
+def mailproof_app_url(mailproof_settings: Settings) -> str:
+    """Base URL of the application under test. Override this fixture to start your app."""
+    if not mailproof_settings.app_url:
+        raise MailproofError(
+            "no application URL: pass --app-url, set mailproof_app_url in the ini file or "
+            "MAILPROOF_APP_URL, or override the mailproof_app_url fixture to start the app"
+        )
+    return mailproof_settings.app_url
+
+
+@pytest.fixture
+def flow(mailbox, mailproof_app_url, request) -> Flow:
+    """A Flow bound to the application and this test's mailbox, reporting to Allure."""
+    session = AppSession(mailproof_app_url)
+    yield Flow(http=session, mailbox=mailbox, reporter=AllureReporter(), name=request.node.name)
+    session.close()
+
+
+@pytest.fixture
+def run_flow(flow: Flow) -> Callable[..., Any]:
+    """``run_flow(fn, **params)``: label the test in Allure from the flow and run it."""
+
+    def runner(fn: Callable[..., Any], **params: Any) -> Any:
+        info = flow_info(fn)
+        allure.dynamic.feature(info.feature)
+        allure.dynamic.story(info.story)
+        allure.dynamic.severity(info.severity)
+        if info.description:
+            allure.dynamic.description(info.description)
+        source = inspect.getsourcefile(fn)
+        if source:
+            line = inspect.getsourcelines(fn)[1]
+            allure.dynamic.link(f"file://{source}#L{line}", name=f"flow source: {os.path.basename(source)}:{line}")
+        return run(fn, flow, **params)
+
+    return runner
