@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from fakes.smtp_faults import FaultPlan
 from fakes.smtp_sink import SmtpSink
 from mailproof.mailbox import MailStore
 
@@ -15,7 +16,8 @@ class EmbeddedSink:
 
     def __init__(self, store: Optional[MailStore] = None, **sink_options: Any) -> None:
         self.store = store or MailStore()
-        self.sink = SmtpSink(on_message=self.store.deliver_captured, **sink_options)
+        self.faults = sink_options.pop("faults", None) or FaultPlan()
+        self.sink = SmtpSink(on_message=self.store.deliver_captured, faults=self.faults, **sink_options)
 
     def start(self) -> "EmbeddedSink":
         self.sink.start()

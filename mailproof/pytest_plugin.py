@@ -19,11 +19,23 @@ from mailproof.addresses import AddressBook
 from mailproof.allure_reporter import AllureReporter
 from mailproof.embedded import EmbeddedSink
 from mailproof.errors import MailproofError
+from mailproof.faults import ScopedFaults
 from mailproof.flow import Flow, flow_info, run
 from mailproof.http import AppSession
 from mailproof.mailbox import Mailbox
 
 BACKENDS = ("sink", "imap")
+# IMAP account settings: ini key mailproof_imap_<key> or env MAILPROOF_IMAP_<KEY>. With no host,
+# the imap backend starts a private Dovecot (behind a private Postfix when running as root).
+IMAP_SETTINGS = {
+    "host": "IMAP server of the test inbox (empty: start a private Dovecot)",
+    "port": "IMAP port (default 993 for tls=ssl, else 143)",
+    "tls": "ssl (implicit TLS), starttls, or plain (loopback tests only)",
+    "user": "IMAP login",
+    "password": "IMAP password (prefer the env var MAILPROOF_IMAP_PASSWORD)",
+    "folder": "folder the test mail lands in (default INBOX)",
+    "address": "the inbox's address; test addresses plus-address it (qa+token@domain)",
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,7 @@ class Settings:
     sink_port: int
     domain: str
     within: float
+    imap: dict
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -52,6 +65,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mailproof_sink_port", "port the capture sink binds (0: OS-chosen)", default="0")
     parser.addini("mailproof_domain", "domain of the test addresses handed out", default="mailproof.test")
     parser.addini("mailproof_within", "default seconds a wait_for waits", default="10")
+    for key, help_text in IMAP_SETTINGS.items():
+        parser.addini(f"mailproof_imap_{key}", help_text, default="")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -81,6 +96,8 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
             sink_port=int(_setting(pytestconfig, "sink_port", "MAILPROOF_SINK_PORT")),
             domain=pytestconfig.getini("mailproof_domain"),
             within=float(pytestconfig.getini("mailproof_within")),
+            imap={key: os.environ.get(f"MAILPROOF_IMAP_{key.upper()}") or pytestconfig.getini(f"mailproof_imap_{key}")
+                  for key in IMAP_SETTINGS},
         )
     except ValueError as exc:
         raise MailproofError(f"invalid mailproof setting: {exc}. Check --sink-port and mailproof_within.") from exc
@@ -92,17 +109,20 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
 @pytest.fixture(scope="session")
 def mailproof_backend(mailproof_settings: Settings):
     """The running capture backend: ``smtp_host``/``smtp_port`` to send to, ``store`` to read."""
-    if mailproof_settings.backend != "sink":
-        raise MailproofError(
-            f"the {mailproof_settings.backend!r} backend is not available in this version; use --mailbox=sink"
-        )
+    if mailproof_settings.backend == "imap":
+        from mailproof.imap_backend import open_imap_backend  # imported only when chosen
+
+        with open_imap_backend(mailproof_settings.imap) as backend:
+            yield backend
+        return
     with EmbeddedSink(host=mailproof_settings.sink_host, port=mailproof_settings.sink_port) as backend:
         yield backend
 
 
 @pytest.fixture(scope="session")
-def mailproof_address_book(mailproof_settings: Settings) -> AddressBook:
-    return AddressBook(domain=mailproof_settings.domain)
+def mailproof_address_book(mailproof_backend, mailproof_settings: Settings) -> AddressBook:
+    """Backends that read one real inbox bring their own (plus-addressing on that inbox)."""
+    return getattr(mailproof_backend, "address_book", None) or AddressBook(domain=mailproof_settings.domain)
 
 
 @pytest.fixture
@@ -111,6 +131,17 @@ def mailbox(mailproof_backend, mailproof_address_book, mailproof_settings):
     with Mailbox(mailproof_backend.store, mailproof_address_book,
                  default_within=mailproof_settings.within) as view:
         yield view
+
+
+@pytest.fixture
+def sink_faults(mailproof_backend, request):
+    """Fault rules for this test only: ``sink_faults.rule("rcpt", "451 4.3.0 later", to=addr)``.
+
+    Every rule added here is removed when the test ends, pass or fail.
+    """
+    scoped = ScopedFaults(mailproof_backend.faults, scope=request.node.nodeid)
+    yield scoped
+    scoped.clear()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,43 @@
+"""Wiring only: start the fakes and the demo application, and point the harness at them.
+
+The demo app stands for someone else's product: it is started as its own process and reached
+only over HTTP and SMTP. Pass --app-url to test an application that is already running.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fakes.validation_api import ValidationApi
+from mailproof import AppProcess
+
+ROOT = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def validation_api():
+    """The fake email-validation API the demo app calls at signup."""
+    with ValidationApi() as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def demo_app(mailproof_backend, validation_api):
+    """The demo application, sending through the capture backend (one per xdist worker)."""
+    command = [
+        sys.executable, "-m", "demo_app", "--port", "0",
+        "--smtp-host", mailproof_backend.smtp_host, "--smtp-port", str(mailproof_backend.smtp_port),
+        "--validation-url", validation_api.url,
+    ]
+    with AppProcess(command, cwd=str(ROOT), name="demo application") as app:
+        yield app
+
+
+@pytest.fixture(scope="session")
+def mailproof_app_url(mailproof_settings, request) -> str:
+    if mailproof_settings.app_url:
+        return mailproof_settings.app_url
+    return request.getfixturevalue("demo_app").url

@@ -1,0 +1,310 @@
+"""Fault injection for the capture sink: scoped, deterministic or seeded, at every SMTP stage.
+
+A ``FaultPlan`` holds ``FaultRule`` s. Each rule says *where* (stage), *to whom* (recipient exact
+or pattern, sender, or all traffic) and *what* (an action). The sink asks the plan at each stage;
+the first rule that matches and acts decides the reply. Every rule counts how often it fired so a
+test can assert on what really happened.
+
+Stages, in SMTP order: ``connect`` (before the greeting), ``ehlo``, ``mail``, ``rcpt``, ``data``
+(after the message is read, before it is captured), ``after_data`` (captured, before the reply:
+a disconnect here is the ambiguous case where the client cannot know the mail was taken).
+Recipients are known from ``rcpt`` on; rules that name a recipient never fire earlier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+STAGES = ("connect", "ehlo", "mail", "rcpt", "data", "after_data")
+_REPLY = re.compile(r"^[245]\d\d[ -]")
+
+
+class FaultError(ValueError):
+    """A rule is malformed; the message says what to fix."""
+
+
+def _check_reply(reply: str) -> str:
+    lines = reply.replace("\r\n", "\n").split("\n")
+    if not all(_REPLY.match(line + " ") for line in lines):
+        raise FaultError(f"not an SMTP reply: {reply!r}; use e.g. '451 4.3.0 try again later'")
+    code = lines[0][:3]
+    if any(line[:3] != code for line in lines):
+        raise FaultError(f"every line of a multi-line reply needs the same code: {reply!r}")
+    # aiosmtpd sends a reply string as is: build the multi-line form (code-text, code text).
+    return "\r\n".join(f"{code}{'-' if i < len(lines) - 1 else ' '}{line[4:]}" for i, line in enumerate(lines))
+
+
+# -- actions -------------------------------------------------------------------------------------
+# An action's ``act`` returns a reply string, or None to let the stage proceed normally. It may
+# also delay, or close the connection.
+
+
+@dataclass
+class Reply:
+    """Answer with this SMTP reply (any 4xx/5xx, multi-line with '\\n')."""
+
+    reply: str
+
+    def __post_init__(self) -> None:
+        self.reply = _check_reply(self.reply)
+
+    async def act(self, ctx: "_Context") -> Optional[str]:
+        if self.reply.startswith("421"):
+            ctx.close_after_reply = True  # 421 means the server is closing the channel
+        return self.reply
+
+
+@dataclass
+class Delay:
+    """A slow server: wait, then proceed (or answer ``then``)."""
+
+    seconds: float
+    then: Optional["Action"] = None
+
+    async def act(self, ctx: "_Context") -> Optional[str]:
+        await asyncio.sleep(self.seconds)
+        return await self.then.act(ctx) if self.then else None
+
+
+@dataclass
+class Disconnect:
+    """Hang up without a reply."""
+
+    async def act(self, ctx: "_Context") -> Optional[str]:
+        ctx.hang_up()
+        await asyncio.Future()  # cancelled by aiosmtpd when the connection is lost
+        return None  # pragma: no cover
+
+
+@dataclass
+class Stall:
+    """Say nothing until the client gives up (or ``seconds`` pass, then hang up)."""
+
+    seconds: Optional[float] = None
+
+    async def act(self, ctx: "_Context") -> Optional[str]:
+        if self.seconds is None:
+            await asyncio.Future()
+        await asyncio.sleep(self.seconds)
+        ctx.hang_up()
+        await asyncio.Future()
+        return None
+
+
+@dataclass
+class Accept:
+    """Proceed normally (a step in a Sequence)."""
+
+    async def act(self, ctx: "_Context") -> Optional[str]:
+        return None
+
+
+@dataclass
+class Script:
+    """Deterministic script: one action per matching event, then ``after`` forever.
+
+    ``Script(["451 4.3.0 try later"] * 2)`` is "451 twice, then accept".
+    """
+
+    steps: list
+    after: Optional["Action"] = None
+
+    def __post_init__(self) -> None:
+        self.steps = [as_action(s) for s in self.steps]
+        self._next = 0
+        self._lock = threading.Lock()
+
+    async def act(self, ctx: "_Context") -> Optional[str]:
+        with self._lock:
+            index, self._next = self._next, self._next + 1
+        if index < len(self.steps):
+            return await self.steps[index].act(ctx)
+        return await self.after.act(ctx) if self.after else None
+
+
+@dataclass
+class Chaos:
+    """With probability ``p`` (seeded, so a rehearsal is repeatable), do ``action``."""
+
+    p: float
+    action: "Action"
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.p <= 1:
+            raise FaultError(f"chaos probability must be between 0 and 1, not {self.p}")
+        self.action = as_action(self.action)
+        self._random = random.Random(self.seed)
+        self._lock = threading.Lock()
+
+    async def act(self, ctx: "_Context") -> Optional[str]:
+        with self._lock:
+            hit = self._random.random() < self.p
+        return await self.action.act(ctx) if hit else None
+
+
+@dataclass
+class RateLimit:
+    """At most ``per_second`` matching events in any one-second window; past that, ``reply``."""
+
+    per_second: float
+    reply: str = "451 4.7.0 rate limit exceeded, slow down"
+
+    def __post_init__(self) -> None:
+        if self.per_second <= 0:
+            raise FaultError("rate limit must be a positive number of messages per second")
+        self._reply = Reply(self.reply)
+        self._window: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    async def act(self, ctx: "_Context") -> Optional[str]:
+        now = time.monotonic()
+        with self._lock:
+            while self._window and now - self._window[0] >= 1.0:
+                self._window.popleft()
+            if len(self._window) >= self.per_second:
+                limited = True
+            else:
+                self._window.append(now)
+                limited = False
+        return await self._reply.act(ctx) if limited else None
+
+
+Action = Union[Reply, Delay, Disconnect, Stall, Accept, Script, Chaos, RateLimit]
+
+
+def as_action(value: Any) -> "Action":
+    """A reply string or None (accept) is shorthand for Reply(...) / Accept()."""
+    if value is None:
+        return Accept()
+    if isinstance(value, str):
+        return Reply(value)
+    if hasattr(value, "act"):
+        return value
+    raise FaultError(f"not a fault action: {value!r}")
+
+
+# -- rules and the plan --------------------------------------------------------------------------
+
+
+@dataclass
+class FaultRule:
+    stage: str
+    action: Any
+    to: Optional[str] = None  # exact recipient, case-insensitive
+    to_pattern: Optional[str] = None  # regex searched in each recipient
+    sender: Optional[str] = None  # exact envelope sender
+    name: str = ""
+    scope: Optional[str] = None  # who added it (e.g. a test id), for scoped removal
+    id: int = 0
+    fired: int = 0  # times the rule matched and its action was asked
+    acted: int = 0  # times it changed the outcome (a reply or a hang-up)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise FaultError(f"unknown SMTP stage {self.stage!r}; use one of {', '.join(STAGES)}")
+        if (self.to or self.to_pattern) and self.stage in ("connect", "ehlo", "mail"):
+            raise FaultError(
+                f"a rule for a recipient cannot act at {self.stage!r}: the recipient is only known "
+                "from RCPT on; use stage 'rcpt', 'data' or 'after_data', or drop the recipient"
+            )
+        if self.sender and self.stage in ("connect", "ehlo"):
+            raise FaultError(f"the sender is only known from MAIL on, not at {self.stage!r}")
+        self.action = as_action(self.action)
+        self._to_regex = re.compile(self.to_pattern) if self.to_pattern else None
+
+    def matches(self, sender: Optional[str], recipients: Sequence[str]) -> bool:
+        if self.sender is not None and (sender or "").lower() != self.sender.lower():
+            return False
+        if self.to is not None and self.to.lower() not in {r.lower() for r in recipients}:
+            return False
+        if self._to_regex is not None and not any(self._to_regex.search(r) for r in recipients):
+            return False
+        return True
+
+    def describe(self) -> dict:
+        return {"id": self.id, "name": self.name, "stage": self.stage, "to": self.to,
+                "to_pattern": self.to_pattern, "sender": self.sender, "scope": self.scope,
+                "action": repr(self.action), "fired": self.fired, "acted": self.acted}
+
+
+@dataclass
+class _Context:
+    server: Any
+    stage: str
+    close_after_reply: bool = False
+
+    acted: bool = False
+
+    def hang_up(self) -> None:
+        self.acted = True
+        transport = getattr(self.server, "transport", None)
+        if transport is not None:
+            transport.close()
+
+
+class FaultPlan:
+    """The sink's fault rules. Thread-safe: tests add rules from their thread, the sink reads them."""
+
+    def __init__(self) -> None:
+        self._rules: list[FaultRule] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def add(self, rule: FaultRule) -> FaultRule:
+        with self._lock:
+            rule.id = next(self._ids)
+            self._rules.append(rule)
+        return rule
+
+    def rule(self, stage: str, action: Any, **match: Any) -> FaultRule:
+        return self.add(FaultRule(stage=stage, action=action, **match))
+
+    def remove(self, rule: Union[FaultRule, int]) -> None:
+        rule_id = rule if isinstance(rule, int) else rule.id
+        with self._lock:
+            self._rules = [r for r in self._rules if r.id != rule_id]
+
+    def clear(self, scope: Optional[str] = None) -> int:
+        """Remove every rule (or those of one scope); returns how many were removed."""
+        with self._lock:
+            keep = [r for r in self._rules if scope is not None and r.scope != scope]
+            removed = len(self._rules) - len(keep)
+            self._rules = keep
+        return removed
+
+    @property
+    def rules(self) -> list[FaultRule]:
+        with self._lock:
+            return list(self._rules)
+
+    async def apply(self, stage: str, server: Any, session: Any, envelope: Any, **details: Any) -> Optional[str]:
+        sender = details.get("address") if stage == "mail" else getattr(envelope, "mail_from", None)
+        recipients = [details["address"]] if stage == "rcpt" else list(getattr(envelope, "rcpt_tos", []) or [])
+        for rule in self.rules:
+            if rule.stage != stage or not rule.matches(sender, recipients):
+                continue
+            with self._lock:
+                rule.fired += 1
+            ctx = _Context(server=server, stage=stage)
+            reply = None
+            try:
+                reply = await rule.action.act(ctx)
+            finally:  # a hang-up ends in cancellation: count it all the same
+                if reply is not None or ctx.acted:
+                    with self._lock:
+                        rule.acted += 1
+            if reply is not None:
+                if ctx.close_after_reply:
+                    # The reply is written before this callback runs; then the channel closes.
+                    asyncio.get_running_loop().call_soon(ctx.hang_up)
+                return reply
+        return None
