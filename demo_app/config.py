@@ -1,0 +1,88 @@
+"""Settings from command-line flags, each with an environment-variable fallback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.utils import parseaddr
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 0
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_user: str | None = None
+    smtp_password: str | None = None
+    smtp_timeout: float = 10.0
+    validation_url: str = "http://127.0.0.1:8081"
+    validation_key: str | None = None
+    validation_concurrency: int = 8
+    validation_budget: float = 10.0  # total seconds spent on one lookup, retries included
+    public_url: str | None = None  # None: the URL we actually listen on
+    workers: int = 4
+    mail_from: str = "Demo Shop <no-reply@demo-shop.test>"
+    log_level: str = "INFO"
+    access_log: bool = False
+
+    @property
+    def from_address(self) -> Address:
+        name, addr = parseaddr(self.mail_from)
+        return Address(display_name=name, addr_spec=addr)
+
+    @property
+    def mail_domain(self) -> str:
+        """Domain for Message-IDs and the mailto: unsubscribe address."""
+        return self.from_address.domain
+
+
+# flag name -> (env var, type)
+_FLAGS = {
+    "host": ("DEMO_HOST", str),
+    "port": ("DEMO_PORT", int),
+    "smtp_host": ("DEMO_SMTP_HOST", str),
+    "smtp_port": ("DEMO_SMTP_PORT", int),
+    "smtp_user": ("DEMO_SMTP_USER", str),
+    "smtp_password": ("DEMO_SMTP_PASSWORD", str),
+    "smtp_timeout": ("DEMO_SMTP_TIMEOUT", float),
+    "validation_url": ("DEMO_VALIDATION_URL", str),
+    "validation_key": ("DEMO_VALIDATION_KEY", str),
+    "validation_concurrency": ("DEMO_VALIDATION_CONCURRENCY", int),
+    "validation_budget": ("DEMO_VALIDATION_BUDGET", float),
+    "public_url": ("DEMO_PUBLIC_URL", str),
+    "workers": ("DEMO_WORKERS", int),
+    "mail_from": ("DEMO_FROM", str),
+    "log_level": ("DEMO_LOG_LEVEL", str),
+}
+_BOOLS = {"smtp_starttls": "DEMO_SMTP_STARTTLS", "access_log": "DEMO_ACCESS_LOG"}
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Flags win over environment variables, which win over the defaults."""
+    env = os.environ if environ is None else environ
+    defaults = Config()
+    p = argparse.ArgumentParser(prog="python -m demo_app", description="Demo Shop, the app under test")
+    for name, (var, typ) in _FLAGS.items():
+        default = typ(env[var]) if var in env else getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=default, help=f"env {var}")
+    for name, var in _BOOLS.items():
+        default = _truthy(env[var]) if var in env else getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
+                       default=default, help=f"env {var}")
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.workers < 1 or cfg.validation_concurrency < 1:
+        p.error("--workers and --validation-concurrency must be at least 1")
+    if not cfg.from_address.domain:
+        p.error(f"--mail-from has no usable address: {cfg.mail_from!r}")
+    if cfg.public_url:
+        cfg.public_url = cfg.public_url.rstrip("/")
+    cfg.validation_url = cfg.validation_url.rstrip("/")
+    return cfg

@@ -1,0 +1,178 @@
+"""Outbox: an asyncio.Queue served by a pool of workers that deliver over SMTP with retries.
+
+A transient failure (4xx, connection refused/reset, timeout, disconnect) puts the message back on
+the queue after a capped exponential backoff with full jitter, instead of holding a worker asleep,
+so a greylisting receiver cannot stall the whole pool. A 5xx, or running out of attempts, is
+permanent and recorded as a bounce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from .backoff import full_jitter
+from .config import Config
+from .metrics import Metrics
+
+log = logging.getLogger("demo_app.mailer")
+
+BACKOFF_BASE = 0.2
+BACKOFF_CAP = 5.0
+MAX_ATTEMPTS = 8
+
+
+@dataclass
+class Job:
+    msg: EmailMessage
+    to: str
+    attempt: int = 0
+
+
+@dataclass
+class Bounce:
+    to: str
+    code: int | None
+    message: str
+    subject: str
+    at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+
+class Transient(Exception):
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Permanent(Transient):
+    pass
+
+
+def classify(exc: BaseException) -> Transient:
+    """Map a send error to Transient or Permanent, keeping the SMTP reply code when there is one."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
+        exc = exc.recipients[0]
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        kind = Permanent if 500 <= exc.code < 600 else Transient
+        return kind(exc.code, exc.message)
+    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError,
+                        aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError, ConnectionError, OSError)):
+        return Transient(None, f"{type(exc).__name__}: {exc}")
+    # SMTPNotSupported (e.g. no SMTPUTF8 for a unicode address) and anything unexpected: retrying won't help.
+    return Permanent(None, f"{type(exc).__name__}: {exc}")
+
+
+class Mailer:
+    def __init__(self, cfg: Config, metrics: Metrics) -> None:
+        self.cfg, self.metrics = cfg, metrics
+        self.bounces: list[Bounce] = []
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._workers: list[asyncio.Task] = []
+        self._retry_timers: set[asyncio.TimerHandle] = set()
+        self._pending = 0  # accepted and not yet finished: queued + in flight + waiting to retry
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def depth(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work(i), name=f"mailer-{i}") for i in range(self.cfg.workers)]
+
+    def enqueue(self, msg: EmailMessage, to: str) -> None:
+        self.metrics.emails_queued += 1
+        self._pending += 1
+        self._idle.clear()
+        self._queue.put_nowait(Job(msg, to))
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once every accepted message is sent or bounced; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self, drain: float = 2.0) -> None:
+        """Give in-flight and queued mail up to `drain` seconds, then stop the workers."""
+        if not await self.wait_idle(drain):
+            log.warning("outbox not drained at shutdown: %d messages dropped", self._pending)
+        for timer in self._retry_timers:
+            timer.cancel()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    def _done(self) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.set()
+
+    async def _work(self, worker: int) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                await self._attempt(job)
+            except Exception:  # a bug in one message must not kill the worker
+                log.exception("mailer worker %d crashed on a message to %s", worker, job.to)
+                self._done()
+            finally:
+                self._queue.task_done()
+
+    async def _attempt(self, job: Job) -> None:
+        job.attempt += 1
+        self.metrics.send_attempts += 1
+        started = time.monotonic()
+        code: int | None = 250
+        detail = ""
+        try:
+            await aiosmtplib.send(
+                job.msg,
+                sender=self.cfg.from_address.addr_spec,
+                recipients=[job.to],
+                hostname=self.cfg.smtp_host,
+                port=self.cfg.smtp_port,
+                # aiosmtplib upgrades to STARTTLS on its own when offered (None); never do so unasked.
+                start_tls=self.cfg.smtp_starttls,
+                username=self.cfg.smtp_user,
+                password=self.cfg.smtp_password,
+                timeout=self.cfg.smtp_timeout,
+            )
+            outcome = "sent"
+            self.metrics.emails_sent += 1
+            self._done()
+        except Exception as exc:
+            err = classify(exc)
+            code, detail = err.code, str(err)
+            if isinstance(err, Permanent) or job.attempt >= MAX_ATTEMPTS:
+                outcome = "bounced" if isinstance(err, Permanent) else "gave_up"
+                self.metrics.permanent_failures += 1
+                message = str(err) if isinstance(err, Permanent) else f"gave up after {job.attempt} attempts: {err}"
+                self.bounces.append(Bounce(job.to, err.code, message, str(job.msg["Subject"])))
+                self._done()
+            else:
+                outcome = "retry"
+                self.metrics.transient_failures += 1
+                self._schedule_retry(job)
+        # One line per attempt, key=value, so a log search can follow one message through retries.
+        log.info("send to=%s subject=%r attempt=%d outcome=%s code=%s elapsed_ms=%.1f error=%r",
+                 job.to, str(job.msg["Subject"]), job.attempt, outcome, code,
+                 (time.monotonic() - started) * 1000, detail)
+
+    def _schedule_retry(self, job: Job) -> None:
+        delay = full_jitter(job.attempt, BACKOFF_BASE, BACKOFF_CAP)
+        loop = asyncio.get_running_loop()
+
+        def requeue() -> None:
+            self._retry_timers.discard(timer)
+            self._queue.put_nowait(job)
+
+        timer = loop.call_later(delay, requeue)
+        self._retry_timers.add(timer)
