@@ -6,6 +6,7 @@ import re
 import secrets
 
 from flows import slo
+from flows.app import outbox_drained
 from mailproof import flow
 
 _ANGLE_URLS = re.compile(r"<([^>]+)>")
@@ -40,4 +41,5 @@ def newsletter_one_click_unsubscribe(flow) -> None:
                                   json={"subject": "Day two", "body": "Still live."})
         assert response.status_code == 202 and response.json()["queued"] == 1, response.text
         flow.mailbox.wait_for(to=staying, subject="Day two", within=slo.BULK)
+        outbox_drained(flow)
         flow.mailbox.expect_no_mail(to=leaving, within=slo.NO_MAIL_WINDOW)
