@@ -6,7 +6,7 @@ download-only in Allure, see NOTES.md). Allure calls are no-ops when no --allure
 
 from __future__ import annotations
 
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Optional
 
 import allure
 
@@ -14,10 +14,12 @@ from mailproof.criteria import Criteria
 from mailproof.message import Message
 
 
+_VERBS = {"delivered": "Received", "late": "LATE", "unexpected": "UNEXPECTED"}
+
+
 def mail_title(event: str, msg: Message) -> str:
     latency = f"{msg.latency * 1000:.0f} ms after trigger" if msg.latency is not None else "latency unknown"
-    verb = "Received" if event == "delivered" else "UNEXPECTED"
-    return f"{verb}: {msg.subject!r} to {', '.join(msg.rcpt_tos) or ', '.join(msg.to)} ({latency})"
+    return f"{_VERBS.get(event, event)}: {msg.subject!r} to {', '.join(msg.rcpt_tos) or ', '.join(msg.to)} ({latency})"
 
 
 def attach_message(msg: Message) -> None:
@@ -53,6 +55,9 @@ class AllureReporter:
         with allure.step(f"HTTP {method} {url} -> {status} ({seconds * 1000:.0f} ms)"):
             pass
 
-    def mail(self, event: str, msg: Message, criteria: Criteria) -> None:
+    def mail(self, event: str, msg: Optional[Message], criteria: Criteria,
+             error: Optional[Exception], step: str) -> None:
+        if msg is None:  # missing: the failure itself carries the near misses
+            return
         with allure.step(mail_title(event, msg)):
             attach_message(msg)

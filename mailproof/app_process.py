@@ -47,6 +47,11 @@ class AppProcess:
                 f"cannot start the {self.name}: {exc.filename!r} not found. "
                 f"Install it or fix the command {self.command!r}."
             ) from exc
+        except PermissionError as exc:
+            raise MailproofError(
+                f"cannot start the {self.name}: {exc.filename!r} is not executable. "
+                f"Run chmod +x on it, or start it through its interpreter: {self.command!r}."
+            ) from exc
         ready: "queue.Queue[Optional[str]]" = queue.Queue()
         for stream, is_stdout in ((self._proc.stdout, True), (self._proc.stderr, False)):
             reader = threading.Thread(target=self._read, args=(stream, ready if is_stdout else None),

@@ -42,32 +42,33 @@ class Criteria:
 
     def mismatches(self, msg: Message) -> list[str]:
         """Why ``msg`` does not match; empty when it does."""
-        reasons = []
+        return list(self._mismatches(msg))
+
+    def matches(self, msg: Message) -> bool:
+        # Stops at the first failed check: the recipient is checked before anything that parses.
+        return next(self._mismatches(msg), None) is None
+
+    def _mismatches(self, msg: Message):
         if self.to and self.recipient not in recipients_of(msg):
-            reasons.append(f"to {sorted(recipients_of(msg))} not {self.to!r}")
+            yield f"to {sorted(recipients_of(msg))} not {self.to!r}"
         if self.sender and self.sender.lower() != (msg.mail_from or "").lower():
-            reasons.append(f"sender {msg.mail_from!r} not {self.sender!r}")
+            yield f"sender {msg.mail_from!r} not {self.sender!r}"
         if self.subject is not None and not _text_matches(self.subject, msg.subject):
-            reasons.append(f"subject {msg.subject!r} does not contain {_show(self.subject)}")
+            yield f"subject {msg.subject!r} does not contain {_show(self.subject)}"
         if self.contains is not None and not msg.body_contains(self.contains):
-            reasons.append(f"body does not contain {_show(self.contains)}")
+            yield f"body does not contain {_show(self.contains)}"
         for name, value in self._headers():
             values = msg.header_all(name)
             if not any(_text_matches(value, v) for v in values):
-                reasons.append(f"header {name} {values!r} does not contain {_show(value)}")
+                yield f"header {name} {values!r} does not contain {_show(value)}"
         if self.match is not None:
             try:
                 ok = bool(self.match(msg))
             except Exception as exc:
-                ok = False
-                reasons.append(f"match raised {type(exc).__name__}: {exc}")
+                yield f"match raised {type(exc).__name__}: {exc}"
             else:
                 if not ok:
-                    reasons.append(f"match={getattr(self.match, '__name__', 'callable')} returned False")
-        return reasons
-
-    def matches(self, msg: Message) -> bool:
-        return not self.mismatches(msg)
+                    yield f"match={getattr(self.match, '__name__', 'callable')} returned False"
 
     def describe(self) -> str:
         parts = []
@@ -93,10 +94,5 @@ class Criteria:
         return [self.header]
 
 
-def recipients_of(msg: Message) -> set[str]:
-    """Envelope recipients, or To/Cc/Delivered-To where no envelope is known (IMAP)."""
-    if msg.rcpt_tos:
-        return {r.lower() for r in msg.rcpt_tos}
-    found = set(msg.to) | set(msg.cc)
-    found.update(msg.header_all("Delivered-To"))
-    return {r.lower() for r in found}
+def recipients_of(msg: Message) -> frozenset[str]:
+    return msg.recipients

@@ -73,6 +73,7 @@ class Flow:
     name: str = "flow"
     steps: list[StepRecord] = field(default_factory=list)
     mails: list[Message] = field(default_factory=list)
+    current_step: str = ""
 
     def __post_init__(self) -> None:
         self.http = TriggeringClient(self.http, self.mark, self.reporter.http)
@@ -86,17 +87,20 @@ class Flow:
     def step(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
         ok = False
+        outer, self.current_step = self.current_step, name
         try:
             with self.reporter.step(name):
                 yield
             ok = True
         finally:
+            self.current_step = outer
             self.steps.append(StepRecord(name, time.perf_counter() - started, ok))
 
-    def _on_mail(self, event: str, msg: Message, criteria: Criteria) -> None:
-        if event == "delivered":
+    def _on_mail(self, event: str, msg: Optional[Message], criteria: Criteria,
+                 error: Optional[Exception]) -> None:
+        if msg is not None and event in ("delivered", "late"):
             self.mails.append(msg)
-        self.reporter.mail(event, msg, criteria)
+        self.reporter.mail(event, msg, criteria, error, self.current_step)
 
 
 def run(fn: Callable[..., Any], flow_obj: Flow, **params: Any) -> Any:

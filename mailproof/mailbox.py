@@ -60,6 +60,7 @@ class MailStore:
         self._lock = threading.RLock()
         self._seq = 0
         self._messages: list[Message] = []  # in seq order
+        self._by_rcpt: dict[str, list[Message]] = defaultdict(list)
         self._waiters_by_rcpt: dict[str, list[_Waiter]] = defaultdict(list)
         self._waiters_any: list[_Waiter] = []
         self._live: dict[str, int] = defaultdict(int)
@@ -72,10 +73,12 @@ class MailStore:
             self._seq += 1
             msg.seq = self._seq
             self._messages.append(msg)
+            rcpts = recipients_of(msg)
+            for rcpt in rcpts:
+                self._by_rcpt[rcpt].append(msg)
             self.delivered += 1
             if len(self._messages) > self.max_messages:
                 self._evict()
-            rcpts = recipients_of(msg)
             for waiters in [self._waiters_by_rcpt.get(r) for r in rcpts] + [self._waiters_any]:
                 if waiters:
                     waiters[:] = [w for w in waiters if not w.offer(msg)]
@@ -107,10 +110,12 @@ class MailStore:
         with self._lock:
             return self._seq
 
-    def since(self, seq: int) -> list[Message]:
+    def since(self, seq: int, to: Optional[str] = None) -> list[Message]:
+        """Messages after ``seq`` (to one recipient, when given), oldest first."""
         with self._lock:
-            start = bisect.bisect_right(self._messages, seq, key=lambda m: m.seq)
-            return self._messages[start:]
+            pool = self._messages if to is None else self._by_rcpt.get(to.lower(), [])
+            start = bisect.bisect_right(pool, seq, key=lambda m: m.seq)
+            return pool[start:]
 
     def __len__(self) -> int:
         with self._lock:
@@ -119,6 +124,7 @@ class MailStore:
     def clear(self) -> None:
         with self._lock:
             self._messages.clear()
+            self._by_rcpt.clear()
 
     # -- used by Mailbox ---------------------------------------------------------------------
 
@@ -151,8 +157,15 @@ class MailStore:
 
     def _evict(self) -> None:
         for index, msg in enumerate(self._messages):
-            if not (recipients_of(msg) & self._live.keys()):
+            rcpts = recipients_of(msg)
+            if not (rcpts & self._live.keys()):
                 del self._messages[index]
+                for rcpt in rcpts:
+                    pool = self._by_rcpt.get(rcpt)
+                    if pool is not None:
+                        pool.remove(msg)
+                        if not pool:
+                            del self._by_rcpt[rcpt]
                 self.evicted += 1
                 return
         # Every message is still expected: keep them all rather than drop one silently.
@@ -174,10 +187,12 @@ class Mailbox:
         self.default_within = default_within
         self.clock = clock
         self.handed_out: list[str] = []
+        # address -> (messages expected, seconds allowed): what the ledger reconciles against.
+        self.expected: dict[str, tuple[int, float]] = {}
         self.claimed: set[int] = set()
         self._triggers: list[float] = []
         self._start_seq = store.last_seq
-        self._observers: list[Callable[[str, Message, Criteria], None]] = []
+        self._observers: list[Callable[..., None]] = []
         self._closed = False
 
     # -- addresses and triggers --------------------------------------------------------------
@@ -201,9 +216,17 @@ class Mailbox:
         index = bisect.bisect_right(self._triggers, received_at)
         return self._triggers[index - 1] if index else None
 
-    def observe(self, observer: Callable[[str, Message, Criteria], None]) -> None:
-        """Call ``observer(event, message, criteria)`` for each message a wait returns."""
+    def observe(self, observer: Callable[..., None]) -> None:
+        """Call ``observer(event, message, criteria, error)`` on each outcome of a wait.
+
+        Events: "delivered", "late" (with MailLate), "missing" (message None, MailNotDelivered),
+        "unexpected" (with UnexpectedMail).
+        """
         self._observers.append(observer)
+
+    def _notify(self, event: str, msg: Optional[Message], criteria: Criteria, error: Optional[Exception]) -> None:
+        for observer in self._observers:
+            observer(event, msg, criteria, error)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -241,22 +264,30 @@ class Mailbox:
         criteria = Criteria(to=to, subject=subject, contains=contains, header=header,
                             sender=sender, match=match)
         within = self.default_within if within is None else within
+        if criteria.recipient:
+            expected, allowed = self.expected.get(criteria.recipient, (0, 0.0))
+            self.expected[criteria.recipient] = (expected + count, max(allowed, within))
         started = self.clock()
         found = self._wait(criteria, count, within)
         if len(found) < count:
-            raise MailNotDelivered(self._explain_missing(criteria, count, found, within, started))
+            error = MailNotDelivered(self._explain_missing(criteria, count, found, within, started))
+            self._notify("missing", None, criteria, error)
+            raise error
         found = found[:count]
+        late = None
         for msg in found:
             self.claimed.add(msg.seq)
             msg.triggered_at = self.trigger_for(msg.received_at)
-            for observer in self._observers:
-                observer("delivered", msg, criteria)
-        late = [m for m in found if m.latency is not None and m.latency > within]
-        if late:
-            raise MailLate(
-                f"{criteria.describe()}: arrived {late[0].latency:.3f} s after the trigger, "
-                f"more than the {within:g} s allowed ({late[0].describe()})"
-            )
+            if late is None and msg.latency is not None and msg.latency > within:
+                late = MailLate(
+                    f"{criteria.describe()}: arrived {msg.latency:.3f} s after the trigger, "
+                    f"more than the {within:g} s allowed ({msg.describe()})"
+                )
+                self._notify("late", msg, criteria, late)
+            else:
+                self._notify("delivered", msg, criteria, None)
+        if late is not None:
+            raise late
         return found[0] if count == 1 else found
 
     def expect_no_mail(
@@ -271,14 +302,16 @@ class Mailbox:
     ) -> None:
         """Assert that no matching mail arrives within ``within`` seconds (fails the moment one does)."""
         criteria = Criteria(to=to, subject=subject, contains=contains, header=header, match=match)
+        if criteria.recipient:
+            self.expected.setdefault(criteria.recipient, (0, within))
         found = self._wait(criteria, 1, within)
         if found:
-            for observer in self._observers:
-                observer("unexpected", found[0], criteria)
-            raise UnexpectedMail(
+            error = UnexpectedMail(
                 f"expected no mail {criteria.describe()} within {within:g} s, "
                 f"but got {found[0].describe()}"
             )
+            self._notify("unexpected", found[0], criteria, error)
+            raise error
 
     def close(self) -> None:
         """Release this view's addresses so the store may evict their mail."""
@@ -299,7 +332,7 @@ class Mailbox:
         store = self.store
         waiter = _Waiter(criteria, count, self.claimed)
         with store._lock:
-            for msg in store.since(self._start_seq):
+            for msg in store.since(self._start_seq, to=criteria.recipient):
                 if waiter.offer(msg):
                     return waiter.found
             store._add_waiter(waiter)

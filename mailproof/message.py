@@ -75,6 +75,14 @@ class Message:
     def size(self) -> int:
         return len(self.raw)
 
+    @cached_property
+    def recipients(self) -> frozenset[str]:
+        """Lower-cased envelope recipients, or To/Cc/Delivered-To where no envelope is known (IMAP)."""
+        if self.rcpt_tos:
+            return frozenset(r.lower() for r in self.rcpt_tos)
+        found = set(self.to) | set(self.cc) | set(self.header_all("Delivered-To"))
+        return frozenset(r.lower() for r in found)
+
     @property
     def latency(self) -> Optional[float]:
         """Seconds from the trigger (the flow's HTTP request or mark) to capture."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Protocol
+from typing import Any, ContextManager, Optional, Protocol
 
 from mailproof.criteria import Criteria
 from mailproof.message import Message
@@ -14,7 +14,8 @@ class Reporter(Protocol):
 
     def http(self, method: str, url: str, response: Any, seconds: float) -> None: ...
 
-    def mail(self, event: str, msg: Message, criteria: Criteria) -> None: ...
+    def mail(self, event: str, msg: Optional[Message], criteria: Criteria,
+             error: Optional[Exception], step: str) -> None: ...
 
 
 class NullReporter:
@@ -24,5 +25,6 @@ class NullReporter:
     def http(self, method: str, url: str, response: Any, seconds: float) -> None:
         pass
 
-    def mail(self, event: str, msg: Message, criteria: Criteria) -> None:
+    def mail(self, event: str, msg: Optional[Message], criteria: Criteria,
+             error: Optional[Exception], step: str) -> None:
         pass
