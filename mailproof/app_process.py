@@ -41,6 +41,7 @@ class AppProcess:
             self._proc = subprocess.Popen(
                 self.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                encoding="utf-8", errors="replace",  # one bad byte must not kill the reader
             )
         except FileNotFoundError as exc:
             raise MailproofError(

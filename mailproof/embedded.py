@@ -15,7 +15,7 @@ class EmbeddedSink:
     name = "sink"
 
     def __init__(self, store: Optional[MailStore] = None, **sink_options: Any) -> None:
-        self.store = store or MailStore()
+        self.store = store if store is not None else MailStore()
         self.faults = sink_options.pop("faults", None) or FaultPlan()
         self.sink = SmtpSink(on_message=self.store.deliver_captured, faults=self.faults, **sink_options)
 

@@ -36,9 +36,14 @@ class _Waiter:
         self.event = threading.Event()
 
     def offer(self, msg: Message) -> bool:
-        """Take ``msg`` if it matches; True once the waiter has all it waits for."""
+        """Take ``msg`` if it matches; True once the waiter has all it waits for.
+
+        Runs under the store lock. Taking a message claims it at once (``exclude`` is the
+        Mailbox's shared claimed set), so two concurrent waits never return the same message.
+        """
         if msg.seq in self.exclude or not self.criteria.matches(msg):
             return False
+        self.exclude.add(msg.seq)
         self.found.append(msg)
         if len(self.found) >= self.count:
             self.event.set()
@@ -77,8 +82,8 @@ class MailStore:
             for rcpt in rcpts:
                 self._by_rcpt[rcpt].append(msg)
             self.delivered += 1
-            if len(self._messages) > self.max_messages:
-                self._evict()
+            while len(self._messages) > self.max_messages and self._evict():
+                pass
             for waiters in [self._waiters_by_rcpt.get(r) for r in rcpts] + [self._waiters_any]:
                 if waiters:
                     waiters[:] = [w for w in waiters if not w.offer(msg)]
@@ -155,7 +160,7 @@ class MailStore:
                 if self._live[key] <= 0:
                     del self._live[key]
 
-    def _evict(self) -> None:
+    def _evict(self) -> bool:
         for index, msg in enumerate(self._messages):
             rcpts = recipients_of(msg)
             if not (rcpts & self._live.keys()):
@@ -167,8 +172,9 @@ class MailStore:
                         if not pool:
                             del self._by_rcpt[rcpt]
                 self.evicted += 1
-                return
+                return True
         # Every message is still expected: keep them all rather than drop one silently.
+        return False
 
 
 class Mailbox:
@@ -341,7 +347,10 @@ class Mailbox:
         finally:
             with store._lock:
                 store._remove_waiter(waiter)
-        return list(waiter.found)
+                found = list(waiter.found)
+                if len(found) < count:  # a failed wait gives back what it took
+                    self.claimed.difference_update(m.seq for m in found)
+        return found
 
     def _explain_missing(self, criteria, count, found, within, started) -> str:
         lines = [

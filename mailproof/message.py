@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+from email import errors
+from email.parser import BytesParser
 import re
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -94,7 +96,12 @@ class Message:
 
     @cached_property
     def parsed(self) -> EmailMessage:
-        return email.message_from_bytes(self.raw, policy=email.policy.default)
+        try:
+            return email.message_from_bytes(self.raw, policy=email.policy.default)
+        except RecursionError:  # absurdly deep nesting: keep the headers, give up on the body
+            msg = BytesParser(policy=email.policy.default).parsebytes(self.raw, headersonly=True)
+            msg.defects.append(errors.MessageDefect("MIME nesting too deep to parse; body not parsed"))
+            return msg
 
     @cached_property
     def defects(self) -> list[str]:
@@ -167,7 +174,20 @@ class Message:
     @cached_property
     def attachments(self) -> list[Attachment]:
         found = []
+        inside_attached_mail: set[int] = set()
         for part in self.parsed.walk():
+            if id(part) in inside_attached_mail:
+                continue
+            if part.get_content_type() == "message/rfc822":  # a forwarded mail: one attachment
+                inner = part.get_payload()
+                inner = inner[0] if isinstance(inner, list) and inner else inner
+                for sub in inner.walk() if hasattr(inner, "walk") else ():
+                    inside_attached_mail.add(id(sub))
+                data = _safe_bytes(inner)
+                found.append(Attachment(filename=_safe(part.get_filename) or "attached.eml",
+                                        content_type="message/rfc822", data=data,
+                                        inline=(part.get_content_disposition() or "") == "inline"))
+                continue
             if part.is_multipart() or part in self._body_parts:
                 continue
             disposition = (part.get_content_disposition() or "").lower()
@@ -294,14 +314,26 @@ class Message:
         if part is None:
             return None
         try:
-            return part.get_content()
+            text = part.get_content()
         except Exception:  # unknown charset or broken transfer encoding: decode leniently
             payload = part.get_payload(decode=True) or b""
             charset = part.get_content_charset() or "utf-8"
             try:
-                return payload.decode(charset, "replace")
+                text = payload.decode(charset, "replace")
             except LookupError:
-                return payload.decode("utf-8", "replace")
+                text = payload.decode("utf-8", "replace")
+        # SMTP carries CRLF; assertions are written with Python's "\n".
+        return text.replace("\r\n", "\n")
+
+
+def _safe_bytes(msg) -> bytes:
+    try:
+        return msg.as_bytes()
+    except Exception:
+        try:
+            return str(msg).encode("utf-8", "replace")
+        except Exception:
+            return b""
 
 
 def _safe(getter):

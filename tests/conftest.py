@@ -1,0 +1,78 @@
+"""Shared helpers for the harness's own tests (not fixtures of the product flows).
+
+Test modules reach these through fixtures (``make_raw``, ``signalling_store``), never by
+importing this file: without packages, "conftest" is not a stable module name (the root
+conftest.py has it too).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from email.message import EmailMessage
+from typing import Optional
+
+from mailproof.mailbox import MailStore
+from mailproof.message import Message
+
+pytest_plugins = ["pytester"]
+
+
+def make_raw(to: str, subject: str = "Hello", body: str = "Hi there.\n", *,
+             sender: str = "app@example.test", html: Optional[str] = None) -> bytes:
+    """A small, well-formed RFC 5322 message as bytes (CRLF line endings, as on the wire)."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg.set_content(body)
+    if html is not None:
+        msg.add_alternative(html, subtype="html")
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
+
+def make_message(to: str, subject: str = "Hello", body: str = "Hi there.\n", *,
+                 received_at: Optional[float] = None, **kwargs) -> Message:
+    return Message(make_raw(to, subject, body, **kwargs), mail_from="app@example.test",
+                   rcpt_tos=[to], received_at=time.time() if received_at is None else received_at)
+
+
+class SignallingStore(MailStore):
+    """A real MailStore that also tells the test when a waiter has registered.
+
+    ``waiters_added`` is released once per registered waiter, so a test can deliver *after*
+    a wait is really blocked (testing the wake path, not the already-captured path) without
+    sleeping or polling.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiters_added = threading.Semaphore(0)
+
+    def _add_waiter(self, waiter) -> None:
+        super()._add_waiter(waiter)
+        self.waiters_added.release()
+
+    def await_waiters(self, n: int = 1, timeout: float = 10.0) -> None:
+        for _ in range(n):
+            if not self.waiters_added.acquire(timeout=timeout):
+                raise AssertionError(f"no waiter registered within {timeout} s")
+
+
+@pytest.fixture(name="make_raw")
+def make_raw_fixture():
+    """``make_raw(to, subject="Hello", body=..., sender=..., html=None) -> bytes``."""
+    return make_raw
+
+
+@pytest.fixture(name="make_message")
+def make_message_fixture():
+    """``make_message(to, subject, body, received_at=None) -> Message`` (envelope set)."""
+    return make_message
+
+
+@pytest.fixture
+def signalling_store() -> SignallingStore:
+    return SignallingStore()

@@ -1,0 +1,434 @@
+"""The capture sink (fakes/smtp_sink.py) against real SMTP clients: smtplib and aiosmtplib.
+
+Every wait here is on a queue fed by the sink's on_message callback (``queue.get(timeout=...)``);
+the sink calls it inside handle_DATA, before the 250 reply, so once a client's send returns the
+message is already in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import queue
+import random
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from email.message import EmailMessage
+
+import aiosmtplib
+import pytest
+import trustme
+
+from fakes.smtp_sink import CapturedMail, SinkError, SmtpSink
+from mailproof.message import Message
+
+pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+
+CRLF_POLICY = EmailMessage().policy.clone(linesep="\r\n")
+
+
+def _raw(to: str, subject: str = "Hello") -> bytes:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "app@example.test", to, subject
+    msg.set_content("Hi there.\n")
+    return msg.as_bytes(policy=CRLF_POLICY)
+
+
+class Capture:
+    """A started sink plus the queue its on_message callback fills."""
+
+    def __init__(self, **options) -> None:
+        self.queue: "queue.Queue[CapturedMail]" = queue.Queue()
+        self.sink = SmtpSink(on_message=self.queue.put, **options).start()
+
+    @property
+    def port(self) -> int:
+        return self.sink.port
+
+    def get(self, timeout: float = 10) -> CapturedMail:
+        return self.queue.get(timeout=timeout)
+
+    def assert_empty(self) -> None:
+        assert self.queue.empty(), f"unexpected capture: {self.queue.get_nowait()!r}"
+        assert self.sink.captured_count == 0
+
+    def smtp(self) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+
+
+@pytest.fixture
+def capture():
+    cap = Capture()
+    yield cap
+    cap.sink.stop()
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_tls(ca) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def client_tls(ca) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+# -- plain delivery ------------------------------------------------------------------------
+
+
+def test_smtplib_plain(capture):
+    raw = _raw("alice@example.test", "Plain smtplib")
+    with capture.smtp() as client:
+        client.ehlo("client.example.test")
+        refused = client.sendmail("app@example.test", ["alice@example.test", "bob@example.test"], raw)
+    assert refused == {}
+    mail = capture.get()
+    assert mail.mail_from == "app@example.test"
+    assert mail.rcpt_tos == ("alice@example.test", "bob@example.test")
+    assert mail.data == raw
+    assert mail.helo == "client.example.test"
+    assert mail.peer[0] == "127.0.0.1"
+    assert mail.tls is False and mail.auth_user is None and mail.smtputf8 is False
+    assert mail.seq == 1 and capture.sink.captured_count == 1
+    assert Message(mail.data).subject == "Plain smtplib"
+
+
+def test_aiosmtplib_plain(capture):
+    msg = EmailMessage()
+    msg["From"] = "app@example.test"
+    msg["To"] = "carol@example.test"
+    msg["Subject"] = "Plain aiosmtplib"
+    msg.set_content("sent by aiosmtplib\n")
+    errors, reply = asyncio.run(
+        aiosmtplib.send(msg, hostname="127.0.0.1", port=capture.port, start_tls=False, timeout=10)
+    )
+    assert errors == {} and "OK" in reply
+    mail = capture.get()
+    assert mail.rcpt_tos == ("carol@example.test",)
+    parsed = Message(mail.data)
+    assert parsed.subject == "Plain aiosmtplib"
+    assert parsed.text.splitlines() == ["sent by aiosmtplib"]
+
+
+def test_sequence_numbers_increase(capture):
+    with capture.smtp() as client:
+        for i in range(3):
+            client.sendmail("app@example.test", [f"u{i}@example.test"], _raw(f"u{i}@example.test", f"n{i}"))
+    seqs = [capture.get().seq for _ in range(3)]
+    assert seqs == [1, 2, 3]
+
+
+# -- STARTTLS and AUTH ---------------------------------------------------------------------
+
+
+def test_starttls_smtplib_with_trusted_test_ca(server_tls, client_tls):
+    cap = Capture(tls_context=server_tls)
+    try:
+        with cap.smtp() as client:
+            client.ehlo()
+            assert client.has_extn("starttls")
+            client.starttls(context=client_tls)
+            client.ehlo()
+            assert isinstance(client.sock, ssl.SSLSocket)
+            client.sendmail("app@example.test", ["tls@example.test"], _raw("tls@example.test", "Over TLS"))
+        mail = cap.get()
+        assert mail.tls is True
+        assert Message(mail.data).subject == "Over TLS"
+    finally:
+        cap.sink.stop()
+
+
+def test_starttls_aiosmtplib_upgrades_by_itself(server_tls, client_tls):
+    cap = Capture(tls_context=server_tls)
+    try:
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "app@example.test", "tls2@example.test", "aiosmtplib TLS"
+        msg.set_content("x\n")
+        asyncio.run(aiosmtplib.send(msg, hostname="127.0.0.1", port=cap.port,
+                                    tls_context=client_tls, timeout=10))
+        assert cap.get().tls is True
+    finally:
+        cap.sink.stop()
+
+
+def test_require_starttls_refuses_mail_in_clear(server_tls):
+    cap = Capture(tls_context=server_tls, require_starttls=True)
+    try:
+        with cap.smtp() as client:
+            client.ehlo()
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                client.sendmail("app@example.test", ["x@example.test"], _raw("x@example.test"))
+        assert refused.value.smtp_code == 530
+        cap.assert_empty()
+    finally:
+        cap.sink.stop()
+
+
+@pytest.fixture
+def auth_capture():
+    cap = Capture(credentials={"user": "pw"}, auth_required=True)
+    yield cap
+    cap.sink.stop()
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_auth_mechanisms(auth_capture, mechanism):
+    with auth_capture.smtp() as client:
+        client.ehlo()
+        assert mechanism in client.esmtp_features["auth"].upper().split()
+        client.user, client.password = "user", "pw"
+        method = client.auth_plain if mechanism == "PLAIN" else client.auth_login
+        code, _ = client.auth(mechanism, method)
+        assert code == 235
+        client.sendmail("app@example.test", ["auth@example.test"], _raw("auth@example.test", mechanism))
+    mail = auth_capture.get()
+    assert mail.auth_user == "user"
+    assert Message(mail.data).subject == mechanism
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_auth_wrong_password_gives_535_and_captures_nothing(auth_capture, mechanism):
+    with auth_capture.smtp() as client:
+        client.ehlo()
+        client.user, client.password = "user", "not-the-password"
+        method = client.auth_plain if mechanism == "PLAIN" else client.auth_login
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            client.auth(mechanism, method)
+        assert failed.value.smtp_code == 535
+        # Not authenticated, so MAIL is refused; the refusal is synchronous, nothing to wait for.
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("app@example.test", ["auth@example.test"], _raw("auth@example.test"))
+        assert refused.value.smtp_code == 530
+    auth_capture.assert_empty()
+
+
+def test_unknown_user_gives_535(auth_capture):
+    with auth_capture.smtp() as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            client.login("nobody", "pw")
+        assert failed.value.smtp_code == 535
+    auth_capture.assert_empty()
+
+
+def test_auth_required_refuses_mail_before_auth(auth_capture):
+    with auth_capture.smtp() as client:
+        client.ehlo()
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("app@example.test", ["auth@example.test"], _raw("auth@example.test"))
+        assert refused.value.smtp_code == 530
+        # Then the same connection authenticates (smtplib picks PLAIN) and the mail goes through.
+        client.login("user", "pw")
+        client.sendmail("app@example.test", ["auth@example.test"], _raw("auth@example.test", "after auth"))
+    mail = auth_capture.get()
+    assert Message(mail.data).subject == "after auth"
+    assert auth_capture.sink.captured_count == 1
+
+
+# -- international mail and fidelity -------------------------------------------------------
+
+
+def test_smtputf8_recipient_captured_intact(capture):
+    rcpt = "josé+x@例え.test"
+    raw = (
+        "From: app@example.test\r\n"
+        f"To: {rcpt}\r\n"
+        "Subject: =?utf-8?q?Bienvenue_Jos=C3=A9?=\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "\r\n"
+        "Olá, José! 例え\r\n"
+    ).encode("utf-8")
+    with capture.smtp() as client:
+        client.ehlo()
+        assert client.has_extn("smtputf8")
+        client.sendmail("app@example.test", [rcpt], raw, mail_options=["SMTPUTF8"])
+    mail = capture.get()
+    assert mail.rcpt_tos == (rcpt,)
+    assert mail.smtputf8 is True
+    assert mail.data == raw
+    parsed = Message(mail.data, rcpt_tos=mail.rcpt_tos)
+    assert parsed.to == [rcpt]
+    assert parsed.subject == "Bienvenue José"
+    assert parsed.text.splitlines() == ["Olá, José! 例え"]
+
+
+def test_8bitmime_body_captured_byte_for_byte(capture):
+    body_lines = [
+        "Grüße aus Köln — ça va? 你好 🙂",
+        ".a line that starts with a dot (dot-stuffed on the wire)",
+        "..and one with two dots",
+        "trailing spaces are kept   ",
+        "\tand a tab",
+        "",
+        "Ünïcödé " * 50,
+    ]
+    raw = (
+        "From: app@example.test\r\nTo: eight@example.test\r\nSubject: 8bit\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n" + "\r\n".join(body_lines) + "\r\n"
+    ).encode("utf-8")
+    with capture.smtp() as client:
+        client.ehlo()
+        assert client.has_extn("8bitmime")
+        client.sendmail("app@example.test", ["eight@example.test"], raw, mail_options=["BODY=8BITMIME"])
+    mail = capture.get()
+    assert mail.data == raw
+    assert "BODY=8BITMIME" in mail.mail_options
+    assert Message(mail.data).text.splitlines() == body_lines
+
+
+def test_10mb_attachment_captured_intact(capture):
+    payload = random.Random(20240601).randbytes(10 * 1024 * 1024)
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "app@example.test", "big@example.test", "Big attachment"
+    msg.set_content("see attached\n")
+    msg.add_attachment(payload, maintype="application", subtype="octet-stream", filename="blob.bin")
+    raw = msg.as_bytes(policy=CRLF_POLICY)
+    with capture.smtp() as client:
+        client.sendmail("app@example.test", ["big@example.test"], raw)
+    mail = capture.get()
+    assert len(mail.data) == len(raw)
+    assert hashlib.sha256(mail.data).hexdigest() == hashlib.sha256(raw).hexdigest()
+    att = Message(mail.data).attachment("blob.bin")
+    assert att.size == len(payload)
+    assert hashlib.sha256(att.data).digest() == hashlib.sha256(payload).digest()
+
+
+# -- concurrency ---------------------------------------------------------------------------
+
+SENDERS = 200
+
+
+def test_200_concurrent_smtplib_senders_nothing_lost(capture):
+    start = threading.Barrier(SENDERS)
+    errors: "queue.Queue[BaseException]" = queue.Queue()
+
+    def send(i: int) -> None:
+        rcpt = f"burst{i:03d}@example.test"
+        try:
+            start.wait(timeout=30)
+            with smtplib.SMTP("127.0.0.1", capture.port, timeout=30) as client:
+                client.sendmail("app@example.test", [rcpt], _raw(rcpt, f"burst {i:03d}"))
+        except BaseException as exc:  # reported below, not swallowed
+            errors.put(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(SENDERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors.empty(), f"{errors.qsize()} senders failed, first: {errors.get_nowait()!r}"
+    # Every send returned after its 250, which the sink writes after on_message: all are queued.
+    captured = [capture.queue.get_nowait() for _ in range(capture.queue.qsize())]
+    rcpts = sorted(r for m in captured for r in m.rcpt_tos)
+    assert rcpts == [f"burst{i:03d}@example.test" for i in range(SENDERS)]
+    assert sorted(Message(m.data).subject for m in captured) == [f"burst {i:03d}" for i in range(SENDERS)]
+    assert sorted(m.seq for m in captured) == list(range(1, SENDERS + 1))
+    assert capture.sink.captured_count == SENDERS
+
+
+def test_200_concurrent_aiosmtplib_senders_nothing_lost(capture):
+    async def send_all():
+        async def one(i: int):
+            rcpt = f"async{i:03d}@example.test"
+            return await aiosmtplib.send(_raw(rcpt, f"async {i:03d}"), sender="app@example.test",
+                                         recipients=[rcpt], hostname="127.0.0.1", port=capture.port,
+                                         start_tls=False, timeout=30)
+        return await asyncio.gather(*(one(i) for i in range(SENDERS)), return_exceptions=True)
+
+    results = asyncio.run(send_all())
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, f"{len(failures)} sends failed, first: {failures[0]!r}"
+    captured = [capture.queue.get_nowait() for _ in range(capture.queue.qsize())]
+    assert sorted(Message(m.data).subject for m in captured) == [f"async {i:03d}" for i in range(SENDERS)]
+    assert capture.sink.captured_count == SENDERS
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+def test_stop_leaves_no_thread_and_closes_port():
+    before = set(threading.enumerate())
+    cap = Capture()
+    port = cap.port
+    assert cap.sink.running
+    assert [t for t in threading.enumerate() if t not in before], "the sink runs on its own thread"
+    idle = cap.smtp()  # an open client connection must not keep the sink alive
+    idle.ehlo()
+    idle.sendmail("app@example.test", ["x@example.test"], _raw("x@example.test"))
+    assert cap.get().rcpt_tos == ("x@example.test",)
+
+    cap.sink.stop()
+
+    assert not cap.sink.running and cap.sink.loop is None
+    leftover = [t for t in threading.enumerate() if t not in before]
+    assert leftover == [], f"threads left after stop(): {leftover}"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        idle.noop()
+    idle.close()
+    cap.sink.stop()  # idempotent
+
+
+def test_start_twice_is_refused(capture):
+    with pytest.raises(SinkError, match="already running"):
+        capture.sink.start()
+
+
+def test_busy_port_gives_sink_error():
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    before = set(threading.enumerate())
+    try:
+        sink = SmtpSink(port=busy)
+        with pytest.raises(SinkError) as failed:
+            sink.start()
+    finally:
+        holder.close()
+    text = str(failed.value)
+    assert f"127.0.0.1:{busy}" in text
+    assert "address already in use" in text.lower()
+    assert "Choose a free port" in text
+    assert isinstance(failed.value.__cause__, OSError)
+    assert not sink.running
+    assert [t for t in threading.enumerate() if t not in before] == []
+
+
+def test_binds_loopback_only_by_default(capture):
+    assert capture.sink.host == "127.0.0.1"
+    bound = {sock.getsockname()[0] for sock in capture.sink._server.sockets}
+    assert bound == {"127.0.0.1"}
+    # Behaviourally: another loopback address (still 127/8) is refused, so it is not 0.0.0.0.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", capture.port), timeout=5).close()
+
+
+def test_received_at_is_stamped_at_end_of_data(capture):
+    with capture.smtp() as client:
+        client.ehlo()
+        connected = time.time()
+        client.mail("app@example.test")
+        client.rcpt("stamp@example.test")
+        data_started = time.time()
+        code, _ = client.data(_raw("stamp@example.test", "stamp"))
+        replied = time.time()
+    assert code == 250
+    mail = capture.get()
+    assert connected <= data_started <= mail.received_at <= replied
