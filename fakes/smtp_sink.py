@@ -29,6 +29,9 @@ LOOPBACK = "127.0.0.1"
 
 # aiosmtpd 1.4.6 sets its own deprecated Session.login_data on every successful AUTH.
 warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
+# ... and warns on every connection when AUTH is required without TLS, which is deliberate for a
+# loopback test double.
+warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ class SmtpSink:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 
-        self._thread = threading.Thread(target=run, name=f"mailproof-sink-{self.port}", daemon=True)
+        self._thread = threading.Thread(target=run, name="mailproof-sink", daemon=True)
         self._thread.start()
         ready.wait()
         if failure:
@@ -229,6 +232,63 @@ class SmtpSink:
         self._thread = None
         self._loop = None
         self._server = None
+
+    # -- running inside an existing event loop (added for the sink service) --------------------
+    # The threaded start()/stop() above give the sink a private loop. A process that already runs
+    # a loop (the sink service: SMTP and its HTTP API on one loop, no cross-thread hop per
+    # message) uses these instead: the server then lives on the caller's running loop.
+
+    async def start_async(self) -> "SmtpSink":
+        """Listen on the running event loop; ``port`` is known when this returns."""
+        if self._thread is not None or self._server is not None:
+            raise SinkError("the sink is already running; stop it before starting it again")
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(self._protocol, self.host, self.port)
+        except OSError as exc:
+            raise SinkError(
+                f"cannot listen for SMTP on {self.host}:{self.port}: {exc}. "
+                "Choose a free port (0 lets the OS pick one) or stop whatever holds it."
+            ) from exc
+        self._loop = loop
+        self._server = server
+        self.port = server.sockets[0].getsockname()[1]
+        log.debug("SMTP sink listening on %s:%s (caller's loop)", self.host, self.port)
+        return self
+
+    async def stop_async(self) -> None:
+        """Stop listening, close every client connection and end their session tasks.
+
+        Only this sink's own tasks are cancelled: the loop belongs to the caller.
+        """
+        if self._server is None or self._thread is not None:
+            return  # not running, or running threaded (use stop())
+        server, self._server = self._server, None
+        server.close()
+        tasks = []
+        for conn in list(self._connections):
+            task = getattr(conn, "_handler_coroutine", None)
+            if task is not None and not task.done():
+                task.cancel()
+                tasks.append(task)
+            if conn.transport is not None:
+                conn.transport.close()
+        await server.wait_closed()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop = None
+
+    async def serve(self) -> None:
+        """Run on the caller's loop until cancelled, then stop cleanly."""
+        await self.start_async()
+        try:
+            await asyncio.Future()
+        finally:
+            await self.stop_async()
+
+    @property
+    def serving(self) -> bool:
+        """True while the sink listens, threaded or on the caller's loop."""
+        return self._server is not None
 
     def __enter__(self) -> "SmtpSink":
         return self.start()
