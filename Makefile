@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ALLURE_RESULTS := reports/allure-results
 PYTEST_ARGS ?=
 
-.PHONY: flows test venv clean
+.PHONY: flows test venv clean rehearsal
 
 # The venv is rebuilt only when pyproject.toml changes (or it is missing).
 $(STAMP): pyproject.toml
@@ -28,3 +28,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(ALLURE_RESULTS) reports/allure-report .pytest_cache
+
+# A short headless launch-day rehearsal against the demo app; exits by the SLO gates.
+# Options go through REHEARSAL_ARGS, e.g. REHEARSAL_ARGS="--workers 2 --peak-users 40".
+REHEARSAL_ARGS ?=
+rehearsal: $(STAMP)
+	$(PY) -m loadtests.rehearse $(REHEARSAL_ARGS)
