@@ -70,6 +70,7 @@ class MailStore:
         self._waiters_any: list[_Waiter] = []
         self._live: dict[str, int] = defaultdict(int)
         self._listeners: list[Callable[[Message], None]] = []
+        self._waiter_listeners: list[Callable[[], None]] = []
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -105,8 +106,26 @@ class MailStore:
         )
 
     def add_listener(self, listener: Callable[[Message], None]) -> None:
+        """Call ``listener(message)`` after every delivery (outside the lock)."""
         with self._lock:
             self._listeners.append(listener)
+
+    def add_waiter_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` each time a wait begins, under the store lock: keep it tiny.
+
+        Backends without push (IMAP) use it to check faster only while somebody waits.
+        """
+        with self._lock:
+            self._waiter_listeners.append(listener)
+
+    def remove_waiter_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            if listener in self._waiter_listeners:
+                self._waiter_listeners.remove(listener)
+
+    def has_waiters(self) -> bool:
+        with self._lock:
+            return bool(self._waiters_any) or bool(self._waiters_by_rcpt)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -139,6 +158,8 @@ class MailStore:
             self._waiters_by_rcpt[key].append(waiter)
         else:
             self._waiters_any.append(waiter)
+        for listener in self._waiter_listeners:
+            listener()
 
     def _remove_waiter(self, waiter: _Waiter) -> None:
         key = waiter.criteria.recipient

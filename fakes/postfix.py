@@ -1,0 +1,351 @@
+"""A private Postfix in front of a private Dovecot: the application's real SMTP relay in tests.
+
+>>> with Dovecot() as dovecot, Postfix(lmtp_port=dovecot.lmtp_port) as postfix:
+...     smtplib.SMTP(postfix.host, postfix.smtp_port).sendmail(..., ["qa+x@mailproof.test"], ...)
+
+Root only (Postfix's master must start as root to drop to the ``postfix`` user). How it runs
+(see NOTES.md):
+
+- Its own ``config_directory`` (main.cf + master.cf written here), ``queue_directory`` and
+  ``data_directory`` in a 0755 ``tempfile.mkdtemp(dir="/tmp")`` directory; nothing under
+  /etc/postfix or /var/spool/postfix is touched. ``postfix -c DIR check`` creates the queue
+  tree with the right owners and validates the configuration; then ``master -c DIR -s`` runs
+  in the foreground as our child (``-s`` keeps its stdout, so ``maillog_file = /dev/stdout``
+  reaches a pipe that a thread reads and copies to ``DIR/maillog``; ``maillog_file_prefixes``
+  allows that path). Nothing goes to syslog, so nothing is lost when no syslogd runs.
+- smtpd listens on 127.0.0.1 on a free port only (``inet_interfaces = 127.0.0.1`` and an
+  explicit ``127.0.0.1:PORT`` service); no daemon runs chrooted.
+- Routing: the test domain is a ``virtual_mailbox_domains`` domain with
+  ``virtual_transport = lmtp:inet:127.0.0.1:<dovecot lmtp port>`` (``mydestination`` empty, no
+  local delivery, no aliases). Postfix hands the full recipient (``qa+token@domain``) to
+  Dovecot in RCPT TO; Dovecot strips the ``+detail`` only to find the user, files the copy in
+  qa's INBOX and writes ``Delivered-To: qa+token@domain`` at the top (the header the IMAP
+  watcher routes on; Postfix adds X-Original-To only in its own local/virtual/pipe agents).
+  Dovecot writes Delivered-To only for a transaction with ONE recipient (with two, both copies
+  come out identical, with neither address): ``lmtp_destination_recipient_limit = 1``.
+- Fast retries (``queue_run_delay``/``minimal_backoff_time`` 1 s) so a message deferred while
+  Dovecot restarts is delivered a second later, not after Postfix's default 5 minutes;
+  ``in_flow_delay = 0`` so bursts are not throttled.
+- main.cf is back-dated by a minute: a main.cf younger than the daemons' start makes Postfix
+  wait about 2 s (NOTES.md).
+- Readiness is an event: the master logs "daemon started" after it has opened every listener;
+  ``start()`` waits for that line on the pipe. ``stop()`` sends SIGTERM (what ``postfix stop``
+  does), waits for the master, then for its process group; the directory is removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from fakes.dovecot import LOOPBACK, free_port, live_group_members
+
+APT_PACKAGE = "postfix"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+_READY = re.compile(r"postfix/master\[\d+\]: daemon started")
+
+# One service per line: name type private unpriv chroot wakeup maxproc command. No chroot.
+_MASTER_CF = """\
+{smtp_service} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class PostfixError(RuntimeError):
+    """Postfix is missing, cannot run here, or failed to start; the message says what to do."""
+
+
+def _binary(name: str, directory: str) -> str:
+    path = os.path.join(directory, name)
+    if not os.access(path, os.X_OK):
+        raise PostfixError(
+            f"{path} not found: install Postfix with "
+            "`echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections "
+            f"&& apt-get install -y {APT_PACKAGE}` (the preseed keeps the system daemon from starting)."
+        )
+    return path
+
+
+class Postfix:
+    """A private Postfix relaying ``domain`` to Dovecot's LMTP. Attributes: ``host``,
+    ``smtp_port``, ``directory``, ``maillog`` (path of the copied log)."""
+
+    def __init__(self, lmtp_port: int, *, domain: str = "mailproof.test", lmtp_host: str = LOOPBACK,
+                 hostname: Optional[str] = None, keep: bool = False) -> None:
+        self.postfix_cmd = _binary("postfix", "/usr/sbin")
+        self.master_cmd = _binary("master", "/usr/lib/postfix/sbin")
+        if os.geteuid() != 0:
+            raise PostfixError(
+                "a private Postfix needs root (its master starts as root and drops to the postfix "
+                "user); without root, relay with fakes.lmtp_relay.LmtpRelay instead"
+            )
+        self.lmtp_host = lmtp_host
+        self.lmtp_port = lmtp_port
+        self.domain = domain
+        self.hostname = hostname or f"smtp.{domain}"
+        self.keep = keep
+        self.host = LOOPBACK
+        self.smtp_port: Optional[int] = None
+        self.directory: Optional[Path] = None
+        self.output: collections.deque[str] = collections.deque(maxlen=300)
+        self._proc: Optional[subprocess.Popen] = None
+        self._reader: Optional[threading.Thread] = None
+        self._ready = threading.Event()
+        self._log_file = None
+        self._lines_lock = threading.Condition()
+        self._lines: list[str] = []
+        self._line_listeners: list[Callable[[str], None]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def maillog(self) -> Path:
+        assert self.directory is not None
+        return self.directory / "maillog"
+
+    def start(self) -> "Postfix":
+        if self.running:
+            raise PostfixError("Postfix is already running; stop() it first")
+        self.directory = Path(tempfile.mkdtemp(prefix="mailproof-postfix-", dir="/tmp"))
+        os.chmod(self.directory, 0o755)
+        try:
+            for attempt in range(3):
+                self.smtp_port = free_port()
+                self._write_config()
+                self._check()
+                try:
+                    self._launch()
+                    return self
+                except PostfixError as exc:
+                    if "Address already in use" in str(exc) and attempt < 2:
+                        continue  # the port was taken between free_port() and the bind
+                    raise
+        except BaseException:
+            self._remove_directory()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self._terminate()
+        if not self.keep:
+            self._remove_directory()
+
+    def __enter__(self) -> "Postfix":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(list(self.output)[-lines:])
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> Optional[re.Match]:
+        """The first log line from index ``start`` on that matches ``pattern`` (woken per line)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        index = start
+        with self._lines_lock:
+            while True:
+                while index < len(self._lines):
+                    found = regex.search(self._lines[index])
+                    index += 1
+                    if found:
+                        return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._lines_lock.wait(left)
+
+    def add_line_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(line)`` for every log line, from the log reader thread (keep it short).
+        E.g. react to ``status=sent`` lines: the moment Postfix has handed a message over."""
+        self._line_listeners.append(listener)
+
+    @property
+    def log_lines(self) -> list[str]:
+        with self._lines_lock:
+            return list(self._lines)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _write_config(self) -> None:
+        d = self.directory
+        assert d is not None
+        # `postfix check` creates the queue tree with Postfix's owners; data_directory (master's
+        # lock, caches) must belong to mail_owner.
+        (d / "queue").mkdir(exist_ok=True)
+        (d / "data").mkdir(mode=0o700, exist_ok=True)
+        owner = pwd.getpwnam("postfix")
+        os.chown(d / "data", owner.pw_uid, owner.pw_gid)
+        main_cf = d / "main.cf"
+        main_cf.write_text(
+            f"""# mailproof private Postfix: generated, loopback only
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = {self.hostname}
+mydomain = {self.domain}
+myorigin = $myhostname
+inet_interfaces = {LOOPBACK}
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+relay_domains =
+local_recipient_maps =
+alias_maps =
+alias_database =
+virtual_alias_maps =
+virtual_mailbox_domains = {self.domain}
+virtual_mailbox_maps =
+virtual_transport = lmtp:inet:{self.lmtp_host}:{self.lmtp_port}
+lmtp_destination_recipient_limit = 1
+recipient_delimiter = +
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_recipient_restrictions =
+smtpd_peername_lookup = no
+smtp_dns_support_level = disabled
+lmtp_host_lookup = native
+smtputf8_enable = yes
+biff = no
+append_dot_mydomain = no
+in_flow_delay = 0
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+maillog_file = /dev/stdout
+maillog_file_prefixes = /dev/stdout, {d}
+"""
+        )
+        (d / "master.cf").write_text(_MASTER_CF.format(smtp_service=f"{LOOPBACK}:{self.smtp_port}"))
+        past = time.time() - 60  # a main.cf newer than the daemons makes Postfix pause (NOTES.md)
+        for name in ("main.cf", "master.cf"):
+            os.utime(d / name, (past, past))
+
+    def _check(self) -> None:
+        result = subprocess.run([self.postfix_cmd, "-c", str(self.directory), "check"],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise PostfixError(
+                f"`postfix -c {self.directory} check` failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
+            )
+
+    def _launch(self) -> None:
+        assert self.directory is not None
+        self._ready.clear()
+        with self._lines_lock:
+            self._lines = []
+        self._log_file = open(self.maillog, "a", buffering=1)
+        env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
+        self._proc = subprocess.Popen(
+            [self.master_cmd, "-c", str(self.directory), "-s"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, env=env,
+        )
+        self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True,
+                                        name=f"postfix-log-{self._proc.pid}")
+        self._reader.start()
+        ok = self._ready.wait(START_TIMEOUT)
+        if not ok or self._proc.poll() is not None:
+            tail = self.log_tail()
+            self._terminate()
+            why = "did not log 'daemon started'" if not ok else "exited"
+            if not tail:
+                tail = ("(no log: the master failed before its log service ran, so the reason went "
+                        f"to syslog; try `{self.master_cmd} -c {self.directory} -d -v -s` by hand)")
+            raise PostfixError(f"Postfix {why} within {START_TIMEOUT:g} s (config {self.directory}):\n{tail}")
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            self.output.append(line)
+            with self._lines_lock:
+                self._lines.append(line)
+                self._lines_lock.notify_all()
+            if self._log_file is not None:
+                try:
+                    self._log_file.write(line + "\n")
+                except ValueError:
+                    pass
+            if _READY.search(line):
+                self._ready.set()
+            for listener in list(self._line_listeners):
+                try:
+                    listener(line)
+                except Exception:  # a listener bug must not stop the log reader (Postfix would block)
+                    pass
+        self._ready.set()
+
+    def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+        # The master runs in its own session (setsid): its children form the group proc.pid.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while live_group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # bounded reap of already-signalled processes, not a readiness wait
+        for pid in live_group_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._reader is not None:
+            self._reader.join(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self._proc = None
+        self._reader = None
+
+    def _remove_directory(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
