@@ -10,7 +10,9 @@ message into ``store.deliver``, which wakes the waiting flows, however many ther
 polls and no wait costs an HTTP request. When the stream drops (or stays silent past three
 heartbeats), the reader reconnects with ``since=<last seq seen>``: the service replays what
 came after, so nothing is lost or delivered twice. Messages the service no longer retains are
-counted in ``missing``.
+counted in ``missing``. If the service itself restarted (a new ``instance`` id; its seqs begin
+again at 1), the reader takes everything the new run retains and counts the event in
+``restarts``.
 
 Gevent-friendly on purpose: plain blocking sockets (``http.client``), ``threading`` looked up at
 call time, no asyncio. Under Locust's monkey-patching the reader thread is a greenlet and every
@@ -188,6 +190,8 @@ class RemoteSink:
         self.duplicates = 0  # stream lines at or below last_seq (skipped; never expected)
         self.missing = 0  # messages the service no longer had when the stream asked for them
         self.stream_connections = 0  # successful (re)connections of the stream
+        self.restarts = 0  # times the stream found a restarted service (seqs begin again at 1)
+        self.instance: Optional[str] = None  # the service run whose seqs last_seq counts
         self.last_heartbeat: Optional[float] = None
         self.last_error: Optional[BaseException] = None
         self._fatal: Optional[BaseException] = None
@@ -242,6 +246,7 @@ class RemoteSink:
         self.smtp_host = self._api.host if smtp["host"] in _UNSPECIFIED else smtp["host"]
         self.smtp_port = int(smtp["port"])
         self.last_seq = 0 if self.replay else int(health["last_seq"])
+        self.instance = health.get("instance")
         self._stopping.clear()
         self._connected.clear()
         self._fatal = None
@@ -322,7 +327,10 @@ class RemoteSink:
             try:
                 if self._stopping.is_set():
                     break
-                query = urllib.parse.urlencode({"since": self.last_seq, "heartbeat": self.heartbeat})
+                params = {"since": self.last_seq, "heartbeat": self.heartbeat}
+                if self.instance:
+                    params["instance"] = self.instance
+                query = urllib.parse.urlencode(params)
                 conn.request("GET", f"{self._api.prefix}/stream?{query}", headers=self._api.headers())
                 response = conn.getresponse()
                 if response.status != 200:
@@ -374,6 +382,15 @@ class RemoteSink:
             self.store.deliver(msg)
         elif "heartbeat" in event:
             self.last_heartbeat = time.time()
+        elif "hello" in event:
+            hello = event["hello"]
+            if hello.get("reset"):
+                log.warning("the sink service restarted (instance %s, was %s): its retained mail is replayed "
+                            "from seq 1; mail it captured before the restart and never streamed is gone",
+                            hello.get("instance"), self.instance)
+                self.restarts += 1
+                self.last_seq = int(hello.get("since", 0))
+            self.instance = hello.get("instance") or self.instance
         elif "missing" in event:
             gap = event["missing"]
             log.warning("sink service no longer retains seqs %s..%s (evicted or cleared)", gap["from"], gap["to"])

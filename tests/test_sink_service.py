@@ -1,0 +1,462 @@
+"""The sink service as its own process: CLI, SMTP capture, HTTP API, faults, token rules.
+
+Real processes and sockets throughout. Nothing sleeps to wait for mail: waits are long-polls,
+streams are read line by line, and SMTP replies come back synchronously.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import requests
+
+from fakes.fault_specs import (FaultError, action_from_spec, action_to_spec, parse_chaos_profile,
+                               rule_from_spec, rule_to_spec)
+from fakes.smtp_faults import Chaos, Delay, Disconnect, RateLimit, Reply, Script, Stall
+from mailproof.app_process import AppProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_raw(to: str, subject: str = "Hello", body: str = "Hi there.\n") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "app@example.test"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg.set_content(body)
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
+READY = re.compile(r"^READY (http://127\.0\.0\.1:(\d+)) smtp=127\.0\.0\.1:(\d+)$")
+
+
+class Service:
+    """A sink service process started through its CLI."""
+
+    def __init__(self, *args: str, token: Optional[str] = None) -> None:
+        command = [sys.executable, "-m", "fakes.sink_service", "--host", "127.0.0.1",
+                   "--smtp-port", "0", "--http-port", "0", *args]
+        if token:
+            command += ["--token", token]
+        self.token = token
+        self.process = AppProcess(command, cwd=str(ROOT), ready_pattern=r"READY (http://\S+)",
+                                  name="sink service").start()
+        self.ready_line = next(line for line in self.process.output if line.startswith("READY"))
+        found = READY.match(self.ready_line)
+        assert found, f"unexpected READY line {self.ready_line!r}"
+        self.url = found.group(1)
+        self.http_port = int(found.group(2))
+        self.smtp_port = int(found.group(3))
+        self.http = requests.Session()
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return self.http.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+
+    def json(self, path: str, method: str = "GET", **kw):
+        response = self.http.request(method, self.url + path, timeout=30, **kw)
+        assert response.status_code in (200, 201), response.text
+        return response.json()
+
+    def send(self, to, raw: bytes, sender: str = "app@example.test") -> dict:
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=10) as smtp:
+            return smtp.sendmail(sender, to, raw)
+
+    def last_seq(self) -> int:
+        return self.json("/health")["last_seq"]
+
+    def stop(self) -> Optional[int]:
+        self.http.close()
+        return self.process.stop()
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = Service()
+    yield svc
+    assert svc.stop() == 0, svc.process.tail()  # SIGTERM: a clean exit
+
+
+_counter = iter(range(1, 10**6))
+
+
+def addr(label: str = "u") -> str:
+    return f"{label}.{next(_counter):06d}@svc.test"
+
+
+# -- startup, capture, raw bytes -------------------------------------------------------------------
+
+
+def test_ready_line_and_health(service):
+    health = service.json("/health")
+    assert health["status"] == "ok"
+    assert health["smtp"] == {"host": "127.0.0.1", "port": service.smtp_port}
+    assert health["http"]["port"] == service.http_port
+    assert health["token_required"] is False
+
+
+def test_sent_mail_is_listed_parsed_on_request_and_raw_is_identical(service):
+    to = addr("raw")
+    msg = EmailMessage()
+    msg["From"] = "App <app@example.test>"
+    msg["To"] = to
+    msg["Subject"] = "=?utf-8?q?Caf=C3=A9_receipt?="
+    msg.set_content("Line one.\n.leading dot survives dot-stuffing\nCaf\u00e9 \u2713\n", cte="8bit")
+    msg.add_alternative("<p>Your code is <b>123456</b></p>", subtype="html")
+    msg.add_attachment(b"%PDF-1.4 fake", maintype="application", subtype="pdf", filename="receipt.pdf")
+    raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    since = service.last_seq()
+    service.send([to], raw)
+
+    listed = service.json(f"/messages?to={urllib.parse.quote(to.upper())}&since={since}")["messages"]
+    assert len(listed) == 1
+    summary = listed[0]
+    assert summary["rcpt_tos"] == [to] and summary["mail_from"] == "app@example.test"
+    assert summary["size"] == len(raw) and summary["subject"] == "Café receipt"
+    assert summary["received_at"] == pytest.approx(time.time(), abs=30)
+
+    raw_back = service.get(f"/messages/{summary['seq']}/raw")
+    assert raw_back.headers["Content-Type"].startswith("message/rfc822")
+    assert raw_back.content == raw  # byte for byte, 8-bit and the leading dot included
+
+    parsed = service.json(f"/messages/{summary['seq']}")
+    assert parsed["subject"] == "Café receipt"
+    assert parsed["to"] == [to]
+    assert ".leading dot survives" in parsed["text"] and "\u2713" in parsed["text"]
+    assert "<b>123456</b>" in parsed["html"]
+    assert parsed["attachments"] == [{"filename": "receipt.pdf", "content_type": "application/pdf",
+                                      "size": len(b"%PDF-1.4 fake"), "inline": False, "content_id": None}]
+    assert ["Subject", "Café receipt"] in parsed["headers"]
+
+
+def test_unknown_message_is_404_and_bad_params_are_400(service):
+    missing = service.get("/messages/999999")
+    assert missing.status_code == 404 and "999999" in missing.json()["error"]
+    bad = service.get("/messages?since=yesterday")
+    assert bad.status_code == 400 and "since" in bad.json()["error"]
+    assert service.get("/wait?timeout=-1").status_code == 400
+
+
+# -- long-poll waits -----------------------------------------------------------------------------
+
+
+def test_wait_returns_the_moment_mail_arrives(service):
+    to = addr("wait")
+    since = service.last_seq()
+    result: dict = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        response = service.get(f"/wait?to={to}&subject=Welcome&since={since}&timeout=30", timeout=60)
+        result.update(status=response.status_code, body=response.json(), took=time.monotonic() - started)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    service.send([addr("other")], make_raw("someone-else@x", "Welcome"))  # another recipient: ignored
+    service.send([to], make_raw(to, "Welcome aboard"))
+    waiter.join(timeout=60)
+    assert result["status"] == 200, result
+    assert [m["subject"] for m in result["body"]["messages"]] == ["Welcome aboard"]
+    assert result["took"] < 10  # woken by the arrival, far before the 30 s timeout
+
+
+def test_wait_counts_retained_mail_and_waits_for_the_rest(service):
+    to = addr("count")
+    since = service.last_seq()
+    service.send([to], make_raw(to, "Part 1"))
+    result: dict = {}
+    waiter = threading.Thread(target=lambda: result.update(
+        r=service.get(f"/wait?to={to}&count=2&since={since}&timeout=30", timeout=60)))
+    waiter.start()
+    service.send([to], make_raw(to, "Part 2"))
+    waiter.join(timeout=60)
+    assert result["r"].status_code == 200
+    assert [m["subject"] for m in result["r"].json()["messages"]] == ["Part 1", "Part 2"]
+
+
+def test_wait_times_out_with_408_and_near_misses(service):
+    to = addr("late")
+    since = service.last_seq()
+    service.send([to], make_raw(to, "Receipt"))
+    started = time.monotonic()
+    response = service.get(f"/wait?to={to}&subject=Confirm&since={since}&timeout=0.3")
+    assert response.status_code == 408
+    assert time.monotonic() - started >= 0.3
+    body = response.json()
+    assert "no mail to" in body["error"] and "Confirm" in body["error"]
+    assert body["found"] == []
+    assert body["near_misses"][0]["rcpt_tos"] == [to]
+    assert body["near_misses"][0]["why"] == ["subject 'Receipt' does not contain 'Confirm'"]
+
+
+# -- the event stream ----------------------------------------------------------------------------
+
+
+def open_stream(service: Service, query: str):
+    conn = http.client.HTTPConnection("127.0.0.1", service.http_port, timeout=30)
+    headers = {"Authorization": f"Bearer {service.token}"} if service.token else {}
+    conn.request("GET", f"/stream?{query}", headers=headers)
+    response = conn.getresponse()
+    return conn, response
+
+
+def read_event(response) -> dict:
+    line = response.readline()
+    assert line.endswith(b"\n"), f"stream ended: {line!r}"
+    return json.loads(line)
+
+
+def test_stream_replays_since_seq_then_goes_live_with_heartbeats(service):
+    to = addr("stream")
+    raws = [make_raw(to, f"Mail {i}") for i in range(3)]
+    for raw in raws:
+        service.send([to], raw)
+    seqs = [m["seq"] for m in service.json(f"/messages?to={to}")["messages"]]
+    conn, response = open_stream(service, f"since={seqs[0]}&heartbeat=0.2")
+    try:
+        assert response.status == 200
+        assert response.getheader("Content-Type").startswith("application/x-ndjson")
+        assert response.getheader("Transfer-Encoding") == "chunked"
+        hello = read_event(response)["hello"]
+        assert hello == {"instance": service.json("/health")["instance"], "since": seqs[0],
+                         "last_seq": seqs[-1], "reset": False}
+        replayed = [read_event(response) for _ in range(2)]  # everything after seqs[0]
+        assert [e["seq"] for e in replayed] == seqs[1:]
+        assert [base64.b64decode(e["raw"]) for e in replayed] == raws[1:]
+        assert replayed[0]["rcpt_tos"] == [to] and replayed[0]["mail_from"] == "app@example.test"
+
+        live_raw = make_raw(to, "Live one")
+        service.send([to], live_raw)
+        event = read_event(response)
+        while "heartbeat" in event:  # a heartbeat may come first; each read blocks until a line
+            event = read_event(response)
+        assert event["seq"] == seqs[-1] + 1 and base64.b64decode(event["raw"]) == live_raw
+        heartbeat = read_event(response)  # nothing else arrives: the next line is a heartbeat
+        assert heartbeat["last_seq"] >= event["seq"] and heartbeat["heartbeat"] > 0
+    finally:
+        conn.close()
+
+
+def test_stream_without_since_starts_with_the_next_arrival(service):
+    to = addr("next")
+    service.send([to], make_raw(to, "Before"))
+    conn, response = open_stream(service, "heartbeat=30")
+    try:
+        assert "hello" in read_event(response)
+        service.send([to], make_raw(to, "After"))
+        event = read_event(response)
+        assert b"Subject: After" in base64.b64decode(event["raw"])
+    finally:
+        conn.close()
+
+
+def test_a_stream_for_another_run_of_the_service_replays_everything(service):
+    """A client that knew an earlier run (its seqs restart at 1) gets all that is retained."""
+    to = addr("restart")
+    service.send([to], make_raw(to, "After restart"))
+    first = service.json("/messages?limit=1")["messages"][0]["seq"]
+    conn, response = open_stream(service, "since=999999&instance=an-earlier-run&heartbeat=30")
+    try:
+        hello = read_event(response)["hello"]
+        assert hello["reset"] is True and hello["since"] == 0
+        assert read_event(response)["seq"] == first
+    finally:
+        conn.close()
+
+
+def test_dropping_streams_cuts_them_abruptly(service):
+    conn, response = open_stream(service, "heartbeat=30")
+    try:
+        assert service.json("/streams", method="DELETE")["dropped"] >= 1
+        with pytest.raises(http.client.IncompleteRead):  # no terminating chunk: a real drop
+            response.read()
+    finally:
+        conn.close()
+
+
+# -- faults through the API ----------------------------------------------------------------------
+
+
+def test_faults_via_api_451_twice_then_accept_and_removed_by_scope(service):
+    to = addr("fault")
+    rule = service.json("/faults", method="POST", json={
+        "stage": "rcpt", "to": to, "scope": "t1",
+        "action": {"script": ["451 4.3.0 try later", {"reply": "451 4.3.0 try later"}]}})
+    assert rule["id"] > 0 and rule["fired"] == 0 and rule["scope"] == "t1"
+    other = service.json("/faults", method="POST", json={"stage": "data", "to": addr("x"), "scope": "t2",
+                                                         "action": {"delay": 0.01, "then": "554 5.0.0 no"}})
+    for attempt in range(2):
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            service.send([to], make_raw(to, "Retry me"))
+        assert refused.value.recipients[to] == (451, b"4.3.0 try later")
+    service.send([to], make_raw(to, "Retry me"))  # the third attempt is accepted
+    assert len(service.json(f"/messages?to={to}")["messages"]) == 1
+
+    fired = {f["id"]: f for f in service.json("/stats")["faults"]}
+    assert (fired[rule["id"]]["fired"], fired[rule["id"]]["acted"]) == (3, 2)
+    listed = {f["id"]: f for f in service.json("/faults")["faults"]}
+    assert listed[rule["id"]]["action"] == {"script": [{"reply": "451 4.3.0 try later"}] * 2}
+
+    assert service.json("/faults?scope=t1", method="DELETE") == {"removed": 1}
+    assert [f["id"] for f in service.json("/faults")["faults"]] == [other["id"]]
+    assert service.json(f"/faults/{other['id']}", method="DELETE")["id"] == other["id"]
+    assert service.http.delete(f"{service.url}/faults/{other['id']}").status_code == 404
+    assert service.json("/faults")["faults"] == []
+
+
+def test_after_data_disconnect_keeps_the_mail(service):
+    to = addr("ambiguous")
+    service.json("/faults", method="POST", json={"stage": "after_data", "to": to, "scope": "t3",
+                                                 "action": {"disconnect": True}})
+    try:
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            service.send([to], make_raw(to, "Did it arrive?"))
+        assert len(service.json(f"/messages?to={to}")["messages"]) == 1  # taken, though unacknowledged
+    finally:
+        service.json("/faults?scope=t3", method="DELETE")
+
+
+def test_chaos_profile_via_api(service):
+    to = addr("chaos")
+    added = service.json("/faults", method="POST", json={
+        "profile": "100%:rcpt:452,ratelimit:1000/s:rcpt:451", "seed": 7, "scope": "prof",
+        "to_pattern": re.escape(to)})["faults"]
+    assert [f["action"] for f in added] == [
+        {"chaos": {"p": 1.0, "seed": 7, "action": {"reply": "452 4.3.1 mailproof chaos: insufficient system storage"}}},
+        {"rate_limit": {"per_second": 1000.0, "reply": "451 4.3.0 mailproof chaos: temporary failure, try again later"}},
+    ]
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        service.send([to], make_raw(to))
+    assert refused.value.recipients[to][0] == 452
+    service.send([addr("bystander")], make_raw("b@x"))  # other recipients are untouched
+    assert service.json("/faults?scope=prof", method="DELETE") == {"removed": 2}
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"stage": "rcpt"}, "action"),
+    ({"stage": "helo", "action": "451 4.3.0 x"}, "stage"),
+    ({"stage": "rcpt", "action": {"reply": "fine"}}, "action.reply"),
+    ({"stage": "rcpt", "action": {"script": ["451 4.3.0 x", {"delay": "soon"}]}}, "action.script[1].delay"),
+    ({"stage": "rcpt", "action": {"chaos": {"p": 2, "action": "451 4.3.0 x"}}}, "action.chaos.p"),
+    ({"stage": "rcpt", "action": {"explode": True}}, "action.explode"),
+    ({"stage": "rcpt", "recipient": "a@x", "action": None}, "recipient"),
+    ({"stage": "mail", "to": "a@x", "action": None}, "stage"),
+])
+def test_malformed_fault_specs_are_400_naming_the_field(service, spec, field):
+    response = service.http.post(service.url + "/faults", json=spec, timeout=10)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(f"{field}:"), response.json()
+
+
+# -- retention -----------------------------------------------------------------------------------
+
+
+def test_bounded_retention_counts_evictions_and_streams_say_what_is_missing():
+    svc = Service("--max-messages", "3")
+    try:
+        with smtplib.SMTP("127.0.0.1", svc.smtp_port, timeout=10) as smtp:
+            for i in range(5):
+                smtp.sendmail("app@example.test", [f"r{i}@svc.test"], make_raw(f"r{i}@svc.test", f"N{i}"))
+        stats = svc.json("/stats")
+        assert (stats["received"], stats["retained"], stats["evicted"]) == (5, 3, 2)
+        assert [m["seq"] for m in svc.json("/messages")["messages"]] == [3, 4, 5]
+        gone = svc.get("/messages/1")
+        assert gone.status_code == 404 and "evicted" in gone.json()["error"]
+        conn, response = open_stream(svc, "since=0")
+        try:
+            assert read_event(response)["hello"]["reset"] is False
+            assert read_event(response)["missing"] == {"from": 1, "to": 2, "evicted": 2, "cleared": 0}
+            assert read_event(response)["seq"] == 3
+        finally:
+            conn.close()
+        assert svc.json("/messages", method="DELETE")["cleared"] == 3
+        stats = svc.json("/stats")
+        assert (stats["retained"], stats["cleared"], stats["evicted"], stats["last_seq"]) == (0, 3, 2, 5)
+    finally:
+        assert svc.stop() == 0
+
+
+# -- safe by default -----------------------------------------------------------------------------
+
+
+def test_non_loopback_host_without_token_is_refused_before_listening():
+    done = subprocess.run([sys.executable, "-m", "fakes.sink_service", "--host", "0.0.0.0",
+                           "--smtp-port", "0", "--http-port", "0"],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=30,
+                          env={**__import__("os").environ, "MAILPROOF_SINK_TOKEN": ""})
+    assert done.returncode == 2
+    assert "READY" not in done.stdout  # it exited before binding anything
+    assert "refusing to listen on '0.0.0.0'" in done.stderr and "--token" in done.stderr
+
+
+def test_with_a_token_every_endpoint_requires_it():
+    svc = Service(token="s3cret-token")
+    try:
+        for path in ("/health", "/messages", "/stats", "/faults", "/wait?timeout=0", "/stream"):
+            bare = requests.get(svc.url + path, timeout=10)
+            assert bare.status_code == 401, path
+            assert "Bearer" in bare.headers["WWW-Authenticate"]
+            wrong = requests.get(svc.url + path, timeout=10, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401, path
+        assert requests.delete(svc.url + "/messages", timeout=10).status_code == 401
+        assert requests.post(svc.url + "/faults", json={}, timeout=10).status_code == 401
+        assert svc.json("/health")["token_required"] is True
+        assert svc.get("/wait?timeout=0").status_code == 408  # authorized: a real answer
+    finally:
+        assert svc.stop() == 0
+
+
+# -- fault_specs as a library --------------------------------------------------------------------
+
+
+def test_action_specs_round_trip():
+    specs = [
+        {"reply": "451 4.3.0 later"},
+        {"reply": "550-5.1.1 no such user\n550 5.1.1 really"},
+        {"script": [{"reply": "451 4.3.0 x"}, {"accept": True}], "after": {"disconnect": True}},
+        {"delay": 0.5, "then": {"stall": 3.0}},
+        {"stall": None},
+        {"chaos": {"p": 0.05, "seed": 1, "action": {"disconnect": True}}},
+        {"rate_limit": {"per_second": 50.0, "reply": "451 4.7.0 slow down"}},
+    ]
+    for spec in specs:
+        assert action_to_spec(action_from_spec(spec)) == spec
+    assert isinstance(action_from_spec("451 4.3.0 x"), Reply)
+    assert action_to_spec(None) == {"accept": True}
+    rule = rule_from_spec({"stage": "rcpt", "to": "a@x", "scope": "t1", "action": {"reply": "451 4.3.0 later"}})
+    assert (rule.stage, rule.to, rule.scope, rule.action.reply) == ("rcpt", "a@x", "t1", "451 4.3.0 later")
+    assert rule_from_spec(rule_to_spec(rule)).action == rule.action
+
+
+def test_chaos_profile_grammar():
+    rules = parse_chaos_profile("5%:rcpt:451, 1%:after_data:disconnect,ratelimit:50/s:rcpt:451,"
+                                "0.5%:data:stall=2,100%:mail:delay=0.1,2%:rcpt:550 5.7.1 blocked",
+                                seed=10, scope="rehearsal")
+    assert [r.stage for r in rules] == ["rcpt", "after_data", "rcpt", "data", "mail", "rcpt"]
+    assert all(r.scope == "rehearsal" for r in rules)
+    chaos, drop, limit, stall, delay, custom = (r.action for r in rules)
+    assert isinstance(chaos, Chaos) and chaos.p == 0.05 and chaos.seed == 10 and chaos.action.reply.startswith("451 4.3.0")
+    assert isinstance(drop.action, Disconnect) and drop.seed == 11
+    assert isinstance(limit, RateLimit) and limit.per_second == 50 and limit.reply.startswith("451")
+    assert isinstance(stall.action, Stall) and stall.action.seconds == 2 and stall.p == 0.005
+    assert isinstance(delay.action, Delay) and delay.action.seconds == 0.1
+    assert custom.action.reply == "550 5.7.1 blocked"
+    for bad, why in [("5:rcpt:451", "5%"), ("5%:helo:451", "stage"), ("5%:rcpt:250", "unknown outcome"), ("5%:rcpt:45", "not an SMTP reply"),
+                     ("ratelimit:fast:rcpt", "50/s"), ("5%:rcpt:explode", "unknown outcome"),
+                     ("5%:rcpt:451,,1%:data:451", "empty item"), ("", "empty"), ("200%:rcpt:451", "100%")]:
+        with pytest.raises(FaultError, match=re.escape(why)):
+            parse_chaos_profile(bad)
+    assert isinstance(Script(["451 4.3.0 x"]).steps[0], Reply)  # the actions fault_specs builds on
