@@ -24,6 +24,18 @@ def validation_api():
         yield api
 
 
+@pytest.fixture
+def validation_faults(validation_api):
+    """Faults of the validation API for this test only: ``validation_faults.set(rate_limit=5)``.
+
+    Starts healthy and is cleared when the test ends, pass or fail (an outage ends, counters reset).
+    ``validation_faults.fired`` says what fired. Each xdist worker has its own validation API.
+    """
+    validation_api.faults.clear()
+    yield validation_api.faults
+    validation_api.faults.clear()
+
+
 @pytest.fixture(scope="session")
 def demo_app(mailproof_backend, validation_api):
     """The demo application, sending through the capture backend (one per xdist worker)."""

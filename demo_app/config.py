@@ -19,10 +19,17 @@ class Config:
     smtp_user: str | None = None
     smtp_password: str | None = None
     smtp_timeout: float = 10.0
+    # Transient SMTP failures (4xx, timeouts, disconnects) are retried until a message is this old,
+    # then given up as a bounce. Real MTAs keep trying for days; a product's own outbox, minutes.
+    retry_for: float = 600.0
     validation_url: str = "http://127.0.0.1:8081"
     validation_key: str | None = None
     validation_concurrency: int = 8
-    validation_budget: float = 10.0  # total seconds spent on one lookup, retries included
+    # Seconds a signup waits for a verdict, retries included, before the degradation policy applies.
+    # It is part of the confirmation email's latency: keep it well under the 5 s delivery SLO.
+    validation_budget: float = 3.0
+    validation_breaker_failures: int = 5  # failed attempts in a row that open the circuit
+    validation_cooldown: float = 1.0  # seconds the open circuit fails lookups at once
     public_url: str | None = None  # None: the URL we actually listen on
     workers: int = 4
     mail_from: str = "Demo Shop <no-reply@demo-shop.test>"
@@ -49,10 +56,13 @@ _FLAGS = {
     "smtp_user": ("DEMO_SMTP_USER", str),
     "smtp_password": ("DEMO_SMTP_PASSWORD", str),
     "smtp_timeout": ("DEMO_SMTP_TIMEOUT", float),
+    "retry_for": ("DEMO_RETRY_FOR", float),
     "validation_url": ("DEMO_VALIDATION_URL", str),
     "validation_key": ("DEMO_VALIDATION_KEY", str),
     "validation_concurrency": ("DEMO_VALIDATION_CONCURRENCY", int),
     "validation_budget": ("DEMO_VALIDATION_BUDGET", float),
+    "validation_breaker_failures": ("DEMO_VALIDATION_BREAKER_FAILURES", int),
+    "validation_cooldown": ("DEMO_VALIDATION_COOLDOWN", float),
     "public_url": ("DEMO_PUBLIC_URL", str),
     "workers": ("DEMO_WORKERS", int),
     "mail_from": ("DEMO_FROM", str),
@@ -78,8 +88,10 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         p.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
                        default=default, help=f"env {var}")
     cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.workers < 1 or cfg.validation_concurrency < 1:
-        p.error("--workers and --validation-concurrency must be at least 1")
+    if cfg.workers < 1 or cfg.validation_concurrency < 1 or cfg.validation_breaker_failures < 1:
+        p.error("--workers, --validation-concurrency and --validation-breaker-failures must be at least 1")
+    if cfg.retry_for < 0 or cfg.validation_budget <= 0 or cfg.validation_cooldown < 0:
+        p.error("--retry-for and --validation-cooldown must be >= 0, --validation-budget > 0")
     if not cfg.from_address.domain:
         p.error(f"--mail-from has no usable address: {cfg.mail_from!r}")
     if cfg.public_url:

@@ -1,9 +1,20 @@
 """Outbox: an asyncio.Queue served by a pool of workers that deliver over SMTP with retries.
 
-A transient failure (4xx, connection refused/reset, timeout, disconnect) puts the message back on
-the queue after a capped exponential backoff with full jitter, instead of holding a worker asleep,
-so a greylisting receiver cannot stall the whole pool. A 5xx, or running out of attempts, is
-permanent and recorded as a bounce.
+A transient failure (4xx, connection refused/reset, timeout, disconnect, a relay that refuses the
+session) puts the message back on the queue after a capped exponential backoff with full jitter,
+instead of holding a worker asleep, so a greylisting receiver cannot stall the whole pool. A 5xx
+for the message (MAIL, RCPT, DATA) is permanent and recorded as a bounce at once.
+
+Transient failures are retried for as long as the message is younger than ``retry_for`` seconds
+(``--retry-for``), whatever the number of attempts: a relay that throttles a burst can refuse the
+same message many times in a row, and a count of attempts would turn a rate limit into lost mail
+(an 8-attempt cap lost 7 of 200 confirmations behind a 20/s relay limit). Past that age, the
+message is given up and recorded as a bounce ("gave up after N attempts").
+
+A disconnect after the message was sent but before the 250 is also transient: the relay may have
+taken it, and the retry may deliver it twice. That is SMTP's at-least-once contract (RFC 5321,
+section 6.1); the retry resends the very same message (same Message-ID), so duplicates can be
+recognised. Each attempt logs one line: to, subject, attempt, outcome, code, elapsed, retry_in.
 """
 
 from __future__ import annotations
@@ -25,7 +36,6 @@ log = logging.getLogger("demo_app.mailer")
 
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 5.0
-MAX_ATTEMPTS = 8
 
 
 @dataclass
@@ -33,6 +43,7 @@ class Job:
     msg: EmailMessage
     to: str
     attempt: int = 0
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -58,6 +69,10 @@ def classify(exc: BaseException) -> Transient:
     """Map a send error to Transient or Permanent, keeping the SMTP reply code when there is one."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
         exc = exc.recipients[0]
+    if isinstance(exc, (aiosmtplib.SMTPConnectResponseError, aiosmtplib.SMTPHeloError)):
+        # The relay refused the session (a 5xx greeting or EHLO/HELO), not this message or recipient:
+        # an overloaded or misconfigured relay, like Postfix's smtp_skip_5xx_greeting. Retry.
+        return Transient(exc.code, exc.message)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         kind = Permanent if 500 <= exc.code < 600 else Transient
         return kind(exc.code, exc.message)
@@ -151,7 +166,8 @@ class Mailer:
         except Exception as exc:
             err = classify(exc)
             code, detail = err.code, str(err)
-            if isinstance(err, Permanent) or job.attempt >= MAX_ATTEMPTS:
+            too_old = time.monotonic() - job.queued_at >= self.cfg.retry_for
+            if isinstance(err, Permanent) or too_old:
                 outcome = "bounced" if isinstance(err, Permanent) else "gave_up"
                 self.metrics.permanent_failures += 1
                 message = str(err) if isinstance(err, Permanent) else f"gave up after {job.attempt} attempts: {err}"
@@ -160,14 +176,16 @@ class Mailer:
             else:
                 outcome = "retry"
                 self.metrics.transient_failures += 1
-                self._schedule_retry(job)
+                retry_in = self._schedule_retry(job)
         # One line per attempt, key=value, so a log search can follow one message through retries.
-        log.info("send to=%s subject=%r attempt=%d outcome=%s code=%s elapsed_ms=%.1f error=%r",
+        log.info("send to=%s subject=%r attempt=%d outcome=%s code=%s elapsed_ms=%.1f retry_in_ms=%s error=%r",
                  job.to, str(job.msg["Subject"]), job.attempt, outcome, code,
-                 (time.monotonic() - started) * 1000, detail)
+                 (time.monotonic() - started) * 1000,
+                 f"{retry_in * 1000:.0f}" if outcome == "retry" else "-", detail)
 
-    def _schedule_retry(self, job: Job) -> None:
+    def _schedule_retry(self, job: Job) -> float:
         delay = full_jitter(job.attempt, BACKOFF_BASE, BACKOFF_CAP)
+        self.metrics.retry_wait_seconds += delay
         loop = asyncio.get_running_loop()
 
         def requeue() -> None:
@@ -176,3 +194,4 @@ class Mailer:
 
         timer = loop.call_later(delay, requeue)
         self._retry_timers.add(timer)
+        return delay

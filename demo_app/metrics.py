@@ -1,4 +1,4 @@
-"""Process-wide counters served at GET /metrics (one event loop, so plain ints are safe)."""
+"""Process-wide counters served at GET /metrics (one event loop, so plain numbers are safe)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ class Metrics:
     send_attempts: int = 0
     transient_failures: int = 0
     permanent_failures: int = 0
+    retry_wait_seconds: float = 0.0  # sum of the backoffs scheduled before SMTP retries
     validation_calls: int = 0
     validation_retries: int = 0
+    validation_circuit_opened: int = 0  # times the breaker opened (the API looked down)
+    validation_degraded: int = 0  # signups accepted without a verdict (the API gave none in time)
+    validation_revalidated: int = 0  # pending signups looked up later, once the API answered
+    validation_found_undeliverable: int = 0  # ... and found undeliverable
 
-    def snapshot(self, **extra: int) -> dict[str, int]:
+    def snapshot(self, **extra: int) -> dict[str, float]:
         return {**asdict(self), **extra}

@@ -22,6 +22,9 @@ class User:
     email: str
     name: str | None
     confirmed: bool = False
+    # The validation API's verdict (deliverable | risky | unknown | undeliverable), "pending" when the
+    # signup was accepted during a validation outage, "proven" once the confirmation link was followed.
+    validation: str = "deliverable"
     password_hash: bytes | None = None
     salt: bytes = field(default_factory=lambda: secrets.token_bytes(16))
 
@@ -78,11 +81,11 @@ class Store:
 
     # --- users and confirmation ---
 
-    def add_user(self, email: str, name: str | None) -> str:
+    def add_user(self, email: str, name: str | None, validation: str = "deliverable") -> str:
         """Create an unconfirmed user; return its confirmation token."""
         if email in self.users:
             raise AlreadyExists(email)
-        self.users[email] = User(email, name)
+        self.users[email] = User(email, name, validation=validation)
         token = secrets.token_urlsafe(24)
         self._confirm_tokens[token] = (email, self.clock() + CONFIRM_TTL)
         return token
@@ -96,6 +99,8 @@ class Store:
         if user.confirmed:
             return "already", user
         user.confirmed = True
+        if user.validation in ("pending", "undeliverable"):
+            user.validation = "proven"  # the link reached its owner: a stronger proof than any verdict
         return "confirmed", user
 
     # --- password reset ---

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import unicodedata
 from dataclasses import asdict
 from decimal import Decimal, InvalidOperation
@@ -16,8 +17,11 @@ from .config import Config
 from .emails import Composer, make_env
 from .mailer import Mailer
 from .metrics import Metrics
+from .revalidation import Revalidator
 from .store import RESET_TTL, AlreadyExists, OrderLine, Store, hash_password
 from .validation import ValidationClient, ValidationUnavailable
+
+log = logging.getLogger("demo_app.web")
 
 LIST_ID = r"{list_id:[A-Za-z0-9][A-Za-z0-9_-]{0,63}}"  # also lands in the List-Id header: keep it tame
 MIN_PASSWORD = 8
@@ -34,7 +38,9 @@ class Shop:
         self.composer = Composer(self.env, cfg.from_address, cfg.public_url or "")
         self.mailer = Mailer(cfg, self.metrics)
         self.validation = ValidationClient(cfg.validation_url, cfg.validation_key, self.metrics,
-                                           cfg.validation_concurrency, cfg.validation_budget)
+                                           cfg.validation_concurrency, cfg.validation_budget,
+                                           cfg.validation_breaker_failures, cfg.validation_cooldown)
+        self.revalidator = Revalidator(self.validation, self.store, self.metrics)
 
     def set_listen_url(self, url: str) -> None:
         """Links in emails use the public URL, by default the one we really listen on."""
@@ -101,7 +107,8 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     shop = request.app[SHOP]
-    return web.json_response(shop.metrics.snapshot(outbox_depth=shop.mailer.depth))
+    return web.json_response(shop.metrics.snapshot(outbox_depth=shop.mailer.depth,
+                                                   validation_pending=shop.revalidator.pending))
 
 
 async def bounces(request: web.Request) -> web.Response:
@@ -111,19 +118,55 @@ async def bounces(request: web.Request) -> web.Response:
 async def outbox_wait_idle(request: web.Request) -> web.Response:
     """Long-poll until every accepted email is sent or bounced (an ops/test aid: no sleeping clients)."""
     shop = request.app[SHOP]
+    idle = await shop.mailer.wait_idle(_timeout(request))
+    return web.json_response({"idle": idle, "outbox_depth": shop.mailer.depth})
+
+
+def _timeout(request: web.Request) -> float:
     try:
-        timeout = min(max(float(request.query.get("timeout", "5")), 0.0), 30.0)
+        return min(max(float(request.query.get("timeout", "5")), 0.0), 30.0)
     except ValueError:
         raise BadRequest("timeout must be a number of seconds") from None
-    idle = await shop.mailer.wait_idle(timeout)
-    return web.json_response({"idle": idle, "outbox_depth": shop.mailer.depth})
+
+
+async def validation_wait_settled(request: web.Request) -> web.Response:
+    """Long-poll until no signup accepted during a validation outage still awaits its verdict."""
+    shop = request.app[SHOP]
+    settled = await shop.revalidator.wait_settled(_timeout(request))
+    return web.json_response({"settled": settled, "pending": shop.revalidator.pending})
 
 
 # --- signup and confirmation ----------------------------------------------------------------------
 
 async def on_validation_unavailable(shop: Shop, email: str, name: str | None, exc: ValidationUnavailable) -> web.Response:
-    """The degradation policy when the validation API gives no verdict: one place to change it."""
-    return error(503, "validation service unavailable, try again later")
+    """The degradation policy when the validation API gives no verdict: accept, confirm, check later.
+
+    The signup is accepted as "pending validation" (202, ``"validation": "pending"``), the
+    confirmation email goes out at once, and the address is looked up in the background once the
+    API answers again (``revalidation.Revalidator``).
+
+    Why not refuse with a 503: the validation API is a third-party quality filter (typos, dead
+    domains, disposable addresses), not the source of truth about an address. The confirmation
+    email is: an address whose owner clicks the link is proven, whatever any API says. Refusing
+    signups while a provider is down (and launches are exactly when providers throttle and fail)
+    turns their outage into ours and loses people who will not come back to retry. What accepting
+    costs is bounded: an unconfirmed account, and perhaps one bounce for a mistyped address, which
+    the mailer records at /bounces and the re-validation flags. The waiting is bounded too: a
+    signup waits at most ``--validation-budget`` seconds for a verdict, and once the circuit
+    breaker has seen the API down it waits not at all, so the confirmation still meets its SLO.
+
+    A product with a strict gate (e.g. paid trials abused with throwaway addresses) would return
+    503 here instead; this is the one place to change that.
+    """
+    try:
+        token = shop.store.add_user(email, name, validation="pending")
+    except AlreadyExists:
+        return error(409, "already registered")
+    shop.metrics.validation_degraded += 1
+    log.warning("signup accepted without validation email=%s why=%s", email, exc)
+    shop.revalidator.add(email)
+    shop.mailer.enqueue(shop.composer.confirmation(email, name, token), email)
+    return web.json_response({"status": "pending_confirmation", "validation": "pending"}, status=202)
 
 
 async def signup(request: web.Request) -> web.Response:
@@ -143,7 +186,7 @@ async def signup(request: web.Request) -> web.Response:
     if verdict.undeliverable:
         return error(422, f"email address rejected by validation: {verdict.reason}")
     try:
-        token = shop.store.add_user(email, name)  # re-checked: another signup may have won meanwhile
+        token = shop.store.add_user(email, name, validation=verdict.result)  # re-checked: another signup may have won
     except AlreadyExists:
         return error(409, "already registered")
     shop.mailer.enqueue(shop.composer.confirmation(email, name, token), email)
@@ -167,7 +210,8 @@ async def get_user(request: web.Request) -> web.Response:
         user = None
     if user is None:
         return error(404, "no such user")
-    return web.json_response({"email": user.email, "name": user.name, "confirmed": user.confirmed})
+    return web.json_response({"email": user.email, "name": user.name, "confirmed": user.confirmed,
+                              "validation": user.validation})
 
 
 # --- password reset -------------------------------------------------------------------------------
@@ -306,9 +350,11 @@ def create_app(cfg: Config) -> web.Application:
     async def startup(app: web.Application) -> None:
         await shop.validation.start()
         shop.mailer.start()
+        shop.revalidator.start()
 
     async def cleanup(app: web.Application) -> None:
         # Runs after the listener is closed and in-flight requests are done: drain, then close.
+        await shop.revalidator.stop()
         await shop.mailer.stop(drain=2.0)
         await shop.validation.close()
 
@@ -319,6 +365,7 @@ def create_app(cfg: Config) -> web.Application:
     r.add_get("/metrics", metrics)
     r.add_get("/bounces", bounces)
     r.add_get("/outbox/wait-idle", outbox_wait_idle)
+    r.add_get("/validation/wait-settled", validation_wait_settled)
     r.add_post("/signup", signup)
     r.add_get("/confirm", confirm)
     r.add_get("/users/{email}", get_user)

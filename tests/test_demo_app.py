@@ -22,7 +22,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -132,6 +134,7 @@ class Sink:
 
 class App:
     def __init__(self, args: list[str], log: Path) -> None:
+        self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "demo_app", "--port", "0", *args],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True)
@@ -232,7 +235,8 @@ def test_signup_sends_multipart_confirmation_and_link_confirms(app, sink):
     assert f'<a href="{link}"' in html and "Confirm my account</a>" in html
     assert "Hi Ada & Bob," in text and "Hi Ada &amp; Bob," in html  # HTML is autoescaped, text is not
 
-    assert app.get(f"/users/{to}").json() == {"email": to, "name": "Ada & Bob", "confirmed": False}
+    assert app.get(f"/users/{to}").json() == {"email": to, "name": "Ada & Bob", "confirmed": False,
+                                              "validation": "deliverable"}
     page = requests.get(link, timeout=5)
     assert page.status_code == 200 and "Your account is confirmed" in page.text and to in page.text
     assert app.get(f"/users/{to}").json()["confirmed"] is True
@@ -424,8 +428,56 @@ def test_451_then_accept_is_retried_and_delivered_once(app, sink):
     assert sink.get(to)["Subject"] == "Confirm your Demo Shop account"
     app.wait_idle()
     assert sink.pending(to) == 0 and sink.data_attempts[to] == 2
-    assert delta(before, app.metrics()) == {"emails_queued": 1, "emails_sent": 1, "send_attempts": 2,
-                                            "transient_failures": 1, "validation_calls": 1}
+    changed = delta(before, app.metrics())
+    assert 0 < changed.pop("retry_wait_seconds") <= 0.2  # full jitter: uniform in [0, base] for the first retry
+    assert changed == {"emails_queued": 1, "emails_sent": 1, "send_attempts": 2, "transient_failures": 1,
+                       "validation_calls": 1}
+
+
+def test_one_log_line_per_attempt_with_its_outcome(app, sink):
+    to = addr("logged")
+    sink.script(to, "RCPT", "451 4.7.1 greylisted")
+    assert app.post("/signup", json={"email": to}).status_code == 202
+    sink.get(to)
+    app.wait_idle()  # the outbox is idle only after the last attempt was logged
+    lines = [line for line in app.log_path.read_text().splitlines() if f"send to={to} " in line]
+    assert len(lines) == 2, lines
+    assert re.search(r"attempt=1 outcome=retry code=451 elapsed_ms=[\d.]+ retry_in_ms=\d+ error='.*greylisted", lines[0])
+    assert re.search(r"attempt=2 outcome=sent code=250 elapsed_ms=[\d.]+ retry_in_ms=- error=''", lines[1])
+
+
+def test_transient_failures_are_retried_until_the_message_is_too_old(start_app, sink):
+    app = start_app("--retry-for", "0.3")
+    to = addr("throttled-forever")
+    sink.script(to, "RCPT", *["451 4.7.0 rate limit exceeded"] * 100)
+    assert app.post("/signup", json={"email": to}).status_code == 202
+    app.wait_idle()
+    (bounce,) = [b for b in app.get("/bounces").json() if b["to"] == to]
+    attempts = int(re.search(r"gave up after (\d+) attempts", bounce["message"]).group(1))
+    assert attempts >= 2 and bounce["code"] == 451
+    m = app.metrics()
+    assert (m["transient_failures"], m["permanent_failures"], m["send_attempts"]) == (attempts - 1, 1, attempts)
+    assert sink.pending(to) == 0
+
+
+def test_relay_level_refusals_are_transient_but_recipient_5xx_is_permanent():
+    import aiosmtplib
+
+    from demo_app.mailer import Permanent, Transient, classify
+
+    cases = {
+        aiosmtplib.SMTPConnectResponseError(554, "no SMTP service here"): (Transient, 554),
+        aiosmtplib.SMTPHeloError(550, "go away"): (Transient, 550),
+        aiosmtplib.SMTPServerDisconnected("gone after DATA"): (Transient, None),
+        aiosmtplib.SMTPReadTimeoutError("timed out"): (Transient, None),
+        aiosmtplib.SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(421, "closing", "a@x.test")]): (Transient, 421),
+        aiosmtplib.SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(550, "no user", "a@x.test")]): (Permanent, 550),
+        aiosmtplib.SMTPDataError(554, "spam"): (Permanent, 554),
+        aiosmtplib.SMTPNotSupported("no SMTPUTF8"): (Permanent, None),
+    }
+    for exc, (kind, code) in cases.items():
+        err = classify(exc)
+        assert type(err) is kind and err.code == code, (exc, err)
 
 
 def test_550_is_permanent_and_recorded_as_bounce(app, sink):
@@ -444,6 +496,92 @@ def test_550_is_permanent_and_recorded_as_bounce(app, sink):
 
 
 # --- the validation API's failure modes -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flaky_pair(start_app):
+    """One app against its own validation API, whose faults each test sets."""
+    with ValidationApi(api_key=KEY) as api:
+        yield start_app(validation_url=api.url), api
+
+
+@pytest.fixture
+def flaky(flaky_pair):
+    app, api = flaky_pair
+    api.faults.clear()
+    api.reset_stats()
+    yield flaky_pair
+    api.faults.clear()
+
+
+def test_validation_retry_after_is_a_floor(flaky):
+    app, api = flaky
+    api.faults.set(errors=1, error_status=429, retry_after=1)
+    before = app.metrics()
+    started = time.monotonic()
+    resp = app.post("/signup", json={"email": addr("waited")})
+    took = time.monotonic() - started
+    assert resp.json() == {"status": "pending_confirmation"}  # a real verdict, after waiting as told
+    assert 1.0 <= took < 3.0, took
+    assert api.stats["by_status"] == {429: 1, 200: 1}
+    changed = delta(before, app.metrics())
+    assert (changed["validation_calls"], changed["validation_retries"]) == (2, 1)
+
+
+def test_validation_5xx_burst_and_garbled_bodies_are_retried(flaky, sink):
+    app, api = flaky
+    api.faults.set(errors=2, malformed=1)
+    before = app.metrics()
+    to = addr("flaky")
+    assert app.post("/signup", json={"email": to}).json() == {"status": "pending_confirmation"}
+    sink.get(to)
+    changed = delta(before, app.metrics())
+    assert (changed["validation_calls"], changed["validation_retries"]) == (4, 3)
+    assert "validation_degraded" not in changed and "validation_circuit_opened" not in changed
+    assert api.faults.fired["errors"] == 2 and api.faults.fired["malformed"] == 1
+    assert app.get(f"/users/{to}").json()["validation"] == "deliverable"
+
+
+def test_validation_calls_go_through_a_semaphore(start_app, sink):
+    in_flight, peak = 0, 0
+
+    async def slow(request, handler):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.1)  # the fake provider takes its time
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    with ValidationApi(api_key=KEY, faults=slow) as api:
+        app = start_app("--validation-concurrency", "2", validation_url=api.url)
+        addresses = [addr("sem") for _ in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda to: requests.post(app.url + "/signup", json={"email": to},
+                                                           timeout=15).status_code, addresses))
+        assert codes == [202] * 6
+        assert peak == 2
+        assert api.stats["requests"] == 6 and app.metrics()["validation_degraded"] == 0
+        for to in addresses:
+            sink.get(to)
+
+
+def test_circuit_breaker_answers_at_once_while_the_api_is_down(start_app, sink):
+    with ValidationApi(api_key=KEY) as api:
+        app = start_app("--validation-breaker-failures", "2", "--validation-cooldown", "30", validation_url=api.url)
+        api.faults.set(outage=60)
+        first, second = addr("breaker"), addr("breaker")
+        assert app.post("/signup", json={"email": first}).json()["validation"] == "pending"
+        calls = app.metrics()["validation_calls"]
+        started = time.monotonic()
+        assert app.post("/signup", json={"email": second}).json()["validation"] == "pending"
+        assert time.monotonic() - started < 0.5
+        m = app.metrics()
+        assert m["validation_calls"] == calls == 2 and m["validation_circuit_opened"] == 1
+        sink.get(first)
+        sink.get(second)
+
 
 def test_validation_429_is_retried_honouring_retry_after(start_app, sink):
     seen = []
@@ -464,17 +602,21 @@ def test_validation_429_is_retried_honouring_retry_after(start_app, sink):
         assert flaky.stats["by_status"] == {429: 1, 200: 1}
 
 
-def test_validation_unreachable_is_503_and_no_user(start_app, sink):
+def test_validation_unreachable_degrades_to_pending_and_confirms_anyway(start_app, sink):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     app = start_app("--validation-budget", "0.6", validation_url=dead)
     to = addr("later")
     resp = app.post("/signup", json={"email": to})
-    assert (resp.status_code, resp.json()) == (503, {"error": "validation service unavailable, try again later"})
-    assert app.get(f"/users/{to}").status_code == 404
+    assert (resp.status_code, resp.json()) == (202, {"status": "pending_confirmation", "validation": "pending"})
+    assert app.get(f"/users/{to}").json() == {"email": to, "name": None, "confirmed": False, "validation": "pending"}
+    assert sink.get(to)["Subject"] == "Confirm your Demo Shop account"
     m = app.metrics()
-    assert m["validation_retries"] >= 1 and m["emails_queued"] == 0
+    assert m["validation_retries"] >= 1 and m["validation_degraded"] == 1 and m["validation_pending"] == 1
+    assert app.post("/signup", json={"email": to}).status_code == 409  # pending is registered all the same
+    settled = app.get("/validation/wait-settled", params={"timeout": 0.2}).json()
+    assert settled == {"settled": False, "pending": 1}  # the API never comes back here
 
 
 # --- lifecycle ------------------------------------------------------------------------------------
