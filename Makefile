@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ALLURE_RESULTS := reports/allure-results
 PYTEST_ARGS ?=
 
-.PHONY: flows test venv clean rehearsal
+.PHONY: flows test venv clean rehearsal report rehearsal-report
 
 # The venv is rebuilt only when pyproject.toml changes (or it is missing).
 $(STAMP): pyproject.toml
@@ -30,10 +30,19 @@ test: $(STAMP)
 	$(PY) -m pytest flows/ --mailbox=imap $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(ALLURE_RESULTS) reports/allure-report .pytest_cache
+	rm -rf $(VENV) $(ALLURE_RESULTS) reports/allure-report reports/node_modules .pytest_cache
 
 # A short headless launch-day rehearsal against the demo app; exits by the SLO gates.
 # Options go through REHEARSAL_ARGS, e.g. REHEARSAL_ARGS="--workers 2 --peak-users 40".
 REHEARSAL_ARGS ?=
 rehearsal: $(STAMP)
-	$(PY) -m loadtests.rehearse $(REHEARSAL_ARGS)
+	$(PY) -m loadtests.rehearse $(REHEARSAL_ARGS); code=$$?; \
+	test ! -f reports/rehearsal/results.json || $(PY) -m mailproof.rehearsal_report reports/rehearsal/results.json --keep-previous -o reports/rehearsal/report.html; \
+	exit $$code
+
+# QA's Allure 3 report, one file that opens from disk (Allure pinned in reports/package-lock.json).
+report: $(STAMP)
+	$(PY) -m mailproof.report_build --results $(ALLURE_RESULTS) --output reports/allure-report
+
+rehearsal-report: $(STAMP)
+	$(PY) -m mailproof.rehearsal_report reports/rehearsal/results.json --keep-previous -o reports/rehearsal/report.html

@@ -1,20 +1,50 @@
 """Report a flow to Allure: steps, HTTP calls, and every awaited email with its latency.
 
-Each email gets its HTML body, text body, headers and raw .eml attached (message/rfc822 alone is
-download-only in Allure, see NOTES.md). Allure calls are no-ops when no --alluredir is given.
+Every email a flow waited for (delivered, late, or arriving where none was expected) gets, in
+its step, attachments QA can open in the report, for passing tests too:
+
+- "Email preview (offline, no scripts)": the HTML body made static by mailproof.email_preview
+  (scripts and frames removed, remote images/styles/fonts blocked, ``cid:`` images inlined, a CSP
+  meta in front), which Allure then shows through DOMPurify in a script-less sandboxed iframe.
+  (A wrapper page with a sandboxed ``srcdoc`` iframe does not work in Allure 3: its DOMPurify
+  removes iframes and ``http-equiv`` metas from HTML attachments.);
+- "Text body", "HTML body" (the markup as sent, as text), "Headers" (envelope first), "Links" (URL and anchor text);
+- each MIME attachment (HTML and SVG ones as download-only bytes: they could carry scripts);
+- "Raw message (.eml)" (message/rfc822 is download-only in Allure, hence the readable copies).
+
+HTTP calls are steps titled with method, URL, status and time; an answer of 400 or more gets
+its body attached, and a 5xx answer marks its step broken and is remembered
+(``AllureReporter.server_errors``) so the failure is classed as an application error
+(see mailproof.allure_env).
+
+The reporter is synchronous and must be called from the test's own thread: Allure's step stack
+is per thread, and steps recorded from another thread or an asyncio task nest wrongly (NOTES.md).
+Allure calls are no-ops when pytest runs without ``--alluredir``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Optional
+import contextlib
+from typing import Any, ContextManager, Iterator, Optional
 
 import allure
+import allure_commons
+from allure_commons.utils import uuid4
 
 from mailproof.criteria import Criteria
+from mailproof.email_preview import safe_preview
 from mailproof.message import Message
 
-
 _VERBS = {"delivered": "Received", "late": "LATE", "unexpected": "UNEXPECTED"}
+
+RESPONSE_BODY_LIMIT = 20_000
+# Attachment types a browser would run or render with active content: offered as plain bytes.
+_ACTIVE_TYPES = {"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
+                 "text/javascript", "application/javascript"}
+
+
+class ApplicationError(Exception):
+    """An HTTP 5xx answer from the application under test (used to mark its step broken)."""
 
 
 def mail_title(event: str, msg: Message) -> str:
@@ -22,21 +52,30 @@ def mail_title(event: str, msg: Message) -> str:
     return f"{_VERBS.get(event, event)}: {msg.subject!r} to {', '.join(msg.rcpt_tos) or ', '.join(msg.to)} ({latency})"
 
 
-def attach_message(msg: Message) -> None:
+# -- attachments ----------------------------------------------------------------------------------
+
+
+def attach_message(msg: Message, event: str = "delivered") -> None:
     if msg.html is not None:
-        allure.attach(msg.html, name="HTML body", attachment_type=allure.attachment_type.HTML)
+        images = [(a.content_id, a.content_type, a.data) for a in msg.attachments if a.content_id]
+        allure.attach(safe_preview(msg.html, images).html, name="Email preview (offline, no scripts)",
+                      attachment_type=allure.attachment_type.HTML)
     if msg.text is not None:
         allure.attach(msg.text, name="Text body", attachment_type=allure.attachment_type.TEXT)
+    if msg.html is not None:
+        # As text: QA reads the markup as sent; only the preview above is ever rendered.
+        allure.attach(msg.html, name="HTML body", attachment_type=allure.attachment_type.TEXT)
     headers = "\n".join(f"{name}: {value}" for name, value in msg.headers)
     envelope = f"Envelope-From: {msg.mail_from}\nEnvelope-To: {', '.join(msg.rcpt_tos)}\n"
     allure.attach(envelope + headers, name="Headers", attachment_type=allure.attachment_type.TEXT)
     if msg.links:
         links = "\n".join(f"{link.url}  [{link.text or link.source}]" for link in msg.links)
-        allure.attach(links, name="Links", attachment_type=allure.attachment_type.TEXT)
+        allure.attach(links, name=f"Links ({len(msg.links)})", attachment_type=allure.attachment_type.TEXT)
     for att in msg.attachments:
+        content_type = "application/octet-stream" if att.content_type in _ACTIVE_TYPES else att.content_type
         # A plain MIME string is accepted as the attachment type; the extension names the file.
         allure.attach(att.data, name=f"Attachment {att.filename or att.content_type}",
-                      attachment_type=att.content_type, extension=_extension(att.filename))
+                      attachment_type=content_type, extension=_extension(att.filename))
     allure.attach(msg.raw, name="Raw message (.eml)", attachment_type="message/rfc822", extension="eml")
 
 
@@ -46,18 +85,72 @@ def _extension(filename: str | None) -> str:
     return "bin"
 
 
+def _response_text(response: Any) -> str:
+    try:
+        text = response.text
+    except Exception:  # a body that cannot be decoded: show what it is, not crash the report
+        return f"<{len(getattr(response, 'content', b'') or b'')} bytes, not decodable as text>"
+    if len(text) > RESPONSE_BODY_LIMIT:
+        return text[:RESPONSE_BODY_LIMIT] + f"\n... ({len(text) - RESPONSE_BODY_LIMIT} more characters)"
+    return text
+
+
 class AllureReporter:
+    """The pytest-side Reporter (see mailproof.reporting). One per test."""
+
+    def __init__(self) -> None:
+        self.server_errors: list[str] = []  # "HTTP 500 from POST /signup", for failure categories
+
     def step(self, name: str) -> ContextManager[Any]:
         return allure.step(name)
 
     def http(self, method: str, url: str, response: Any, seconds: float) -> None:
         status = getattr(response, "status_code", "?")
-        with allure.step(f"HTTP {method} {url} -> {status} ({seconds * 1000:.0f} ms)"):
-            pass
+        error: Optional[ApplicationError] = None
+        if isinstance(status, int) and status >= 500:
+            error = ApplicationError(f"HTTP {status} from {method} {url}")
+            self.server_errors.append(str(error))
+        with _step(f"HTTP {method} {url} -> {status} ({seconds * 1000:.0f} ms)", error, took=seconds):
+            if isinstance(status, int) and status >= 400:
+                allure.attach(_response_text(response), name=f"Response body ({status})",
+                              attachment_type=allure.attachment_type.TEXT)
 
     def mail(self, event: str, msg: Optional[Message], criteria: Criteria,
              error: Optional[Exception], step: str) -> None:
         if msg is None:  # missing: the failure itself carries the near misses
             return
-        with allure.step(mail_title(event, msg)):
-            attach_message(msg)
+        # A late or unexpected mail marks its own step failed, so QA sees which one it was.
+        with _step(mail_title(event, msg), error if event in ("late", "unexpected") else None):
+            attach_message(msg, event)
+
+
+@contextlib.contextmanager
+def _step(title: str, error: Optional[BaseException], took: float = 0.0) -> Iterator[None]:
+    """An Allure step that ends passed, or with ``error``'s status (AssertionError: failed,
+    anything else: broken) without raising it into the flow.
+
+    Driven through Allure's own hooks, as ``allure.step`` does, from the calling thread.
+    ``took``: seconds the step really lasted before it was reported (an HTTP call is reported
+    once its answer is in), so the report's duration column shows the call's time, not 0 ms.
+    """
+    uuid = uuid4()
+    allure_commons.plugin_manager.hook.start_step(uuid=uuid, title=title, params={})
+    if took > 0:
+        _backdate(uuid, took)
+    try:
+        yield
+    except BaseException as exc:
+        allure_commons.plugin_manager.hook.stop_step(uuid=uuid, title=title, exc_type=type(exc),
+                                                     exc_val=exc, exc_tb=exc.__traceback__)
+        raise
+    allure_commons.plugin_manager.hook.stop_step(uuid=uuid, title=title, exc_type=type(error) if error else None,
+                                                 exc_val=error, exc_tb=None)
+
+
+def _backdate(uuid: str, seconds: float) -> None:
+    """Move a just-started step's start back by ``seconds`` in allure-pytest's open results."""
+    for plugin in allure_commons.plugin_manager.get_plugins():
+        logger = getattr(plugin, "allure_logger", None)
+        item = logger.get_item(uuid) if logger is not None and hasattr(logger, "get_item") else None
+        if item is not None and isinstance(getattr(item, "start", None), int):
+            item.start -= int(seconds * 1000)

@@ -24,6 +24,9 @@ from mailproof.flow import Flow, flow_info, run
 from mailproof.http import AppSession
 from mailproof.mailbox import Mailbox
 
+# Allure: failure categories, environment.properties, assertion rewriting in flow modules.
+pytest_plugins = ["mailproof.allure_env"]
+
 BACKENDS = ("sink", "imap")
 # IMAP account settings: ini key mailproof_imap_<key> or env MAILPROOF_IMAP_<KEY>. With no host,
 # the imap backend starts a private Dovecot (behind a private Postfix when running as root).

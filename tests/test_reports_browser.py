@@ -1,0 +1,508 @@
+"""Both reports, rendered in real headless Chromium (Debian package ``chromium``).
+
+- The Allure report is built from a real flow run (flows/test_orders.py against the demo app)
+  plus a small project whose shop sends a hostile receipt (a script that would rewrite the page,
+  an ``onerror`` handler, a tracking pixel, a remote stylesheet image) and whose welcome mail
+  never comes. Opened from disk, the report must show the right totals, the Categories tab must
+  file the missing mail, and the email preview must render the receipt with none of its scripts
+  run and nothing fetched from anywhere.
+- The rehearsal report is built from synthetic results (with a previous run to compare) and
+  must show the verdict, gate, ledger and percentile numbers and both plots.
+
+Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``): no port,
+no extra package. Waits are event-driven (DevTools events, MutationObserver promises), never
+sleeps. Screenshots are kept in reports/screenshots/ (git-ignored) to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+from mailproof import rehearsal_report, report_build
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / "reports" / "screenshots"
+INSTALL = "apt-get update && apt-get install -y chromium"
+# NOTES.md: offline, quiet, and every host name but loopback unresolvable.
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1")
+
+
+# -- a minimal DevTools client over Chromium's pipe -----------------------------------------------
+
+
+class Chromium:
+    """Chromium with ``--remote-debugging-pipe``: commands on fd 3, replies and events on fd 4.
+
+    Frames of other processes (the report's attachment iframes are blob: documents of another
+    origin) attach automatically; each gets Page and Network enabled before it may load, so
+    every request of every frame is recorded in ``requests``.
+    """
+
+    def __init__(self, binary: str, width: int = 1400, height: int = 1000) -> None:
+        self.profile = tempfile.mkdtemp(prefix="mailproof-chromium-")
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+
+        def wire_fds() -> None:  # in the child: the pipe ends become fds 3 and 4
+            read_end, write_end = os.dup(to_browser_r), os.dup(from_browser_w)
+            os.dup2(read_end, 3)
+            os.dup2(write_end, 4)
+
+        self.proc = subprocess.Popen(
+            [binary, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
+             "--remote-debugging-pipe", "about:blank"],
+            preexec_fn=wire_fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._ids = itertools.count(1)
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._replies: dict[int, dict] = {}
+        self._events: list[dict] = []
+        self.requests: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _write(self, message: dict) -> None:
+        with self._write_lock:
+            os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+
+    def send(self, method: str, params: Optional[dict] = None, session: Optional[str] = None) -> int:
+        ident = next(self._ids)
+        self._write({"id": ident, "method": method, "params": params or {},
+                     **({"sessionId": session} if session else {})})
+        return ident
+
+    def call(self, method: str, params: Optional[dict] = None, session: Optional[str] = None,
+             timeout: float = 30) -> dict:
+        ident = self.send(method, params, session)
+        with self._cond:
+            if not self._cond.wait_for(lambda: ident in self._replies or self.proc.poll() is not None, timeout):
+                raise TimeoutError(f"no reply to {method} within {timeout} s")
+            reply = self._replies.pop(ident, None)
+        if reply is None:
+            raise RuntimeError(f"Chromium exited (code {self.proc.returncode}) during {method}")
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
+
+    def wait_event(self, method: str, session: Optional[str] = None,
+                   where: Callable[[dict], bool] = lambda params: True, timeout: float = 20) -> dict:
+        """The first event (already received or yet to come) matching; it is consumed."""
+        def find() -> Optional[dict]:
+            for event in self._events:
+                if event.get("method") == method and (session is None or event.get("sessionId") == session) \
+                        and where(event.get("params", {})):
+                    self._events.remove(event)
+                    return event
+            return None
+
+        with self._cond:
+            found = [None]
+            if not self._cond.wait_for(lambda: (found.__setitem__(0, find()) or found[0]) is not None, timeout):
+                raise TimeoutError(f"no {method} event within {timeout} s")
+            return found[0]
+
+    def _read(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = os.read(self._from_browser, 1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                with self._cond:
+                    self._cond.notify_all()
+                return
+            buffer += chunk
+            *messages, buffer = buffer.split(b"\0")
+            for raw in messages:
+                self._dispatch(json.loads(raw))
+
+    def _dispatch(self, message: dict) -> None:
+        method = message.get("method")
+        if method == "Target.attachedToTarget":
+            # A new frame target, paused: record its traffic, attach its own children, resume it.
+            child = message["params"]["sessionId"]
+            for command in ("Network.enable", "Page.enable"):
+                self.send(command, session=child)
+            self.send("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True},
+                      session=child)
+            self.send("Runtime.runIfWaitingForDebugger", session=child)
+        if method == "Network.requestWillBeSent":
+            self.requests.append(message["params"]["request"]["url"])
+        with self._cond:
+            if "id" in message:
+                self._replies[message["id"]] = message
+            else:
+                self._events.append(message)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            for fd in (self._to_browser, self._from_browser):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+
+WAIT_FOR = """new Promise((resolve, reject) => {
+  const probe = () => { try { return (%s); } catch (e) { return null; } };
+  const check = () => { const value = probe(); if (value) { observer.disconnect(); clearTimeout(timer); resolve(value); } };
+  const observer = new MutationObserver(check);
+  const timer = setTimeout(() => { observer.disconnect(); reject(new Error('timed out waiting for: ' + %s)); }, %d);
+  observer.observe(document, {subtree: true, childList: true, attributes: true, characterData: true});
+  check();
+})"""
+
+
+class Page:
+    def __init__(self, browser: Chromium) -> None:
+        self.browser = browser
+        target = next(t for t in browser.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = browser.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})["sessionId"]
+        for command in ("Page.enable", "Runtime.enable", "Network.enable"):
+            browser.call(command, session=self.session)
+        browser.call("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True},
+                     session=self.session)
+
+    def goto(self, url: str) -> None:
+        reply = self.browser.call("Page.navigate", {"url": url}, session=self.session)
+        if "errorText" in reply:
+            raise AssertionError(f"cannot open {url}: {reply['errorText']}")
+        if reply.get("loaderId"):  # a new document (a change of #fragment only loads nothing)
+            self.browser.wait_event("Page.loadEventFired", session=self.session)
+
+    def js(self, expression: str, timeout: float = 30) -> Any:
+        reply = self.browser.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                       "returnByValue": True}, session=self.session, timeout=timeout)
+        if "exceptionDetails" in reply:
+            raise AssertionError(reply["exceptionDetails"].get("exception", {}).get("description")
+                                 or reply["exceptionDetails"])
+        return reply["result"].get("value")
+
+    def wait_for(self, condition: str, timeout_ms: int = 15000) -> Any:
+        """Resolve when the JS ``condition`` is truthy, re-checked on every DOM change."""
+        return self.js(WAIT_FOR % (condition, json.dumps(condition), timeout_ms), timeout=timeout_ms / 1000 + 10)
+
+    def text(self) -> str:
+        return self.js("document.body.innerText")
+
+    def screenshot(self, path: Path, full_page: bool = False) -> Path:
+        params: dict = {"format": "png"}
+        if full_page:
+            size = self.browser.call("Page.getLayoutMetrics", session=self.session)["cssContentSize"]
+            params.update(captureBeyondViewport=True,
+                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+        data = self.browser.call("Page.captureScreenshot", params, session=self.session)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+
+def document_of_frame(browser: Chromium, session: str) -> dict:
+    return browser.call("DOM.getDocument", {"depth": -1, "pierce": True}, session=session)["root"]
+
+
+def texts_and_attributes(node: dict) -> tuple[str, list[tuple[str, str]]]:
+    texts, attrs = [], []
+
+    def walk(n: dict) -> None:
+        if n.get("nodeType") == 3:
+            texts.append(n.get("nodeValue", ""))
+        values = n.get("attributes", [])
+        attrs.extend(zip(values[::2], values[1::2]))
+        for child in n.get("children", []) + ([n["contentDocument"]] if "contentDocument" in n else []):
+            walk(child)
+
+    walk(node)
+    return " ".join(texts), attrs
+
+
+@pytest.fixture(scope="module")
+def chromium_binary() -> str:
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.fail(f"Chromium is needed to check the reports in a real browser: {INSTALL}", pytrace=False)
+    return binary
+
+
+@pytest.fixture
+def browser(chromium_binary):
+    instance = Chromium(chromium_binary)
+    yield instance
+    instance.close()
+
+
+def remote(urls: list[str]) -> list[str]:
+    return [u for u in urls if not u.startswith(("file:", "data:", "blob:", "about:", "chrome"))]
+
+
+# -- the Allure report ---------------------------------------------------------------------------
+
+HOSTILE_CONFTEST = '''
+import pytest
+
+
+@pytest.fixture(scope="session")
+def mailproof_app_url():
+    return "http://127.0.0.1:9/"  # this shop mails directly; no HTTP call is made
+'''
+
+HOSTILE_FLOWS = r'''
+import smtplib
+from email.message import EmailMessage
+
+from mailproof import flow
+
+RECEIPT = """<!DOCTYPE html><html><head><title>Receipt</title>
+<style>.total { color: #0a7d32; font-weight: bold } .hero { background: url(https://cdn.invalid/hero.jpg) }</style>
+<link rel="stylesheet" href="https://cdn.invalid/shop.css"></head>
+<body><h1 class="hero">Hello Ada</h1>
+<p id="marker">STATIC MARKUP RENDERED</p>
+<p class="total">Total: 45.00 EUR</p>
+<img src="https://tracker.invalid/pixel.gif?u=ada" alt="tracking pixel" width="1" height="1">
+<a href="https://shop.invalid/orders/1">View your order</a>
+<script>document.title = 'PWNED'; document.getElementById('marker').textContent = 'SCRIPT RAN';</script>
+<img src="x" onerror="document.body.setAttribute('data-pwned', 'onerror ran')">
+</body></html>"""
+
+
+def send(backend, to, subject, html):
+    msg = EmailMessage()
+    msg["From"] = "shop@shop.invalid"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg.set_content("Hello Ada\nTotal: 45.00 EUR\nhttps://shop.invalid/orders/1\n")
+    msg.add_alternative(html, subtype="html")
+    with smtplib.SMTP(backend.smtp_host, backend.smtp_port, timeout=10) as client:
+        client.send_message(msg)
+
+
+@flow(feature="Orders", story="Receipt with scripts and a tracking pixel", severity="critical")
+def hostile_receipt(flow, backend):
+    address = flow.mailbox.address("hostile")
+    with flow.step("The shop sends a receipt"):
+        flow.mark()
+        send(backend, address, "Your receipt", RECEIPT)
+    with flow.step("Receive the receipt"):
+        msg = flow.mailbox.wait_for(to=address, subject="Your receipt", within=5)
+        assert "45.00 EUR" in msg.text
+
+
+@flow(feature="Accounts", story="Welcome email", severity="normal")
+def welcome_never_sent(flow):
+    address = flow.mailbox.address("welcome")
+    flow.mark()
+    flow.mailbox.wait_for(to=address, subject="Welcome", within=0.2)
+'''
+
+HOSTILE_TESTS = '''
+import hostile_flows
+
+
+def test_hostile_receipt(run_flow, mailproof_backend):
+    run_flow(hostile_flows.hostile_receipt, backend=mailproof_backend)
+
+
+def test_welcome_never_sent(run_flow):
+    run_flow(hostile_flows.welcome_never_sent)
+'''
+
+
+def run_pytest(args: list[str], cwd: Path, extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", "MAILPROOF_"))
+           and k != "PYTEST_ADDOPTS"}
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "mailproof.allure_env",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def allure_report(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("allure")
+    results = work / "allure-results"
+    real = run_pytest(["flows/test_orders.py", "--alluredir", str(results)], cwd=ROOT)
+    assert real.returncode == 0, real.stdout[-3000:] + real.stderr[-2000:]
+    project = work / "shop"
+    project.mkdir()
+    (project / "conftest.py").write_text(HOSTILE_CONFTEST)
+    (project / "hostile_flows.py").write_text(HOSTILE_FLOWS)
+    (project / "test_shop.py").write_text(HOSTILE_TESTS)
+    hostile = run_pytest(["-p", "no:locust", "--alluredir", str(results), "test_shop.py"], cwd=project,
+                         extra_env={"PYTHONPATH": str(project)})
+    assert "1 failed, 1 passed" in hostile.stdout, hostile.stdout[-3000:] + hostile.stderr[-2000:]
+    return report_build.build(results, work / "report", history=work / "history.jsonl")
+
+
+def result_id(report: Path, name: str) -> str:
+    by_id = json.loads((report.parent / "test-results.json").read_text())["byId"]
+    return next(i for i, r in by_id.items() if r["name"] == name)
+
+
+def test_allure_report_opens_from_disk_with_the_right_totals(allure_report, browser):
+    page = Page(browser)
+    page.goto(allure_report.as_uri())
+    page.wait_for("document.body.innerText.includes('mailproof: email flows') && document.body.innerText.includes('Passed')")
+    summary = page.wait_for("""(() => { const t = document.body.innerText;
+        return /Total\\s+3\\b/.test(t) && /Passed\\s+2\\b/.test(t) && /Failed\\s+1\\b/.test(t) ? t : null; })()""")
+    assert "Orders" in summary and "Accounts" in summary  # the tree is grouped by feature
+    page.js("[window, ...document.querySelectorAll('*')].forEach(e => e.scrollTo && e.scrollTo(0, 0))")
+    page.screenshot(SCREENSHOTS / "allure-overview.png")
+    assert remote(browser.requests) == [], remote(browser.requests)
+
+
+def open_email_preview(page: Page, browser: Chromium, report: Path, test_name: str) -> tuple[str, list]:
+    """Open a test's Attachments tab, expand the email preview; its frame's text and attributes."""
+    page.goto(f"{report.as_uri()}#/{result_id(report, test_name)}/attachments")
+    header = ("[...document.querySelectorAll('[data-testid=test-result-attachment-header]')]"
+              ".find(h => h.textContent.includes('Email preview (offline, no scripts)'))")
+    page.wait_for(header)
+    page.js(f"{header}.querySelector('button').click()")
+    page.wait_for("document.querySelector('[data-testid=html-attachment-preview] iframe')")
+    # The preview is a blob: document of another origin: its own target, loaded once resumed.
+    attached = browser.wait_event("Target.attachedToTarget", session=page.session,
+                                  where=lambda p: p["targetInfo"]["type"] == "iframe")
+    frame = attached["params"]["sessionId"]
+    browser.wait_event("Page.loadEventFired", session=frame)
+    page.js(f"{header}.scrollIntoView()")
+    return texts_and_attributes(document_of_frame(browser, frame))
+
+
+def test_hostile_email_preview_renders_inside_the_report_without_running_anything(allure_report, browser):
+    page = Page(browser)
+    text, attrs = open_email_preview(page, browser, allure_report, "test_hostile_receipt")
+    assert "STATIC MARKUP RENDERED" in text and "Total: 45.00 EUR" in text and "Hello Ada" in text, text
+    assert "SCRIPT RAN" not in text and ("data-pwned", "onerror ran") not in attrs
+    assert "Offline preview by mailproof" in text and "remote references blocked" in text
+    assert page.js("document.title") != "PWNED"
+    height = page.js("document.querySelector('[data-testid=html-attachment-preview] iframe').getBoundingClientRect().height")
+    assert height >= 480, f"the preview is {height}px tall: QA would see a sliver"
+    page.screenshot(SCREENSHOTS / "allure-email-preview.png")
+    assert remote(browser.requests) == [], f"the report fetched {remote(browser.requests)}"
+
+
+def test_real_order_receipt_preview_and_flow_link(allure_report, browser):
+    page = Page(browser)
+    text, _ = open_email_preview(page, browser, allure_report, "test_order_receipt")
+    assert "Mailproof mug" in text and "Launch-day T-shirt (M)" in text, text
+    page.screenshot(SCREENSHOTS / "allure-order-receipt.png")
+    page.goto(f"{allure_report.as_uri()}#/{result_id(allure_report, 'test_order_receipt')}")
+    # Allure 3 shows links as clickable text; the URL itself is checked in test_allure_output.py.
+    link = page.wait_for("document.querySelector('[data-testid=test-result-meta-link]')?.innerText")
+    line = next(i for i, text in enumerate((ROOT / "flows" / "orders.py").read_text().splitlines(), 1)
+                if text.startswith("@flow(") and "Order receipt" in text)
+    assert link.strip() == f"flow source: orders.py:{line}", link
+    assert remote(browser.requests) == []
+
+
+def test_categories_tab_files_the_missing_mail(allure_report, browser):
+    page = Page(browser)
+    page.goto(f"{allure_report.as_uri()}#/categories")
+    text = page.wait_for("document.body.innerText.includes('Mail never arrived') && document.body.innerText")
+    assert "Content mismatch" not in text  # only categories with failures are listed
+    page.js("[...document.querySelectorAll('[data-testid=tree-section]')]"
+            ".find(e => e.textContent.includes('Mail never arrived')).click()")
+    page.wait_for("document.body.innerText.includes('test_welcome_never_sent')")  # filed under the category
+    page.screenshot(SCREENSHOTS / "allure-categories.png")
+
+    page.goto(f"{allure_report.as_uri()}#/{result_id(allure_report, 'test_welcome_never_sent')}")
+    text = page.wait_for("document.body.innerText.includes('Category: Mail never arrived') && document.body.innerText")
+    assert "mailproof.errors.MailNotDelivered: no mail to welcome+" in text
+    page.screenshot(SCREENSHOTS / "allure-failed-test.png")
+
+
+# -- the rehearsal report --------------------------------------------------------------------------
+
+T0 = 1_800_000_000.0
+
+
+def synthetic_results(p95_ms: float, lost: int) -> dict:
+    samples = [[T0 + i * 0.5, round(0.05 + (i % 7) * 0.01, 4), "signup_confirms_account"] for i in range(40)]
+    samples += [[T0 + i * 0.7, round(0.08 + (i % 5) * 0.02, 4), "order_receipt"] for i in range(20)]
+    samples.append([T0 + 12.3, 2.75, "order_receipt", {"app_queue": 2.5, "smtp": 0.2, "sink": 0.05}])
+    sends = [[int(T0) + s, 3] for s in range(20)]
+    deliveries = [[int(T0) + s, 3] for s in range(20)]
+    return {
+        "ledger": {"flows": {
+            "signup_confirms_account": {"expected": 40, "delivered": 40 - lost, "late": 0, "lost": lost,
+                                        "duplicated": 0, "negative_checks": 0},
+            "order_receipt": {"expected": 21, "delivered": 21, "late": 1, "lost": 0, "duplicated": 0,
+                              "negative_checks": 0}},
+            "unexpected": 0, "unexpected_addresses": {}, "handed_out": 61},
+        "latency": {
+            "signup_confirms_account": {"count": 40 - lost, "p50": 0.08, "p90": 0.105, "p95": p95_ms / 1000,
+                                        "p99": 0.111, "max": 0.111, "mean": 0.0805},
+            "order_receipt": {"count": 21, "p50": 0.12, "p90": 0.16, "p95": 0.161, "p99": 2.75, "max": 2.75,
+                              "mean": 0.25}},
+        "http": {"requests": 400, "failures": 2},
+        "flows": {"runs": {"signup_confirms_account": 40, "order_receipt": 21},
+                  "failures": {"signup_confirms_account": lost}, "failure_samples": {}},
+        "timeline": {"sends": sends, "deliveries": deliveries, "samples": samples},
+        "locust": {"requests": 461, "failures": 2}, "workers": {},
+        "gates": [
+            {"gate": "*:lost==0", "subject": "signup_confirms_account", "actual": float(lost), "passed": lost == 0,
+             "detail": f"signup_confirms_account: lost {lost} == 0" + (f": missed by {lost}" if lost else "")},
+            {"gate": "signup_confirms_account:p95<100ms", "subject": "signup_confirms_account", "actual": p95_ms / 1000,
+             "passed": p95_ms < 100, "detail": f"signup_confirms_account: p95 {p95_ms / 1000:.3f} s < 0.100 s"},
+        ],
+        "passed": lost == 0 and p95_ms < 100,
+        "faults": [{"stage": "rcpt", "action": "451 4.3.0 try later", "rate": "5%"}],
+    }
+
+
+def test_rehearsal_report_shows_verdicts_numbers_and_plots(tmp_path, browser):
+    folder = tmp_path / "rehearsal"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(synthetic_results(p95_ms=109.0, lost=2)))
+    (folder / "previous.json").write_text(json.dumps(synthetic_results(p95_ms=95.0, lost=0)))
+    history = ["Timestamp,User Count,Type,Name,Requests/s"]
+    history += [f"{int(T0) + s},{min(3 + s, 12)},,Aggregated,1.0" for s in range(20)]
+    (folder / "locust_stats_history.csv").write_text("\n".join(history) + "\n")
+    out = folder / "report.html"
+    assert rehearsal_report.main([str(folder / "results.json"), "--previous", str(folder / "previous.json"),
+                                  "-o", str(out)]) == 0
+
+    page = Page(browser)
+    page.goto(out.as_uri())
+    text = page.text()
+    assert page.js("document.getElementById('verdict').textContent") == "FAIL"
+    assert "peak 12 users" in text and "compared with the previous run" in text
+    failed_first = page.js("[...document.querySelectorAll('#gates tbody tr')].map(r => r.className)")
+    assert failed_first == ["gate failed", "gate failed"], failed_first
+    cell = lambda section, flow, key: page.js(  # noqa: E731
+        f"document.querySelector('#{section} tr[data-flow=\"{flow}\"] td[data-key=\"{key}\"]').innerText")
+    assert cell("ledger", "signup_confirms_account", "lost").startswith("2\n+2")
+    assert cell("ledger", "signup_confirms_account", "delivered") == "38"
+    assert cell("latency", "signup_confirms_account", "p95").startswith("109\n+14 ms")
+    assert cell("latency", "order_receipt", "max").startswith("2,750")
+    assert "451 4.3.0 try later" in text and "app_queue 2500 ms → smtp 200 ms → sink 50 ms" in text
+    for plot in ("latency-plot", "throughput-plot"):
+        box = page.js(f"document.querySelector('#{plot} svg').getBoundingClientRect().toJSON()")
+        assert box["width"] > 600 and box["height"] > 150, (plot, box)
+    assert "users" in page.js("document.querySelector('#throughput-plot svg').textContent")
+    assert "gate p95 < 100 ms" in page.js("document.querySelector('#latency-plot svg').textContent")
+    page.screenshot(SCREENSHOTS / "rehearsal-report.png", full_page=True)
+    assert remote(browser.requests) == []
