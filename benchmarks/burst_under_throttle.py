@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # flows/ is not an installed package
 
-from fakes.smtp_faults import FaultPlan  # noqa: E402
+from mailproof.faults import FaultPlan  # noqa: E402
 from fakes.validation_api import ValidationApi  # noqa: E402
 from flows.resilience import burst_under_throttle  # noqa: E402
 from mailproof import AddressBook, AppProcess, AppSession, EmbeddedSink, Flow, Mailbox  # noqa: E402

@@ -41,8 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fakes.dovecot import live_group_members  # noqa: E402
-from mailproof.imap_backend import open_imap_backend  # noqa: E402
+from mailproof.servers.dovecot import live_group_members  # noqa: E402
+from mailproof.imap.backend import open_imap_backend  # noqa: E402
 from mailproof.mailbox import Mailbox  # noqa: E402
 
 _QUEUED = re.compile(r"queued as ([0-9A-F]+)")

@@ -6,7 +6,7 @@ process:
 
   (a) ``smtp-sink``: Postfix's C sink, the ceiling of what the loopback and smtp-source allow;
   (b) bare aiosmtpd: an SMTP server whose DATA handler only appends the bytes to a list;
-  (c) the sink service (``python -m fakes.sink_service``), checked for zero loss via ``/stats``;
+  (c) the sink service (``python -m mailproof.capture.service``), checked for zero loss via ``/stats``;
   (c+) optionally the sink service with one ``/stream`` consumer attached (a RemoteSink in its
       own process, as in a Locust rehearsal): informational, not part of the gate.
 
@@ -83,7 +83,7 @@ asyncio.run(main())
 
 STREAM_CONSUMER = r'''
 import sys, threading
-from mailproof.remote import RemoteSink
+from mailproof.capture.remote import RemoteSink
 from mailproof.mailbox import MailStore
 sink = RemoteSink(sys.argv[1], store=MailStore(max_messages=1000)).start()
 print("READY", flush=True)
@@ -202,7 +202,7 @@ class SinkServiceServer(Server):
     def __init__(self, server_pin, client_pin, *, stream: bool = False, max_messages: int = 2_000_000) -> None:
         super().__init__(server_pin)
         self.proc = subprocess.Popen(
-            self.pin + [sys.executable, "-m", "fakes.sink_service", "--host", HOST, "--smtp-port", "0",
+            self.pin + [sys.executable, "-m", "mailproof.capture.service", "--host", HOST, "--smtp-port", "0",
                         "--http-port", "0", "--max-messages", str(max_messages)],
             cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready = read_ready(self.proc, self.name)

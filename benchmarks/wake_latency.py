@@ -26,8 +26,8 @@ import threading
 import time
 from typing import Optional
 
-from fakes.smtp_sink import CapturedMail, SmtpSink
-from mailproof.embedded import EmbeddedSink
+from mailproof.capture.smtp_sink import CapturedMail, SmtpSink
+from mailproof.capture.embedded import EmbeddedSink
 from mailproof.mailbox import Mailbox, MailStore
 
 RAW = (

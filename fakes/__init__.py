@@ -1,8 +1,5 @@
-"""Servers that stand in for the world around the application under test.
+"""Stand-ins for third-party services the demo application calls (the email-validation API).
 
-Only stdlib and third-party imports here: the harness (mailproof) uses these, never the reverse.
+Run from the repository, never installed: the wheel holds the ``mailproof`` package only. Only
+stdlib and third-party imports here.
 """
-
-from fakes.smtp_sink import CapturedMail, SinkError, SmtpSink
-
-__all__ = ["CapturedMail", "SinkError", "SmtpSink"]

@@ -93,7 +93,9 @@ def verify(addr: str, deny_domains=DEFAULT_DENY_DOMAINS, disposable_domains=DEFA
     domain = domain.lower()
     if domain in deny_domains:
         return verdict("undeliverable", "invalid_domain")
-    if local.lower().startswith("reject"):
+    # "reject*" addresses are undeliverable; so are plus-addressed ones tagged "reject*"
+    # (qa+reject-1@...), the form test addresses take on a real inbox.
+    if local.lower().startswith("reject") or local.lower().partition("+")[2].startswith("reject"):
         return verdict("undeliverable", "rejected_email")
     if domain in disposable_domains:
         return verdict("risky", "low_quality", disposable=True)

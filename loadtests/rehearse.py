@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailproof.app_process import AppProcess
-from mailproof.remote import RemoteSink
+from mailproof.servers.app_process import AppProcess
+from mailproof.capture.remote import RemoteSink
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,9 +4,9 @@ Public API for flows and tests; see README.md.
 """
 
 from mailproof.addresses import AddressBook
-from mailproof.app_process import AppProcess
+from mailproof.servers.app_process import AppProcess
 from mailproof.criteria import Criteria
-from mailproof.embedded import EmbeddedSink
+from mailproof.capture.embedded import EmbeddedSink
 from mailproof.errors import MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 from mailproof.flow import Flow, FlowInfo, flow, flow_info, run
 from mailproof.http import AppSession

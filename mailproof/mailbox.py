@@ -94,7 +94,7 @@ class MailStore:
         return msg
 
     def deliver_captured(self, captured) -> Message:
-        """Adapter for ``fakes.CapturedMail`` (the in-process sink's callback)."""
+        """Adapter for ``mailproof.capture.CapturedMail`` (the in-process sink's callback)."""
         return self.deliver(
             Message(
                 captured.data,

@@ -12,20 +12,25 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import allure
 import pytest
 
 from mailproof.addresses import AddressBook
-from mailproof.allure_reporter import AllureReporter
-from mailproof.embedded import EmbeddedSink
+from mailproof.capture.embedded import EmbeddedSink
 from mailproof.errors import MailproofError
 from mailproof.faults import ScopedFaults
 from mailproof.flow import Flow, flow_info, run
 from mailproof.http import AppSession
+from mailproof.extras import available
 from mailproof.mailbox import Mailbox
+from mailproof.reporting import NullReporter
+
+# Allure is the report extra: with allure-pytest installed, flows record steps and email previews
+# and the hooks add failure categories and environment.properties; without it, nothing of it loads.
+ALLURE = available("allure")
+pytest_plugins = ["mailproof.report.allure_hooks"] if ALLURE else []
 
 # Allure: failure categories, environment.properties, assertion rewriting in flow modules.
-pytest_plugins = ["mailproof.allure_env"]
+pytest_plugins = ["mailproof.report.allure_hooks"]
 
 BACKENDS = ("sink", "imap")
 # IMAP account settings: ini key mailproof_imap_<key> or env MAILPROOF_IMAP_<KEY>. With no host,
@@ -72,14 +77,45 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(f"mailproof_imap_{key}", help_text, default="")
 
 
+# Backends with a capture sink in the application's SMTP path, where faults can be injected.
+FAULT_BACKENDS = ("sink",)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "flow: a test that runs a mailproof flow (added automatically)")
+    config.addinivalue_line(
+        "markers", "sink_faults: the test injects SMTP faults at the capture sink (added automatically "
+        "to tests that use the sink_faults fixture); deselected on backends without one (imap)")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if {"flow", "run_flow"} & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if {"flow", "run_flow"} & names:
             item.add_marker(pytest.mark.flow)
+        if "sink_faults" in names:
+            item.add_marker(pytest.mark.sink_faults)
+    backend = _setting(config, "backend", "MAILPROOF_BACKEND")
+    if backend in FAULT_BACKENDS:
+        return
+    # A fault that cannot be injected must not let its test pass (nor fail it for the wrong
+    # reason): such tests are deselected, and the summary says so once.
+    dropped = [item for item in items if item.get_closest_marker("sink_faults")]
+    if dropped:
+        items[:] = [item for item in items if not item.get_closest_marker("sink_faults")]
+        config.hook.pytest_deselected(items=dropped)
+        config.stash[_DESELECTED] = (len(dropped), backend)
+
+
+_DESELECTED = pytest.StashKey[tuple]()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    count, backend = config.stash.get(_DESELECTED, (0, ""))
+    if count:
+        terminalreporter.write_line(
+            f"mailproof: {count} test(s) marked sink_faults deselected: --mailbox={backend} has no "
+            "capture sink in the application's SMTP path to inject faults at (run them on --mailbox=sink)")
 
 
 def _setting(config: pytest.Config, name: str, env: str) -> Any:
@@ -113,7 +149,7 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
 def mailproof_backend(mailproof_settings: Settings):
     """The running capture backend: ``smtp_host``/``smtp_port`` to send to, ``store`` to read."""
     if mailproof_settings.backend == "imap":
-        from mailproof.imap_backend import open_imap_backend  # imported only when chosen
+        from mailproof.imap.backend import open_imap_backend  # imported only when chosen
 
         with open_imap_backend(mailproof_settings.imap) as backend:
             yield backend
@@ -162,7 +198,13 @@ def mailproof_app_url(mailproof_settings: Settings) -> str:
 def flow(mailbox, mailproof_app_url, request) -> Flow:
     """A Flow bound to the application and this test's mailbox, reporting to Allure."""
     session = AppSession(mailproof_app_url)
-    yield Flow(http=session, mailbox=mailbox, reporter=AllureReporter(), name=request.node.name)
+    if ALLURE:
+        from mailproof.report.allure_reporter import AllureReporter
+
+        reporter = AllureReporter()
+    else:
+        reporter = NullReporter()
+    yield Flow(http=session, mailbox=mailbox, reporter=reporter, name=request.node.name)
     session.close()
 
 
@@ -172,6 +214,10 @@ def run_flow(flow: Flow) -> Callable[..., Any]:
 
     def runner(fn: Callable[..., Any], **params: Any) -> Any:
         info = flow_info(fn)
+        if not ALLURE:
+            return run(fn, flow, **params)
+        import allure
+
         allure.dynamic.feature(info.feature)
         allure.dynamic.story(info.story)
         allure.dynamic.severity(info.severity)

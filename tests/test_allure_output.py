@@ -5,8 +5,8 @@ flows that fail in each category) runs in a child pytest with ``--alluredir``; t
 the result files it wrote, then build the report with the pinned Allure 3 (npm) and read the
 categories Allure assigned from the report's embedded data.
 
-The plugin registers mailproof.allure_env itself once mailproof/pytest_plugin.py lists it; the
-child also gets ``-p mailproof.allure_env`` so this file does not depend on that line.
+The plugin registers mailproof.report.allure_hooks itself once mailproof/pytest_plugin.py lists it; the
+child also gets ``-p mailproof.report.allure_hooks`` so this file does not depend on that line.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from mailproof import allure_env, report_build
+from mailproof.report import allure_build as report_build, allure_hooks as allure_env
 
-CHILD_ARGS = ("-p", "no:locust", "-p", "no:cacheprovider", "-p", "mailproof.allure_env")
+CHILD_ARGS = ("-p", "no:locust", "-p", "no:cacheprovider", "-p", "mailproof.report.allure_hooks")
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -402,7 +402,7 @@ def test_real_allure_builds_one_offline_file_with_the_categories_and_history(qa_
 
 
 def test_preview_neutralises_every_way_an_email_loads_or_runs_something():
-    from mailproof.email_preview import PREVIEW_CSP, safe_preview
+    from mailproof.report.preview import PREVIEW_CSP, safe_preview
 
     hostile = """<!doctype html><html><head>
 <meta http-equiv="refresh" content="0; url=https://evil.invalid/">

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mailproof.app_process import AppProcess
+from mailproof.servers.app_process import AppProcess
 from mailproof.errors import MailproofError
 
 

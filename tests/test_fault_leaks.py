@@ -131,11 +131,14 @@ def clean_after_fault_per_worker(log: str) -> dict[str, int]:
     return dict(proven)
 
 
-def test_no_sink_or_validation_fault_leaks_into_the_next_test_in_sequence(pytester):
+def test_no_sink_or_validation_fault_leaks_into_the_next_test_in_sequence(pytester, monkeypatch):
     log = write_suite(pytester, files=1)
     # The root conftest.py is what defines validation_faults: run the inner suites with it.
-    pytester.makeconftest((Path(__file__).resolve().parents[1] / "conftest.py").read_text())
+    project = Path(__file__).resolve().parents[1]
+    pytester.makeconftest((project / "conftest.py").read_text())
     pytester.makepyfile(test_inner_validation=VALIDATION_INNER)
+    # fakes/ and demo_app/ run from the repository (they are not in the wheel).
+    monkeypatch.setenv("PYTHONPATH", str(project))
     result = pytester.runpytest_subprocess("-p", "no:locust", "-q")
     result.assert_outcomes(passed=(TURNS - 1) + 5, failed=2)
     result.stdout.fnmatch_lines(["*failing on purpose with a rule still in place*",

@@ -20,11 +20,11 @@ import pytest
 import trustme
 from imap_tools import MailBoxUnencrypted
 
-from fakes.dovecot import Dovecot, free_port, live_group_members, tcp_sockets
-from fakes.smtp_faults import FaultPlan
+from mailproof.servers.dovecot import Dovecot, free_port, live_group_members, tcp_sockets
+from mailproof.faults import FaultError, FaultPlan, Faults, NoFaults
 from mailproof.addresses import AddressBook
 from mailproof.errors import MailproofError
-from mailproof.imap_backend import (CONNECT_TIMEOUT, ImapAccount, ImapWatcher, open_imap_backend,
+from mailproof.imap.backend import (CONNECT_TIMEOUT, ImapAccount, ImapWatcher, open_imap_backend,
                                     recipients_for)
 from mailproof.mailbox import Mailbox, MailStore
 
@@ -123,7 +123,12 @@ def test_recipients_come_from_the_most_precise_header_and_match_exactly():
 def test_private_backend_shape(backend):
     assert backend.name == "imap"
     assert backend.smtp_host == "127.0.0.1" and isinstance(backend.smtp_port, int)
-    assert isinstance(backend.faults, FaultPlan)
+    assert isinstance(backend.faults, Faults)
+    # Behind Postfix no sink sees the SMTP session: a rule must fail loudly, never silently not fire.
+    assert isinstance(backend.faults, NoFaults if ROOT else FaultPlan)
+    if ROOT:
+        with pytest.raises(FaultError, match="cannot be injected"):
+            backend.faults.rule("rcpt", "451 4.3.0 later")
     assert (backend.address_book.local, backend.address_book.domain) == ("qa", "mailproof.test")
     assert backend.address_book.address("signup").startswith("qa+signup.")
     assert (backend.postfix is not None) == ROOT and (backend.relay is not None) == (not ROOT)

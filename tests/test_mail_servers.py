@@ -12,11 +12,11 @@ import smtplib
 import pytest
 from imap_tools import MailBoxUnencrypted
 
-from fakes.dovecot import (APT_PACKAGES, Dovecot, DovecotError, find_binary, free_port, live_group_members,
+from mailproof.servers.dovecot import (APT_PACKAGES, Dovecot, DovecotError, find_binary, free_port, live_group_members,
                            processes_matching, tcp_sockets)
-from fakes.lmtp_relay import LmtpRelay
-from fakes.postfix import Postfix, PostfixError
-from fakes.smtp_faults import FaultPlan
+from mailproof.capture.lmtp_relay import LmtpRelay
+from mailproof.servers.postfix import Postfix, PostfixError
+from mailproof.faults import FaultPlan
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="a private Postfix needs root")
@@ -89,8 +89,8 @@ def test_dovecot_restart_keeps_ports_and_mail(dovecot):
 def test_a_missing_binary_names_the_package_to_install(monkeypatch):
     with pytest.raises(DovecotError, match="apt-get install -y dovecot-imapd dovecot-lmtpd"):
         find_binary("dovecot-not-installed-here", APT_PACKAGES)
-    monkeypatch.setattr("fakes.dovecot.shutil.which", lambda name: None)
-    monkeypatch.setattr("fakes.dovecot.os.access", lambda path, mode: False)
+    monkeypatch.setattr("mailproof.servers.dovecot.shutil.which", lambda name: None)
+    monkeypatch.setattr("mailproof.servers.dovecot.os.access", lambda path, mode: False)
     with pytest.raises(DovecotError, match="dovecot-imapd"):
         Dovecot()
     with pytest.raises(PostfixError, match="apt-get install -y postfix"):
@@ -98,7 +98,7 @@ def test_a_missing_binary_names_the_package_to_install(monkeypatch):
 
 
 def test_postfix_refuses_clearly_without_root(monkeypatch):
-    monkeypatch.setattr("fakes.postfix.os.geteuid", lambda: 1000)
+    monkeypatch.setattr("mailproof.servers.postfix.os.geteuid", lambda: 1000)
     with pytest.raises(PostfixError, match="LmtpRelay"):
         Postfix(lmtp_port=24)
 

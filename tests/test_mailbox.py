@@ -17,7 +17,7 @@ import time
 import pytest
 
 from mailproof.addresses import TOKEN, AddressBook, is_handed_out_by
-from mailproof.embedded import EmbeddedSink
+from mailproof.capture.embedded import EmbeddedSink
 from mailproof.errors import MailLate, MailNotDelivered, UnexpectedMail
 from mailproof.mailbox import Mailbox, MailStore
 from mailproof.message import Message

@@ -15,17 +15,17 @@ from html.parser import HTMLParser
 
 import pytest
 
-from mailproof import rehearsal_report
-from mailproof.gates import DEFAULT_GATES, Gate, evaluate
-from mailproof.latency import LatencyHistograms
-from mailproof.ledger import Expectation, Ledger
+from mailproof.report import rehearsal as rehearsal_report
+from mailproof.load.gates import DEFAULT_GATES, Gate, evaluate
+from mailproof.load.latency import LatencyHistograms
+from mailproof.load.ledger import Expectation, Ledger
 
 T0 = 1_800_000_000.0
 
 
 def make_results(latencies: dict[str, list[float]], lost: dict[str, int] = {}, late_within: float = 5.0,
                  gates: tuple[str, ...] = (), duplicates: int = 0, unexpected: int = 0, **extra) -> dict:
-    """Results as mailproof.load.collect_results writes them, from real Ledger and histograms."""
+    """Results as mailproof.load.locust_user.collect_results writes them, from real Ledger and histograms."""
     ledger, histograms = Ledger(), LatencyHistograms()
     samples, sends, deliveries = [], {}, {}
     n = 0

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from fakes.smtp_faults import Script
-from mailproof.app_process import AppProcess
+from mailproof.faults import Script
+from mailproof.servers.app_process import AppProcess
 from mailproof.faults import FaultError, ScopedFaults
 from mailproof.mailbox import Mailbox, MailStore
-from mailproof.remote import RemoteSink, SinkServiceError
+from mailproof.capture.remote import RemoteSink, SinkServiceError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,7 +229,7 @@ def free_port() -> int:
 
 def test_a_restarted_service_is_followed_without_losing_its_new_mail():
     ports = ["--smtp-port", str(free_port()), "--http-port", str(free_port())]
-    command = [sys.executable, "-m", "fakes.sink_service", "--host", "127.0.0.1", *ports]
+    command = [sys.executable, "-m", "mailproof.capture.service", "--host", "127.0.0.1", *ports]
 
     def start() -> AppProcess:
         return AppProcess(command, cwd=str(ROOT), ready_pattern=r"READY (http://\S+)", name="sink service").start()
@@ -271,7 +271,7 @@ import json, smtplib, sys, threading
 import gevent
 from email.message import EmailMessage
 from mailproof.mailbox import Mailbox, MailStore
-from mailproof.remote import RemoteSink
+from mailproof.capture.remote import RemoteSink
 
 url = sys.argv[1]
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from mailproof import rehearsal_report, report_build
+from mailproof.report import allure_build as report_build, rehearsal as rehearsal_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "reports" / "screenshots"
@@ -336,7 +336,7 @@ def run_pytest(args: list[str], cwd: Path, extra_env: Optional[dict] = None) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", "MAILPROOF_"))
            and k != "PYTEST_ADDOPTS"}
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "mailproof.allure_env",
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "mailproof.report.allure_hooks",
                            *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 

@@ -1,4 +1,4 @@
-"""The capture sink (fakes/smtp_sink.py) against real SMTP clients: smtplib and aiosmtplib.
+"""The capture sink (mailproof/capture/smtp_sink.py) against real SMTP clients: smtplib and aiosmtplib.
 
 Every wait here is on a queue fed by the sink's on_message callback (``queue.get(timeout=...)``);
 the sink calls it inside handle_DATA, before the 250 reply, so once a client's send returns the
@@ -22,7 +22,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from fakes.smtp_sink import CapturedMail, SinkError, SmtpSink
+from mailproof.capture.smtp_sink import CapturedMail, SinkError, SmtpSink
 from mailproof.message import Message
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")

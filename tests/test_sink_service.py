@@ -23,10 +23,10 @@ from typing import Optional
 import pytest
 import requests
 
-from fakes.fault_specs import (FaultError, action_from_spec, action_to_spec, parse_chaos_profile,
+from mailproof.faults.specs import (FaultError, action_from_spec, action_to_spec, parse_chaos_profile,
                                rule_from_spec, rule_to_spec)
-from fakes.smtp_faults import Chaos, Delay, Disconnect, RateLimit, Reply, Script, Stall
-from mailproof.app_process import AppProcess
+from mailproof.faults import Chaos, Delay, Disconnect, RateLimit, Reply, Script, Stall
+from mailproof.servers.app_process import AppProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ class Service:
     """A sink service process started through its CLI."""
 
     def __init__(self, *args: str, token: Optional[str] = None) -> None:
-        command = [sys.executable, "-m", "fakes.sink_service", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "mailproof.capture.service", "--host", "127.0.0.1",
                    "--smtp-port", "0", "--http-port", "0", *args]
         if token:
             command += ["--token", token]
@@ -393,7 +393,7 @@ def test_bounded_retention_counts_evictions_and_streams_say_what_is_missing():
 
 
 def test_non_loopback_host_without_token_is_refused_before_listening():
-    done = subprocess.run([sys.executable, "-m", "fakes.sink_service", "--host", "0.0.0.0",
+    done = subprocess.run([sys.executable, "-m", "mailproof.capture.service", "--host", "0.0.0.0",
                            "--smtp-port", "0", "--http-port", "0"],
                           cwd=str(ROOT), capture_output=True, text=True, timeout=30,
                           env={**__import__("os").environ, "MAILPROOF_SINK_TOKEN": ""})

@@ -22,7 +22,7 @@ from email.message import EmailMessage
 import aiosmtplib
 import pytest
 
-from fakes.smtp_faults import FaultPlan
+from mailproof.faults import FaultPlan
 from mailproof.faults import (Accept, Chaos, Delay, Disconnect, FaultError, RateLimit, Reply,
                               Script, Stall)
 
@@ -165,7 +165,7 @@ def test_reply_at_ehlo_is_sent_in_place_of_the_capabilities(sink_faults, client)
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "fakes/smtp_sink.py has no handle_HELO hook, so an 'ehlo' fault never sees HELO: smtplib and "
+    "mailproof/capture/smtp_sink.py has no handle_HELO hook, so an 'ehlo' fault never sees HELO: smtplib and "
     "aiosmtplib fall back to HELO when EHLO is refused and then send normally. Fix in the sink: "
     "a handle_HELO that asks the plan at stage 'ehlo' (see the issue-5 report)."))
 def test_ehlo_fault_also_refuses_the_helo_fallback(mailbox, sink_faults, send):

@@ -57,10 +57,14 @@ from dataclasses import dataclass
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any, Iterator, Mapping, Optional
 
-from imap_tools import MailBox, MailBoxStartTls, MailBoxUnencrypted
+from mailproof.extras import require
+
+require("imap_tools", "the IMAP backend (--mailbox=imap)")
+
+from imap_tools import MailBox, MailBoxStartTls, MailBoxUnencrypted  # noqa: E402
 from imap_tools.errors import MailboxLoginError, MailboxStarttlsError
 
-from fakes.smtp_faults import FaultPlan
+from mailproof.faults import Faults, NoFaults
 from mailproof.addresses import AddressBook, is_handed_out_by
 from mailproof.errors import MailproofError
 from mailproof.mailbox import MailStore
@@ -797,25 +801,6 @@ def _return_path(headers) -> str:
 # -- the backend ----------------------------------------------------------------------------------
 
 
-class _InertFaultPlan(FaultPlan):
-    """A FaultPlan nothing consults (mail goes through Postfix or an external server): rules can
-    be added and cleared as usual, but adding one says, once, that it will not fire."""
-
-    _warned = False
-
-    def add(self, rule):
-        if not self._warned:
-            self._warned = True
-            log.warning("SMTP fault rules have no effect with the IMAP backend behind %s: no capture "
-                        "sink sees the application's SMTP session", self.where)
-        return super().add(rule)
-
-    def __init__(self, where: str) -> None:
-        super().__init__()
-        self.where = where
-
-
-
 class ImapBackend:
     """What ``mailproof_backend`` yields for ``--mailbox=imap``.
 
@@ -837,7 +822,7 @@ class ImapBackend:
         self.noop_interval = noop_interval
         self.relay_kind = relay
         self.store = store if store is not None else MailStore()
-        self.faults: FaultPlan = _InertFaultPlan("an external IMAP account")
+        self.faults: Faults = NoFaults("mail reaches this external IMAP account by its own route")
         self.smtp_host: Optional[str] = None
         self.smtp_port: Optional[int] = None
         self.dovecot = None
@@ -886,18 +871,18 @@ class ImapBackend:
         self.stop()
 
     def _start_private_servers(self) -> ImapAccount:
-        from fakes.dovecot import Dovecot, DovecotError
-        from fakes.lmtp_relay import LmtpRelay
+        from mailproof.servers.dovecot import Dovecot, DovecotError
+        from mailproof.capture.lmtp_relay import LmtpRelay
 
         password = secrets.token_hex(12)
         use_postfix = self.relay_kind == "postfix" or (self.relay_kind == "auto" and os.geteuid() == 0)
         try:
             self.dovecot = Dovecot(users={PRIVATE_USER: password}, domain=PRIVATE_DOMAIN).start()
             if use_postfix:
-                from fakes.postfix import Postfix
+                from mailproof.servers.postfix import Postfix
 
                 self.postfix = Postfix(lmtp_port=self.dovecot.lmtp_port, domain=PRIVATE_DOMAIN).start()
-                self.faults = _InertFaultPlan("the private Postfix")
+                self.faults = NoFaults("mail reaches the inbox through the private Postfix")
                 self.smtp_host, self.smtp_port = self.postfix.host, self.postfix.smtp_port
             else:
                 self.relay = LmtpRelay(self.dovecot.host, self.dovecot.lmtp_port).start()

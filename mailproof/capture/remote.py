@@ -1,4 +1,4 @@
-"""The sink-service backend: a client of ``fakes.sink_service`` with the shape of EmbeddedSink.
+"""The sink-service backend: a client of ``mailproof.capture.service`` with the shape of EmbeddedSink.
 
 ``RemoteSink(url, token=None)`` gives what a backend gives: ``name``, ``store`` (a MailStore),
 ``smtp_host``/``smtp_port`` (from ``/health``), ``faults`` (the FaultPlan API, over HTTP),
@@ -33,16 +33,15 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from fakes.fault_specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
-from fakes.smtp_faults import FaultRule
-from mailproof.app_process import AppProcess
+from mailproof.faults.specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
+from mailproof.faults import FaultRule
+from mailproof.servers.app_process import AppProcess
 from mailproof.errors import MailproofError
 from mailproof.mailbox import MailStore
 from mailproof.message import Message
 
-log = logging.getLogger("mailproof.remote")
+log = logging.getLogger("mailproof.capture.remote")
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HEARTBEAT = 2.0
 TOKEN_ENV = "MAILPROOF_SINK_TOKEN"
 _UNSPECIFIED = {"", "0.0.0.0", "::", "[::]"}
@@ -112,8 +111,8 @@ class _Api:
 class RemoteFaults:
     """The FaultPlan API (``rule``, ``add``, ``remove``, ``clear``, ``rules``) on the service.
 
-    Rules are sent as JSON (``fakes.fault_specs``); ``rules`` reads them back with their live
-    ``fired``/``acted`` counts. Works with ``mailproof.faults.ScopedFaults`` unchanged.
+    Rules are sent as JSON (``mailproof.faults.specs``); ``rules`` reads them back with their live
+    ``fired``/``acted`` counts. It implements ``mailproof.faults.Faults``, so ``ScopedFaults`` works on it unchanged.
     """
 
     def __init__(self, api: _Api) -> None:
@@ -137,7 +136,7 @@ class RemoteFaults:
 
     def profile(self, profile: str, *, seed: Optional[int] = None, scope: Optional[str] = None,
                 to_pattern: Optional[str] = None) -> list[FaultRule]:
-        """Install a compact chaos profile (``fakes.fault_specs.parse_chaos_profile``)."""
+        """Install a compact chaos profile (``mailproof.faults.specs.parse_chaos_profile``)."""
         parse_chaos_profile(profile, seed=seed, scope=scope, to_pattern=to_pattern)  # fail fast, locally
         body = {"profile": profile, "seed": seed, "scope": scope, "to_pattern": to_pattern}
         answer = self._api.call("POST", "/faults", {k: v for k, v in body.items() if v is not None})
@@ -209,12 +208,12 @@ class RemoteSink:
                chaos: Optional[str] = None, chaos_seed: Optional[int] = None,
                extra_args: tuple[str, ...] = (), python: Optional[str] = None,
                start_timeout: float = 20.0, **options: Any) -> "RemoteSink":
-        """Start ``python -m fakes.sink_service`` as its own process and connect to it (started).
+        """Start ``python -m mailproof.capture.service`` as its own process and connect to it (started).
 
         The token travels in the environment, not on the command line (``ps`` shows argv).
         ``stop()`` stops the process too.
         """
-        command = [python or sys.executable, "-m", "fakes.sink_service", "--host", host,
+        command = [python or sys.executable, "-m", "mailproof.capture.service", "--host", host,
                    "--smtp-port", str(smtp_port), "--http-port", str(http_port)]
         if max_messages is not None:
             command += ["--max-messages", str(max_messages)]
@@ -224,7 +223,7 @@ class RemoteSink:
             command += ["--chaos-seed", str(chaos_seed)]
         command += list(extra_args)
         env = {TOKEN_ENV: token} if token else {}
-        process = AppProcess(command, env=env, cwd=str(ROOT), ready_pattern=r"READY (http://\S+)",
+        process = AppProcess(command, env=env, ready_pattern=r"READY (http://\S+)",
                              start_timeout=start_timeout, name="sink service").start()
         sink = cls(process.url, token=token, **options)
         sink.process = process

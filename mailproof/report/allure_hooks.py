@@ -1,7 +1,7 @@
 """pytest hooks that complete the Allure results of a flow run.
 
-Registered by the mailproof plugin (``pytest_plugins = ["mailproof.allure_env"]`` in
-mailproof/pytest_plugin.py); ``-p mailproof.allure_env`` loads it by hand. It does three things:
+Registered by the mailproof plugin (``pytest_plugins = ["mailproof.report.allure_hooks"]`` in
+mailproof/pytest_plugin.py); ``-p mailproof.report.allure_hooks`` loads it by hand. It does three things:
 
 1. **Readable diffs for flows.** pytest rewrites ``assert`` only in test modules; flow functions
    live in other modules (``flows/accounts.py``). The packages named in the ini key

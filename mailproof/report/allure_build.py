@@ -1,13 +1,16 @@
 """Build QA's Allure 3 report: one index.html that opens from disk, with history across runs.
 
-    python -m mailproof.report_build                      # reports/allure-results -> reports/allure-report
-    python -m mailproof.report_build --results DIR --output DIR [--history FILE]
+    python -m mailproof.report.allure_build                      # reports/allure-results -> reports/allure-report
+    python -m mailproof.report.allure_build --results DIR --output DIR [--history FILE]
 
-Allure 3 is the npm package ``allure``, pinned in reports/package.json and
-reports/package-lock.json; it is installed into reports/node_modules by ``npm ci`` the first
-time (and again whenever the lock file changes). Needs ``node`` and ``npm`` on PATH.
+Allure 3 is the npm package ``allure``, pinned in ``allure/package.json`` and
+``allure/package-lock.json`` beside this module (package data); ``npm ci`` installs it into a
+cache folder the first time and whenever the lock changes: ``$MAILPROOF_CACHE_DIR`` or
+``~/.cache/mailproof``, since an installed package's own folder may not be writable. Needs
+``node`` and ``npm`` on PATH.
 
-Configuration (single file, categories, history file) is reports/allurerc.mjs. Allure 3 writes
+Configuration (single file, categories) is ``allure/allurerc.mjs``. The history for the trends
+is a JSON-lines file, by default ``.allure-history/history.jsonl`` beside the output. Allure 3 writes
 a Google Analytics tag into every report: it is removed here, and the build fails if any trace
 of it is left, so the report never calls out when QA opens it. One CSS rule is added so email
 previews get a usable height when the report is opened from disk (see REPORT_CSS).
@@ -28,9 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-REPORTS = ROOT / "reports"
-CONFIG = REPORTS / "allurerc.mjs"
+PINNED = Path(__file__).resolve().parent / "allure"  # package.json, package-lock.json, allurerc.mjs
+CONFIG = PINNED / "allurerc.mjs"
 STAMP = ".mailproof-lock.sha256"
 INSTALL_HINT = "install Node.js and npm (Debian: apt-get install -y nodejs npm)"
 
@@ -73,12 +75,21 @@ def _install_lock(reports: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def allure_cli(reports: Path = REPORTS) -> Path:
+def tool_dir() -> Path:
+    """Where Allure 3 is installed: a cache folder the user can write, never site-packages."""
+    base = os.environ.get("MAILPROOF_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mailproof")
+    return Path(base) / "allure3"
+
+
+def allure_cli(reports: Optional[Path] = None) -> Path:
     """The path of Allure 3's CLI, running ``npm ci`` first if it is missing or out of date."""
-    lock_file = reports / "package-lock.json"
+    reports = tool_dir() if reports is None else Path(reports)
+    lock_file = PINNED / "package-lock.json"
     if not lock_file.is_file():
         raise ReportBuildError(f"{lock_file} is missing: the Allure version is pinned there")
     wanted = hashlib.sha256(lock_file.read_bytes()).hexdigest()
+    reports.mkdir(parents=True, exist_ok=True)
     cli = reports / "node_modules" / "allure" / "cli.js"
     stamp = reports / "node_modules" / STAMP
     with _install_lock(reports):
@@ -86,6 +97,8 @@ def allure_cli(reports: Path = REPORTS) -> Path:
             return cli
         _tool("node")
         npm = _tool("npm")
+        for name in ("package.json", "package-lock.json"):
+            shutil.copyfile(PINNED / name, reports / name)
         print(f"report: installing Allure 3 into {reports / 'node_modules'} (npm ci)", flush=True)
         done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=reports,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -113,28 +126,26 @@ def strip_analytics(index: Path) -> int:
     left = [trace for trace in _GA_TRACES if trace in page]
     if left:
         raise ReportBuildError(f"{index} still contains {', '.join(left)} after removing the analytics tags: "
-                               "the Allure version changed its template; update mailproof/report_build.py")
+                               "the Allure version changed its template; update mailproof/report/allure_build.py")
     index.write_text(page, encoding="utf-8")
     return loaders + inline
 
 
 def build(results: Path, output: Path, *, history: Optional[Path] = None, config: Path = CONFIG,
-          reports: Path = REPORTS, name: Optional[str] = None) -> Path:
+          reports: Optional[Path] = None, name: Optional[str] = None) -> Path:
     """Generate the single-file report from ``results`` into ``output``; return its index.html."""
     results, output = Path(results).resolve(), Path(output).resolve()
     if not results.is_dir() or not any(results.glob("*-result.json")):
         raise ReportBuildError(f"no Allure results in {results}: run the flows first (make flows)")
     cli = allure_cli(reports)
     env = dict(os.environ)
-    if history is not None:
-        Path(history).parent.mkdir(parents=True, exist_ok=True)
-        env["MAILPROOF_ALLURE_HISTORY"] = str(Path(history).resolve())
-    else:
-        (reports / ".allure-history").mkdir(exist_ok=True)
+    history = Path(history) if history is not None else output.parent / ".allure-history" / "history.jsonl"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    env["MAILPROOF_ALLURE_HISTORY"] = str(history.resolve())
     command = [_tool("node"), str(cli), "generate", "--config", str(config), "--output", str(output), str(results)]
     if name:
         command += ["--report-name", name]
-    done = subprocess.run(command, cwd=reports, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(command, cwd=cli.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     index = output / "index.html"
     if done.returncode != 0 or not index.is_file():
         raise ReportBuildError(f"allure generate failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
@@ -144,12 +155,12 @@ def build(results: Path, output: Path, *, history: Optional[Path] = None, config
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mailproof.report_build", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mailproof.report.allure_build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=str(REPORTS / "allure-results"), help="allure-pytest results folder")
-    parser.add_argument("--output", default=str(REPORTS / "allure-report"), help="report folder (index.html)")
+    parser.add_argument("--results", default="reports/allure-results", help="allure-pytest results folder")
+    parser.add_argument("--output", default="reports/allure-report", help="report folder (index.html)")
     parser.add_argument("--history", default=None,
-                        help="history file for trends (default: reports/.allure-history/history.jsonl)")
+                        help="history file for trends (default: .allure-history/history.jsonl beside the output)")
     parser.add_argument("--name", default=None, help="report name shown in its header")
     args = parser.parse_args(argv)
     try:

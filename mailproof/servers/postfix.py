@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from fakes.dovecot import LOOPBACK, free_port, live_group_members
+from mailproof.servers.dovecot import LOOPBACK, free_port, live_group_members
 
 APT_PACKAGE = "postfix"
 START_TIMEOUT = 20.0
@@ -105,7 +105,7 @@ class Postfix:
         if os.geteuid() != 0:
             raise PostfixError(
                 "a private Postfix needs root (its master starts as root and drops to the postfix "
-                "user); without root, relay with fakes.lmtp_relay.LmtpRelay instead"
+                "user); without root, relay with mailproof.capture.lmtp_relay.LmtpRelay instead"
             )
         self.lmtp_host = lmtp_host
         self.lmtp_port = lmtp_port

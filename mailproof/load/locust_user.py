@@ -2,7 +2,7 @@
 
 Import this only in a locustfile (importing Locust monkey-patches the process). A locustfile:
 
-    from mailproof.load import FlowUser
+    from mailproof.load.locust_user import FlowUser
     from flows import signup_confirms_account, order_receipt
 
     class Shopper(FlowUser):
@@ -36,13 +36,13 @@ from mailproof.addresses import AddressBook
 from mailproof.criteria import Criteria
 from mailproof.errors import MailLate, MailNotDelivered, UnexpectedMail
 from mailproof.flow import Flow, flow_info, run
-from mailproof.gates import DEFAULT_GATES, Gate, evaluate
-from mailproof.latency import LatencyHistograms
-from mailproof.ledger import Ledger
+from mailproof.load.gates import DEFAULT_GATES, Gate, evaluate
+from mailproof.load.latency import LatencyHistograms
+from mailproof.load.ledger import Ledger
 from mailproof.mailbox import Mailbox
 from mailproof.message import Message
 
-log = logging.getLogger("mailproof.load")
+log = logging.getLogger("mailproof.load.locust_user")
 FINISH, REPORT = "mailproof_finish", "mailproof_report"
 _ID_SEGMENT = re.compile(r"(@|%40|\d)")
 
@@ -65,11 +65,11 @@ class _State:
         self.worker_accounts: dict[str, dict] = {}  # per-worker ledger counts (distributed runs)
 
     def connect(self, options: Any) -> None:
-        from mailproof.remote import RemoteSink  # gevent-friendly stream client
+        from mailproof.capture.remote import RemoteSink  # gevent-friendly stream client
 
         url = options.mailproof_sink_url or os.environ.get("MAILPROOF_SINK_URL")
         if not url:
-            raise SystemExit("mailproof: no sink service URL. Start one with `python -m fakes.sink_service` "
+            raise SystemExit("mailproof: no sink service URL. Start one with `python -m mailproof.capture.service` "
                              "and pass --mailproof-sink-url or set MAILPROOF_SINK_URL.")
         token = os.environ.get("MAILPROOF_SINK_TOKEN") or None
         self.backend = RemoteSink(url, token=token).start()
@@ -210,7 +210,7 @@ def tasks_for(mix: dict[Callable, int]) -> list[Callable]:
 def _options(parser: Any) -> None:
     group = parser.add_argument_group("mailproof")
     group.add_argument("--mailproof-sink-url", default="", env_var="MAILPROOF_SINK_URL",
-                       help="URL of the sink service (python -m fakes.sink_service)")
+                       help="URL of the sink service (python -m mailproof.capture.service)")
     group.add_argument("--mailproof-domain", default="mailproof.test", help="domain of test addresses")
     group.add_argument("--mailproof-grace", type=float, default=10.0,
                        help="seconds to wait for outstanding mail after the load stops before calling it lost")

@@ -104,6 +104,7 @@ class _SinkSMTP(SMTP):
         super().connection_made(transport)
         if first:
             self._sink._connections.add(self)
+            self._sink.connections_total += 1
 
     def connection_lost(self, error) -> None:
         self._sink._connections.discard(self)
@@ -159,6 +160,7 @@ class SmtpSink:
         self.timeout = timeout
         self.faults = faults
         self.captured_count = 0
+        self.connections_total = 0
         self._seq = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server: Optional[asyncio.base_events.Server] = None

@@ -1,6 +1,6 @@
 """Fault rules as JSON, and a compact chaos-profile string for rehearsal command lines.
 
-The sink service's ``POST /faults`` takes a rule as JSON; a client (``mailproof.remote``) turns
+The sink service's ``POST /faults`` takes a rule as JSON; a client (``mailproof.capture.remote``) turns
 its ``FaultRule`` objects into the same JSON. Both directions live here so they cannot drift.
 
 A rule spec::
@@ -35,8 +35,9 @@ import math
 import re
 from typing import Any, Optional
 
-from fakes.smtp_faults import (STAGES, Accept, Chaos, Delay, Disconnect, FaultError, FaultRule,
-                               RateLimit, Reply, Script, Stall, as_action)
+from mailproof.faults.actions import (STAGES, Accept, Chaos, Delay, Disconnect, FaultError,
+                                      RateLimit, Reply, Script, Stall, as_action)
+from mailproof.faults.plan import FaultRule
 
 __all__ = ["FaultError", "action_from_spec", "action_to_spec", "parse_chaos_profile",
            "rule_from_spec", "rule_to_spec", "RULE_KEYS"]
@@ -218,7 +219,7 @@ def action_to_spec(action: Any) -> Any:
         return {"chaos": {"p": action.p, "seed": action.seed, "action": action_to_spec(action.action)}}
     if isinstance(action, RateLimit):
         return {"rate_limit": {"per_second": action.per_second, "reply": action._reply.reply.replace("\r\n", "\n")}}
-    raise FaultError(f"action {action!r} has no JSON form; use one of the actions in fakes.smtp_faults")
+    raise FaultError(f"action {action!r} has no JSON form; use one of the actions in mailproof.faults.actions")
 
 
 def rule_to_spec(rule: FaultRule) -> dict:

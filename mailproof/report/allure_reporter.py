@@ -3,7 +3,7 @@
 Every email a flow waited for (delivered, late, or arriving where none was expected) gets, in
 its step, attachments QA can open in the report, for passing tests too:
 
-- "Email preview (offline, no scripts)": the HTML body made static by mailproof.email_preview
+- "Email preview (offline, no scripts)": the HTML body made static by mailproof.report.preview
   (scripts and frames removed, remote images/styles/fonts blocked, ``cid:`` images inlined, a CSP
   meta in front), which Allure then shows through DOMPurify in a script-less sandboxed iframe.
   (A wrapper page with a sandboxed ``srcdoc`` iframe does not work in Allure 3: its DOMPurify
@@ -15,7 +15,7 @@ its step, attachments QA can open in the report, for passing tests too:
 HTTP calls are steps titled with method, URL, status and time; an answer of 400 or more gets
 its body attached, and a 5xx answer marks its step broken and is remembered
 (``AllureReporter.server_errors``) so the failure is classed as an application error
-(see mailproof.allure_env).
+(see mailproof.report.allure_hooks).
 
 The reporter is synchronous and must be called from the test's own thread: Allure's step stack
 is per thread, and steps recorded from another thread or an asyncio task nest wrongly (NOTES.md).
@@ -32,7 +32,7 @@ import allure_commons
 from allure_commons.utils import uuid4
 
 from mailproof.criteria import Criteria
-from mailproof.email_preview import safe_preview
+from mailproof.report.preview import safe_preview
 from mailproof.message import Message
 
 _VERBS = {"delivered": "Received", "late": "LATE", "unexpected": "UNEXPECTED"}

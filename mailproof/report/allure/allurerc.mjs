@@ -1,15 +1,15 @@
-// Allure 3 configuration for mailproof's QA report: `make report` (python -m mailproof.report_build).
+// Allure 3 configuration for mailproof's QA report: `make report` (python -m mailproof.report.allure_build).
 //
 // One self-contained index.html (opens from disk), history kept across runs for the trends, and
 // failure categories QA can filter by. Categories match the label `failure` that mailproof's pytest
-// plugin (mailproof/allure_env.py) puts on every failed flow test; results written without it
+// plugin (mailproof/report/allure_hooks.py) puts on every failed flow test; results written without it
 // fall back to the exception class at the start of the message ("mailproof.errors.MailLate: ...").
 import { fileURLToPath } from "node:url";
 
 const here = (path) => fileURLToPath(new URL(path, import.meta.url));
 
 // The history file (one JSON line per report built) is git-ignored; tests point it elsewhere.
-const historyPath = process.env.MAILPROOF_ALLURE_HISTORY || here("./.allure-history/history.jsonl");
+const historyPath = process.env.MAILPROOF_ALLURE_HISTORY || here("./.allure-history/history.jsonl");  // the builder always sets it
 
 const FAILED = ["failed", "broken"];
 const failedFlow = (d) =>

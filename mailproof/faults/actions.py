@@ -1,9 +1,7 @@
-"""Fault injection for the capture sink: scoped, deterministic or seeded, at every SMTP stage.
+"""Fault actions: what the capture sink does instead of its normal reply at one SMTP stage.
 
-A ``FaultPlan`` holds ``FaultRule`` s. Each rule says *where* (stage), *to whom* (recipient exact
-or pattern, sender, or all traffic) and *what* (an action). The sink asks the plan at each stage;
-the first rule that matches and acts decides the reply. Every rule counts how often it fired so a
-test can assert on what really happened.
+An action's ``act(ctx)`` returns a reply string, or None to let the stage proceed; it may delay
+or hang up. Rules that say where and to whom an action applies are in ``mailproof.faults.plan``.
 
 Stages, in SMTP order: ``connect`` (before the greeting), ``ehlo``, ``mail``, ``rcpt``, ``data``
 (after the message is read, before it is captured), ``after_data`` (captured, before the reply:
@@ -15,7 +13,7 @@ where it changed the outcome: a reply, a hang-up, or a stall (counted when the s
 test that saw its client time out can read it at once). A Delay that then proceeds only fires.
 
 Known gap: the ``ehlo`` stage sees EHLO only. smtplib and aiosmtplib answer a refused EHLO with
-HELO, which the sink (``fakes/smtp_sink.py``) does not route through the plan, so they then send
+HELO, which the sink (``mailproof/capture/smtp_sink.py``) does not route through the plan, so they then send
 normally (``tests/test_smtp_faults.py`` keeps a strict xfail for it).
 """
 
@@ -68,7 +66,7 @@ class Reply:
     def __post_init__(self) -> None:
         self.reply = _check_reply(self.reply)
 
-    async def act(self, ctx: "_Context") -> Optional[str]:
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
         if self.reply.startswith("421"):
             ctx.close_after_reply = True  # 421 means the server is closing the channel
         return self.reply
@@ -92,7 +90,7 @@ class Delay:
         # A reply string is shorthand here too (it used to fail only when the rule fired).
         self.then = as_action(self.then) if self.then is not None else None
 
-    async def act(self, ctx: "_Context") -> Optional[str]:
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
         await asyncio.sleep(self.seconds)
         return await self.then.act(ctx) if self.then else None
 
@@ -101,7 +99,7 @@ class Delay:
 class Disconnect:
     """Hang up without a reply."""
 
-    async def act(self, ctx: "_Context") -> Optional[str]:
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
         ctx.hang_up()
         await asyncio.Future()  # cancelled by aiosmtpd when the connection is lost
         return None  # pragma: no cover
@@ -117,7 +115,7 @@ class Stall:
         if self.seconds is not None:
             _check_seconds("Stall", self.seconds)
 
-    async def act(self, ctx: "_Context") -> Optional[str]:
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
         # Withholding the reply changes the outcome whether or not the client gives up first:
         # count it now (a client timeout cancels this coroutine before any hang-up of ours).
         ctx.mark_acted()
@@ -133,7 +131,7 @@ class Stall:
 class Accept:
     """Proceed normally (a step in a Sequence)."""
 
-    async def act(self, ctx: "_Context") -> Optional[str]:
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
         return None
 
 
@@ -155,7 +153,7 @@ class Script:
         self._next = 0
         self._lock = threading.Lock()
 
-    async def act(self, ctx: "_Context") -> Optional[str]:
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
         with self._lock:
             index, self._next = self._next, self._next + 1
         if index < len(self.steps):
@@ -178,7 +176,7 @@ class Chaos:
         self._random = random.Random(self.seed)
         self._lock = threading.Lock()
 
-    async def act(self, ctx: "_Context") -> Optional[str]:
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
         with self._lock:
             hit = self._random.random() < self.p
         return await self.action.act(ctx) if hit else None
@@ -207,7 +205,7 @@ class RateLimit:
         self._window: deque[float] = deque()
         self._lock = threading.Lock()
 
-    async def act(self, ctx: "_Context") -> Optional[str]:
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
         now = self.clock()
         with self._lock:
             while self._window and now - self._window[0] >= self._span:
@@ -234,55 +232,8 @@ def as_action(value: Any) -> "Action":
     raise FaultError(f"not a fault action: {value!r}")
 
 
-# -- rules and the plan --------------------------------------------------------------------------
-
-
 @dataclass
-class FaultRule:
-    stage: str
-    action: Any
-    to: Optional[str] = None  # exact recipient, case-insensitive
-    to_pattern: Optional[str] = None  # regex searched in each recipient
-    sender: Optional[str] = None  # exact envelope sender
-    name: str = ""
-    scope: Optional[str] = None  # who added it (e.g. a test id), for scoped removal
-    id: int = 0
-    fired: int = 0  # times the rule matched and its action was asked
-    acted: int = 0  # times it changed the outcome (a reply or a hang-up)
-
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise FaultError(f"unknown SMTP stage {self.stage!r}; use one of {', '.join(STAGES)}")
-        if (self.to or self.to_pattern) and self.stage in ("connect", "ehlo", "mail"):
-            raise FaultError(
-                f"a rule for a recipient cannot act at {self.stage!r}: the recipient is only known "
-                "from RCPT on; use stage 'rcpt', 'data' or 'after_data', or drop the recipient"
-            )
-        if self.sender and self.stage in ("connect", "ehlo"):
-            raise FaultError(f"the sender is only known from MAIL on, not at {self.stage!r}")
-        self.action = as_action(self.action)
-        try:
-            self._to_regex = re.compile(self.to_pattern) if self.to_pattern else None
-        except re.error as exc:
-            raise FaultError(f"to_pattern {self.to_pattern!r} is not a valid regular expression: {exc}") from None
-
-    def matches(self, sender: Optional[str], recipients: Sequence[str]) -> bool:
-        if self.sender is not None and (sender or "").lower() != self.sender.lower():
-            return False
-        if self.to is not None and self.to.lower() not in {r.lower() for r in recipients}:
-            return False
-        if self._to_regex is not None and not any(self._to_regex.search(r) for r in recipients):
-            return False
-        return True
-
-    def describe(self) -> dict:
-        return {"id": self.id, "name": self.name, "stage": self.stage, "to": self.to,
-                "to_pattern": self.to_pattern, "sender": self.sender, "scope": self.scope,
-                "action": repr(self.action), "fired": self.fired, "acted": self.acted}
-
-
-@dataclass
-class _Context:
+class ActionContext:
     server: Any
     stage: str
     close_after_reply: bool = False
@@ -308,65 +259,3 @@ class _Context:
         transport = getattr(self.server, "transport", None)
         if transport is not None:
             transport.close()
-
-
-class FaultPlan:
-    """The sink's fault rules. Thread-safe: tests add rules from their thread, the sink reads them."""
-
-    def __init__(self) -> None:
-        self._rules: list[FaultRule] = []
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-
-    def add(self, rule: FaultRule) -> FaultRule:
-        with self._lock:
-            rule.id = next(self._ids)
-            self._rules.append(rule)
-        return rule
-
-    def rule(self, stage: str, action: Any, **match: Any) -> FaultRule:
-        return self.add(FaultRule(stage=stage, action=action, **match))
-
-    def remove(self, rule: Union[FaultRule, int]) -> None:
-        rule_id = rule if isinstance(rule, int) else rule.id
-        with self._lock:
-            self._rules = [r for r in self._rules if r.id != rule_id]
-
-    def clear(self, scope: Optional[str] = None) -> int:
-        """Remove every rule (or those of one scope); returns how many were removed."""
-        with self._lock:
-            keep = [r for r in self._rules if scope is not None and r.scope != scope]
-            removed = len(self._rules) - len(keep)
-            self._rules = keep
-        return removed
-
-    @property
-    def rules(self) -> list[FaultRule]:
-        with self._lock:
-            return list(self._rules)
-
-    def _count_acted(self, rule: FaultRule) -> None:
-        with self._lock:
-            rule.acted += 1
-
-    async def apply(self, stage: str, server: Any, session: Any, envelope: Any, **details: Any) -> Optional[str]:
-        sender = details.get("address") if stage == "mail" else getattr(envelope, "mail_from", None)
-        recipients = [details["address"]] if stage == "rcpt" else list(getattr(envelope, "rcpt_tos", []) or [])
-        for rule in self.rules:
-            if rule.stage != stage or not rule.matches(sender, recipients):
-                continue
-            with self._lock:
-                rule.fired += 1
-            ctx = _Context(server=server, stage=stage, on_act=lambda rule=rule: self._count_acted(rule))
-            reply = None
-            try:
-                reply = await rule.action.act(ctx)
-            finally:  # a hang-up ends in cancellation: count it all the same
-                if reply is not None or ctx.acted:  # ``acted`` may be set directly by custom actions
-                    ctx.mark_acted()
-            if reply is not None:
-                if ctx.close_after_reply:
-                    # The reply is written before this callback runs; then the channel closes.
-                    asyncio.get_running_loop().call_soon(ctx.hang_up)
-                return reply
-        return None

@@ -21,8 +21,8 @@ import logging
 import smtplib
 from typing import Any, Callable, Optional
 
-from fakes.smtp_faults import FaultPlan
-from fakes.smtp_sink import CapturedMail, SmtpSink
+from mailproof.faults import FaultPlan
+from mailproof.capture.smtp_sink import CapturedMail, SmtpSink
 
 log = logging.getLogger("mailproof.lmtp_relay")
 

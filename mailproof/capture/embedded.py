@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from fakes.smtp_faults import FaultPlan
-from fakes.smtp_sink import SmtpSink
+from mailproof.faults import FaultPlan
+from mailproof.capture.smtp_sink import SmtpSink
 from mailproof.mailbox import MailStore
 
 

@@ -2,9 +2,9 @@
 
 Locust rehearsals send far more mail than one test process should capture (aiosmtpd can stall
 with many large messages in one process, upstream #293), so under load the sink runs here, and
-the harness reads it through ``mailproof.remote.RemoteSink``.
+the harness reads it through ``mailproof.capture.remote.RemoteSink``.
 
-    python -m fakes.sink_service --host 127.0.0.1 --smtp-port 0 --http-port 0 [--token T]
+    python -m mailproof.capture.service --host 127.0.0.1 --smtp-port 0 --http-port 0 [--token T]
                                  [--max-messages N] [--chaos PROFILE [--chaos-seed S]]
 
 prints ``READY http://127.0.0.1:HTTP_PORT smtp=127.0.0.1:SMTP_PORT`` once both listen, and serves
@@ -57,7 +57,7 @@ HTTP API (JSON unless said otherwise):
     received, retained, retained_bytes, evicted, cleared, bytes, last_seq, max_messages,
     connections {total, active}, streams, waiters, faults (per rule: fired, acted).
 ``GET /faults`` / ``POST /faults`` / ``DELETE /faults/{id}`` / ``DELETE /faults?scope=S``
-    Fault rules as JSON (``fakes.fault_specs``). POST takes one rule spec (201, the rule with its
+    Fault rules as JSON (``mailproof.faults.specs``). POST takes one rule spec (201, the rule with its
     id) or ``{"profile": "5%:rcpt:451,...", "seed": 1, "scope": "s"}`` (201, ``{"faults": [...]}``).
     A malformed spec is a 400 naming the bad field.
 """
@@ -88,9 +88,9 @@ from typing import Any, Iterable, Optional
 
 from aiohttp import web
 
-from fakes.fault_specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
-from fakes.smtp_faults import FaultPlan
-from fakes.smtp_sink import LOOPBACK, CapturedMail, SinkError, SmtpSink, _Handler
+from mailproof.faults.specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
+from mailproof.faults import FaultPlan
+from mailproof.capture.smtp_sink import LOOPBACK, CapturedMail, SinkError, SmtpSink, _Handler
 
 log = logging.getLogger("mailproof.sink_service")
 
@@ -98,7 +98,7 @@ log = logging.getLogger("mailproof.sink_service")
 # hook, computes inspect.signature() of that hook every time (about 15 us plus garbage: some 3 %
 # of a one-message connection). A __signature__ on the function is what inspect.signature()
 # returns first; it is the very signature it would compute, so nothing changes but the cost.
-# (Belongs in fakes/smtp_sink.py next to _Handler; set here until it moves there.)
+# (Belongs in smtp_sink.py next to _Handler.)
 if "__signature__" not in vars(_Handler.handle_EHLO):
     _Handler.handle_EHLO.__signature__ = inspect.signature(_Handler.handle_EHLO)
 
@@ -412,46 +412,6 @@ class CaptureStore:
         return len(self.waiters_any) + sum(len(w) for w in self.waiters_by_rcpt.values())
 
 
-# -- faults: the sink's seam, counting connections on the way ------------------------------------
-
-
-class ServiceFaults:
-    """The ``faults`` object handed to SmtpSink: a FaultPlan, asked only when it has rules."""
-
-    def __init__(self) -> None:
-        self.plan = FaultPlan()
-        self.connections = 0
-        self._armed = False
-
-    async def apply(self, stage: str, server, session, envelope, **details) -> Optional[str]:
-        if stage == "connect":
-            self.connections += 1
-        if not self._armed:
-            return None
-        return await self.plan.apply(stage, server, session, envelope, **details)
-
-    def add(self, rule):
-        rule = self.plan.add(rule)
-        self._armed = True
-        return rule
-
-    def remove(self, rule_id: int) -> Optional[Any]:
-        found = next((r for r in self.plan.rules if r.id == rule_id), None)
-        if found is not None:
-            self.plan.remove(rule_id)
-            self._armed = bool(self.plan.rules)
-        return found
-
-    def clear(self, scope: Optional[str] = None) -> int:
-        removed = self.plan.clear(scope=scope)
-        self._armed = bool(self.plan.rules)
-        return removed
-
-    @property
-    def rules(self):
-        return self.plan.rules
-
-
 # -- the HTTP API -------------------------------------------------------------------------------
 
 
@@ -502,7 +462,7 @@ class SinkService:
         self.http_port = http_port
         self.token = token or None
         self.store = CaptureStore(max_messages)
-        self.faults = ServiceFaults()
+        self.faults = FaultPlan()
         self.sink = SmtpSink(on_message=self.store.add, host=host, port=smtp_port, faults=self.faults,
                              timeout=smtp_timeout, data_size_limit=data_size_limit)
         self.started_at = time.time()
@@ -757,7 +717,7 @@ class SinkService:
             "received": store.received, "retained": len(store.messages),
             "retained_bytes": store.retained_bytes, "evicted": store.evicted, "cleared": store.cleared,
             "bytes": store.bytes, "last_seq": store.last_seq, "max_messages": store.max_messages,
-            "connections": {"total": self.faults.connections, "active": len(self.sink._connections)},
+            "connections": {"total": self.sink.connections_total, "active": len(self.sink._connections)},
             "streams": len(store.streams), "waiters": store.waiter_count,
             "faults": [{"id": r.id, "name": r.name, "stage": r.stage, "scope": r.scope,
                         "fired": r.fired, "acted": r.acted} for r in self.faults.rules],
@@ -819,7 +779,7 @@ def is_loopback(host: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fakes.sink_service",
+        prog="python -m mailproof.capture.service",
         description="mailproof sink service: SMTP capture plus an HTTP API, in one process.")
     parser.add_argument("--host", default=LOOPBACK,
                         help="address SMTP and HTTP bind (default 127.0.0.1; anything else needs --token)")
@@ -832,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smtp-timeout", type=float, default=60.0, help="idle SMTP session timeout, seconds")
     parser.add_argument("--chaos", default=None, metavar="PROFILE",
                         help="fault rules to install at start, e.g. '5%%:rcpt:451,1%%:after_data:disconnect' "
-                             "(see fakes.fault_specs.parse_chaos_profile); scope 'chaos'")
+                             "(see mailproof.faults.specs.parse_chaos_profile); scope 'chaos'")
     parser.add_argument("--chaos-seed", type=int, default=None, help="seed for --chaos (repeatable runs)")
     return parser
 

@@ -1,8 +1,8 @@
 """The rehearsal report: one self-contained HTML page from a rehearsal's results.json.
 
-    python -m mailproof.rehearsal_report reports/rehearsal/results.json -o reports/rehearsal/report.html
-    python -m mailproof.rehearsal_report RESULTS.json --previous PREV.json -o OUT.html
-    python -m mailproof.rehearsal_report RESULTS.json --keep-previous -o OUT.html
+    python -m mailproof.report.rehearsal reports/rehearsal/results.json -o reports/rehearsal/report.html
+    python -m mailproof.report.rehearsal RESULTS.json --previous PREV.json -o OUT.html
+    python -m mailproof.report.rehearsal RESULTS.json --keep-previous -o OUT.html
 
 It shows the verdict of every SLO gate; per flow the emails expected, delivered, late, lost and
 duplicated; the exact latency percentiles (p50/p90/p95/p99/max, from the merged HdrHistograms);
@@ -34,10 +34,9 @@ from typing import Any, Iterable, Optional
 
 import jinja2
 
-from mailproof.gates import LATENCY, Gate, GateError
+from mailproof.load.gates import LATENCY, Gate, GateError
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "reports" / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "rehearsal.html.j2"
 PERCENTILES = ("p50", "p90", "p95", "p99", "max")
 COUNTS = ("expected", "delivered", "late", "lost", "duplicated")
@@ -203,7 +202,7 @@ def build_context(results: dict, previous: Optional[dict] = None, users: Iterabl
         if gate is not None:
             thresholds.append((gate, g["subject"]))
 
-    from mailproof import rehearsal_plots  # matplotlib is imported only when a report is drawn
+    from mailproof.report import plots as rehearsal_plots  # matplotlib is imported only when a report is drawn
 
     return {
         "title": "mailproof rehearsal report",
@@ -346,7 +345,7 @@ def keep_previous(results_path: Path) -> Optional[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mailproof.rehearsal_report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mailproof.report.rehearsal", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="results.json written by a rehearsal")
     compare = parser.add_mutually_exclusive_group()

@@ -1,0 +1,11 @@
+"""Real servers started for a test run: the application under test, Dovecot, Postfix.
+
+Each runs as its own process in its own process group, on loopback, with private directories
+and free ports; stopping ends the whole group.
+"""
+
+from mailproof.servers.app_process import AppProcess
+from mailproof.servers.dovecot import Dovecot, DovecotError
+from mailproof.servers.postfix import Postfix, PostfixError
+
+__all__ = ["AppProcess", "Dovecot", "DovecotError", "Postfix", "PostfixError"]
