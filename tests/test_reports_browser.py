@@ -35,7 +35,7 @@ from mailproof.report import allure_build as report_build, rehearsal as rehearsa
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "reports" / "screenshots"
 INSTALL = "apt-get update && apt-get install -y chromium"
-# NOTES.md: offline, quiet, and every host name but loopback unresolvable.
+# docs/traps.md (Chromium): offline, quiet, and every host name but loopback unresolvable.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1")

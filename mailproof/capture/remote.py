@@ -39,12 +39,12 @@ from mailproof.servers.app_process import AppProcess
 from mailproof.errors import MailproofError
 from mailproof.mailbox import MailStore
 from mailproof.message import Message
+from mailproof.net import UNSPECIFIED
 
 log = logging.getLogger("mailproof.capture.remote")
 
 DEFAULT_HEARTBEAT = 2.0
 TOKEN_ENV = "MAILPROOF_SINK_TOKEN"
-_UNSPECIFIED = {"", "0.0.0.0", "::", "[::]"}
 
 
 class SinkServiceError(MailproofError):
@@ -242,7 +242,7 @@ class RemoteSink:
             return self
         health = self._api.call("GET", "/health")
         smtp = health["smtp"]
-        self.smtp_host = self._api.host if smtp["host"] in _UNSPECIFIED else smtp["host"]
+        self.smtp_host = self._api.host if smtp["host"] in UNSPECIFIED else smtp["host"]
         self.smtp_port = int(smtp["port"])
         self.last_seq = 0 if self.replay else int(health["last_seq"])
         self.instance = health.get("instance")

@@ -74,7 +74,6 @@ import email.utils
 import gc
 import hmac
 import inspect
-import ipaddress
 import itertools
 import json
 import logging
@@ -90,7 +89,8 @@ from aiohttp import web
 
 from mailproof.faults.specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
 from mailproof.faults import FaultPlan
-from mailproof.capture.smtp_sink import LOOPBACK, CapturedMail, SinkError, SmtpSink, _Handler
+from mailproof.capture.smtp_sink import CapturedMail, SinkError, SmtpSink, _Handler
+from mailproof.net import LOOPBACK, is_loopback
 
 log = logging.getLogger("mailproof.sink_service")
 
@@ -766,15 +766,6 @@ class SinkService:
 
 
 # -- command line -------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

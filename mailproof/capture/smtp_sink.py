@@ -2,7 +2,7 @@
 
 It stands in for the mail relay the application under test talks to. Every accepted message is
 stamped with its arrival time and handed, as raw bytes, to a callback; parsing is left to whoever
-asserts on it (parsing headers at capture costs a third of the throughput, see NOTES.md).
+asserts on it (parsing headers at capture costs a third of the throughput, see docs/performance.md).
 
 The server runs on a private loop in a daemon thread so that synchronous code (pytest tests,
 Locust users) can use it without sharing an event loop (a session-scoped async fixture with
@@ -23,9 +23,10 @@ from typing import Any, Callable, Mapping, Optional
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from mailproof.net import LOOPBACK
+
 log = logging.getLogger("mailproof.sink")
 
-LOOPBACK = "127.0.0.1"
 
 # aiosmtpd 1.4.6 sets its own deprecated Session.login_data on every successful AUTH.
 warnings.filterwarnings("ignore", message="Session.login_data is deprecated")

@@ -43,7 +43,6 @@ import email.parser
 import email.policy
 import hashlib
 import imaplib
-import ipaddress
 import logging
 import os
 import re
@@ -68,6 +67,7 @@ from mailproof.faults import Faults, NoFaults
 from mailproof.addresses import AddressBook, is_handed_out_by
 from mailproof.errors import MailproofError
 from mailproof.mailbox import MailStore
+from mailproof.net import is_loopback
 from mailproof.message import Message
 
 log = logging.getLogger("mailproof.imap")
@@ -96,15 +96,6 @@ _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 def setting_name(key: str) -> str:
     """How a user sets ``key``: the ini key and the environment variable."""
     return f"mailproof_imap_{key} / MAILPROOF_IMAP_{key.upper()}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -151,7 +142,7 @@ class ImapAccount:
         tls = get("tls").lower() or "ssl"
         if tls not in TLS_MODES:
             raise MailproofError(f"invalid IMAP tls mode {tls!r}: use ssl, starttls or plain ({setting_name('tls')})")
-        if tls == "plain" and not _is_loopback(host):
+        if tls == "plain" and not is_loopback(host):
             raise MailproofError(
                 f"tls=plain would send the IMAP password in clear to {host}: plain is for loopback test "
                 f"servers only; use ssl or starttls ({setting_name('tls')})"
@@ -285,7 +276,7 @@ class ImapWatcher:
         self.store = store
         self.strategy = strategy
         self.noop_interval = noop_interval if noop_interval is not None else (
-            NOOP_INTERVAL_LOOPBACK if _is_loopback(account.host) else NOOP_INTERVAL_REMOTE)
+            NOOP_INTERVAL_LOOPBACK if is_loopback(account.host) else NOOP_INTERVAL_REMOTE)
         self.cleanup_run_id = cleanup_run_id
         self.connections_opened = 0
         self.reconnects = 0

@@ -18,7 +18,7 @@ its body attached, and a 5xx answer marks its step broken and is remembered
 (see mailproof.report.allure_hooks).
 
 The reporter is synchronous and must be called from the test's own thread: Allure's step stack
-is per thread, and steps recorded from another thread or an asyncio task nest wrongly (NOTES.md).
+is per thread, and steps recorded from another thread or an asyncio task nest wrongly (docs/traps.md, "Allure").
 Allure calls are no-ops when pytest runs without ``--alluredir``.
 """
 

@@ -4,7 +4,7 @@
 ...     smtplib.LMTP(dovecot.host, dovecot.lmtp_port)      # deliver
 ...     imap_tools.MailBoxUnencrypted(dovecot.host, dovecot.imap_port).login("qa", "secret")
 
-How it runs (see NOTES.md, "IMAP: Dovecot 2.3"):
+How it runs (see docs/traps.md, "Dovecot"):
 
 - ``dovecot -F -c CONF`` in the foreground, as a child of this process, with its own base_dir,
   state_dir and maildirs in a ``tempfile.mkdtemp(dir="/tmp")`` directory of mode 0755 (pytest's
@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional
 
-LOOPBACK = "127.0.0.1"
+from mailproof.net import LOOPBACK, free_port
+
 APT_PACKAGES = "dovecot-imapd dovecot-lmtpd"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -56,13 +57,6 @@ _FATAL = re.compile(r"(Fatal|Error): ")
 
 class DovecotError(RuntimeError):
     """Dovecot is missing, misconfigured or failed to start; the message says what to do."""
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port the OS reports free right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def find_binary(name: str, package: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/sbin")) -> str:

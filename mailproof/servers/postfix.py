@@ -4,7 +4,7 @@
 ...     smtplib.SMTP(postfix.host, postfix.smtp_port).sendmail(..., ["qa+x@mailproof.test"], ...)
 
 Root only (Postfix's master must start as root to drop to the ``postfix`` user). How it runs
-(see NOTES.md):
+(see docs/traps.md, "Postfix"):
 
 - Its own ``config_directory`` (main.cf + master.cf written here), ``queue_directory`` and
   ``data_directory`` in a 0755 ``tempfile.mkdtemp(dir="/tmp")`` directory; nothing under
@@ -27,7 +27,7 @@ Root only (Postfix's master must start as root to drop to the ``postfix`` user).
   Dovecot restarts is delivered a second later, not after Postfix's default 5 minutes;
   ``in_flow_delay = 0`` so bursts are not throttled.
 - main.cf is back-dated by a minute: a main.cf younger than the daemons' start makes Postfix
-  wait about 2 s (NOTES.md).
+  wait about 2 s (docs/traps.md).
 - Readiness is an event: the master logs "daemon started" after it has opened every listener;
   ``start()`` waits for that line on the pipe. ``stop()`` sends SIGTERM (what ``postfix stop``
   does), waits for the master, then for its process group; the directory is removed.
@@ -48,7 +48,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from mailproof.servers.dovecot import LOOPBACK, free_port, live_group_members
+from mailproof.net import LOOPBACK, free_port
+from mailproof.servers.dovecot import live_group_members
 
 APT_PACKAGE = "postfix"
 START_TIMEOUT = 20.0
@@ -255,7 +256,7 @@ maillog_file_prefixes = /dev/stdout, {d}
 """
         )
         (d / "master.cf").write_text(_MASTER_CF.format(smtp_service=f"{LOOPBACK}:{self.smtp_port}"))
-        past = time.time() - 60  # a main.cf newer than the daemons makes Postfix pause (NOTES.md)
+        past = time.time() - 60  # a main.cf newer than the daemons makes Postfix pause (docs/traps.md)
         for name in ("main.cf", "master.cf"):
             os.utime(d / name, (past, past))
 
