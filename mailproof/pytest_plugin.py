@@ -29,9 +29,6 @@ from mailproof.reporting import NullReporter
 ALLURE = available("allure")
 pytest_plugins = ["mailproof.report.allure_hooks"] if ALLURE else []
 
-# Allure: failure categories, environment.properties, assertion rewriting in flow modules.
-pytest_plugins = ["mailproof.report.allure_hooks"]
-
 BACKENDS = ("sink", "imap")
 # IMAP account settings: ini key mailproof_imap_<key> or env MAILPROOF_IMAP_<KEY>. With no host,
 # the imap backend starts a private Dovecot (behind a private Postfix when running as root).
