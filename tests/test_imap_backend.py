@@ -20,12 +20,12 @@ import pytest
 import trustme
 from imap_tools import MailBoxUnencrypted
 
-from mailproof.servers.dovecot import Dovecot, free_port, live_group_members, tcp_sockets
+from mailproof.servers.dovecot import Dovecot, live_group_members, tcp_sockets
 from mailproof.faults import FaultError, FaultPlan, Faults, NoFaults
 from mailproof.addresses import AddressBook
 from mailproof.errors import MailproofError
-from mailproof.imap.backend import (CONNECT_TIMEOUT, ImapAccount, ImapWatcher, open_imap_backend,
-                                    recipients_for)
+from mailproof.imap import CONNECT_TIMEOUT, ImapAccount, ImapWatcher, open_imap_backend, recipients_for
+from mailproof.net import free_port
 from mailproof.mailbox import Mailbox, MailStore
 
 ROOT = os.geteuid() == 0
@@ -115,6 +115,19 @@ def test_recipients_come_from_the_most_precise_header_and_match_exactly():
     assert recipients_for(parse("X-Original-To: qa+a@x.test\nDelivered-To: qa@x.test\n\n"), "qa", "x.test") == ["qa+a@x.test"]
     assert recipients_for(parse("To: QA+R1@X.TEST, qab+r1@x.test, qa+r1@y.test\n\n"), "qa", "x.test") == ["qa+r1@x.test"]
     assert recipients_for(parse("To: someone@else.test\n\n"), "qa", "x.test") == []
+
+
+def test_fetch_replies_and_uid_sets():
+    from mailproof.imap.headers import _fetch_dates, _parse_fetch, _uid_set
+
+    assert _uid_set([9, 1, 3, 2, 7, 10, 3]) == "1:3,7,9:10"
+    assert _uid_set([5]) == "5"
+    body = (b'7 (UID 42 INTERNALDATE "17-Jul-1996 02:44:25 -0700" BODY[] {5}', b"hello")
+    dates = _fetch_dates([b'7 (UID 42 INTERNALDATE "17-Jul-1996 02:44:25 -0700")', b"8 (UID 43)", b")"])
+    assert [uid for uid, _ in dates] == [42, 43] and dates[1][1] is None
+    assert dates[0][1] == 837596665.0  # 1996-07-17T09:44:25Z
+    # The closing b")" and a FLAGS update carry no message.
+    assert list(_parse_fetch([body, b")", b"7 (FLAGS (\\Seen))"])) == [(42, 837596665.0, b"hello")]
 
 
 # -- the private stack ---------------------------------------------------------------------------
