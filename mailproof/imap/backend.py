@@ -37,8 +37,8 @@ class ImapBackend:
 
     ``store`` (fed by the watcher), ``smtp_host``/``smtp_port`` (where the application sends:
     the private Postfix or LMTP relay; None for an external account, whose mail arrives by
-    the product's own route), ``faults`` (the relay sink's FaultPlan when there is one, else a
-    FaultPlan no server consults), ``address_book`` (plus-addresses on the inbox),
+    the product's own route), ``faults`` (the relay sink's FaultPlan when there is one, else
+    ``NoFaults``, which refuses a rule instead of letting it silently never fire), ``address_book`` (plus-addresses on the inbox),
     ``connections_opened`` (IMAP connections so far).
     """
 
