@@ -1,4 +1,5 @@
-# mailproof: `make flows` runs the scenarios, `make test` everything. Both set up .venv first.
+# mailproof: `make flows` runs the scenarios (Python only), `make test` everything (also the Debian
+# packages scripts/system-deps.sh installs or names). Both set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 ALLURE_RESULTS := reports/allure-results
 PYTEST_ARGS ?=
 
-.PHONY: flows test venv clean rehearsal report rehearsal-report
+.PHONY: flows test venv system-deps clean rehearsal report rehearsal-report
 
 # The venv is rebuilt only when pyproject.toml changes (or it is missing).
 $(STAMP): pyproject.toml
@@ -17,15 +18,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Dovecot, Postfix, Chromium, Node.js and npm for the full suite: installed with apt-get when
+# missing and running as root; otherwise stops with the command to run. `sh scripts/system-deps.sh
+# --check` only reports.
+system-deps:
+	@sh scripts/system-deps.sh
+
 # Allure results are cleaned here, outside pytest: --clean-alluredir races between xdist workers.
 flows: $(STAMP)
 	rm -rf $(ALLURE_RESULTS) && mkdir -p $(ALLURE_RESULTS)
 	$(PY) -m pytest flows/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
 
 # The flows run twice: on the in-process sink, and through real servers (Postfix -> Dovecot -> IMAP;
-# Postfix only as root, else the sink relays over LMTP). See .ci/run for the Debian packages.
-# The resilience flows inject faults in the capture sink, which is not in the Postfix path.
-test: $(STAMP)
+# Postfix only as root, else the sink relays over LMTP). On the IMAP run the tests marked
+# sink_faults (they inject faults at the capture sink, which is not in that path) are deselected.
+test: system-deps $(STAMP)
 	rm -rf $(ALLURE_RESULTS) && mkdir -p $(ALLURE_RESULTS)
 	$(PY) -m pytest tests/ flows/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
 	$(PY) -m pytest flows/ --mailbox=imap $(PYTEST_ARGS)
@@ -41,7 +48,8 @@ rehearsal: $(STAMP)
 	test ! -f reports/rehearsal/results.json || $(PY) -m mailproof.report.rehearsal reports/rehearsal/results.json --keep-previous -o reports/rehearsal/report.html; \
 	exit $$code
 
-# QA's Allure 3 report, one file that opens from disk (Allure pinned in reports/package-lock.json).
+# QA's Allure 3 report, one file that opens from disk (needs node and npm; Allure 3 is pinned in
+# mailproof/report/allure/package-lock.json and installed by npm ci into ~/.cache/mailproof).
 report: $(STAMP)
 	$(PY) -m mailproof.report.allure_build --results $(ALLURE_RESULTS) --output reports/allure-report
 
