@@ -1,4 +1,4 @@
-"""Unique test addresses: one per expectation (DESIGN.md, decision 2).
+"""Unique test addresses: one per expectation (docs/architecture.md, decision 2).
 
 ``label+<run>.<seq>@domain``: ``run`` is random per process (so xdist workers and concurrent
 runs never collide) and ``seq`` is zero-padded, so every token has the same width and no address

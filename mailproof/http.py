@@ -2,7 +2,7 @@
 
 The wrapper works around any requests-compatible client (requests.Session in pytest, Locust's
 HttpSession under load): it records when each request starts, so mail latency is measured from
-the request that caused it (DESIGN.md, decision 3), and reports each call to the flow's reporter.
+the request that caused it (docs/architecture.md, decision 3), and reports each call to the flow's reporter.
 """
 
 from __future__ import annotations
