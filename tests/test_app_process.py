@@ -1,21 +1,28 @@
-"""AppProcess (mailproof/app_process.py): start a real child process, know when it is ready.
+"""AppProcess (mailproof/servers/app_process.py): start a real child process, know when it is
+ready, and stop everything it started.
 
 The children are tiny Python programs (``sys.executable -c``); readiness is the READY line they
-print, read by AppProcess's reader thread (no polling on either side).
+print, read by AppProcess's reader thread (no polling on either side), or for apps that print
+nothing, an HTTP answer at ``ready_url`` (bounded backoff).
 """
 
 from __future__ import annotations
 
+import shlex
 import signal
+import socket
 import stat
 import sys
 import textwrap
 import time
+import urllib.request
 
 import pytest
 
-from mailproof.servers.app_process import AppProcess
 from mailproof.errors import MailproofError
+from mailproof.net import free_port
+from mailproof.servers.app_process import AppProcess
+from mailproof.servers.process import live_group_members, tcp_sockets
 
 
 def child(*parts: str) -> list[str]:
@@ -137,3 +144,120 @@ def test_output_that_is_not_utf8_does_not_hide_readiness():
         assert app.output[0].startswith("caf")
     finally:
         app.stop()
+
+
+def _running(pid: int) -> bool:
+    """Running, not merely a zombie: an orphan's zombie waits for init to reap it, which some
+    container inits never do; a zombie holds no port and runs no code."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return int(fh.read().rsplit(b")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["obeys-sigterm", "ignores-sigterm"])
+def test_stop_ends_the_real_server_behind_a_launcher_and_frees_its_port(ignores_sigterm):
+    # `bash -c "server; echo ..."` forks the server (a lone command would be exec'd): the server
+    # is bash's child, as behind `npm start` or `make run`. SIGTERM to bash alone kills only bash.
+    server = textwrap.dedent(f"""
+        import http.server, os, signal
+        if {ignores_sigterm}:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        print(f"READY http://127.0.0.1:{{httpd.server_port}} pid={{os.getpid()}}", flush=True)
+        httpd.serve_forever()
+    """)
+    app = AppProcess(["bash", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(server)}; echo launcher done"],
+                     ready_pattern=r"READY (\S+) pid=\d+", start_timeout=20).start()
+    try:
+        port = int(app.url.rsplit(":", 1)[1])
+        grandchild = int(next(line for line in app.output if line.startswith("READY")).rsplit("=", 1)[1])
+        assert grandchild != app.pid and _parent(grandchild) == app.pid, "the server must be bash's child"
+        assert (("127.0.0.1", port) in {(ip, p) for ip, p, _, _ in tcp_sockets("LISTEN")})
+    finally:
+        started = time.monotonic()
+        code = app.stop(timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert code == -signal.SIGTERM  # bash itself obeys
+    assert not _running(grandchild), "the launcher's server outlived stop()"
+    assert not live_group_members(app.pid)
+    assert port not in {p for _, p, _, _ in tcp_sockets("LISTEN")}
+    with socket.socket() as again:  # SO_REUSEADDR passes TIME_WAIT, never a live listener
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+        again.listen()
+
+
+# Counts the requests it gets; answers 503 twice ("starting"), then 404: any answer below 500
+# means the app is up. /hits reports the count.
+QUIET_HTTP_APP = """
+    import http.server, sys
+    hits = 0
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            global hits
+            hits += 1
+            body = str(hits).encode() if self.path == "/hits" else b""
+            self.send_response(200 if self.path == "/hits" else 503 if hits <= 2 else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *args):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_ready_url_waits_for_an_http_answer_below_500_from_an_app_that_prints_nothing():
+    port = free_port()
+    with AppProcess(child(QUIET_HTTP_APP) + [str(port)], ready_url=f"http://127.0.0.1:{port}/health",
+                    start_timeout=20) as app:
+        assert app.url == f"http://127.0.0.1:{port}"
+        assert not app.output, "the app printed nothing; readiness came from HTTP"
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(app.url + "/hits", timeout=10) as hits:
+            assert hits.read() == b"4"  # 503, 503 retried; the 404 was ready; then this request
+
+
+def test_ready_url_that_never_answers_times_out_naming_ready_url():
+    port = free_port()  # nothing will listen there
+    app = AppProcess(child("""
+        print("still migrating the database", flush=True)
+    """, SERVE_FOREVER), ready_url=f"http://127.0.0.1:{port}/health", start_timeout=1)
+    started = time.monotonic()
+    with pytest.raises(MailproofError) as failed:
+        app.start()
+    assert 1 <= time.monotonic() - started < 6
+    text = str(failed.value)
+    assert f"did not answer ready_url http://127.0.0.1:{port}/health" in text
+    assert "within start_timeout 1 s" in text and "ConnectionRefusedError" in text
+    assert "pass ready_pattern= instead" in text
+    assert "still migrating the database" in text
+    assert not app.running and app.url is None
+
+
+def test_ready_url_app_exiting_early_reports_code_and_output():
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(MailproofError) as failed:
+        AppProcess(child("""
+            import sys
+            print("cannot bind: permission denied", file=sys.stderr, flush=True)
+            sys.exit(4)
+        """), ready_url=f"http://127.0.0.1:{port}/", name="demo app", start_timeout=30).start()
+    assert time.monotonic() - started < 10, "an exited app must not wait for the start timeout"
+    text = str(failed.value)
+    assert "the demo app exited with code 4 before it was ready" in text
+    assert "cannot bind: permission denied" in text
+
+
+def test_ready_url_and_ready_pattern_are_checked_up_front():
+    with pytest.raises(ValueError, match="not both"):
+        AppProcess(["true"], ready_pattern="READY", ready_url="http://127.0.0.1:1/")
+    with pytest.raises(ValueError, match="http"):
+        AppProcess(["true"], ready_url="127.0.0.1:8000")

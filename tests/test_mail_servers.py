@@ -8,12 +8,16 @@ from __future__ import annotations
 import os
 import re
 import smtplib
+import time
+from pathlib import Path
 
 import pytest
 from imap_tools import MailBoxUnencrypted
 
-from mailproof.servers.dovecot import (APT_PACKAGES, Dovecot, DovecotError, find_binary, free_port, live_group_members,
-                           processes_matching, tcp_sockets)
+from mailproof.servers import dovecot as dovecot_module
+from mailproof.servers.dovecot import APT_PACKAGES, Dovecot, DovecotError, find_binary
+from mailproof.net import free_port
+from mailproof.servers.process import live_group_members, processes_matching, tcp_sockets
 from mailproof.capture.lmtp_relay import LmtpRelay
 from mailproof.servers.postfix import Postfix, PostfixError
 from mailproof.faults import FaultPlan
@@ -63,6 +67,32 @@ def test_dovecot_starts_listening_on_loopback_and_stops_leaving_no_process():
     assert not directory.exists()
     assert not processes_matching(directory.name)  # the children's titles name the instance
     server.stop()  # idempotent
+
+
+def test_dovecot_stop_ends_the_imap_process_serving_a_logged_in_client():
+    # Signalled alone, the master leaves logged-in imap processes serving their clients.
+    server = Dovecot(users={"qa": "secret-qa"}).start()
+    pid = server.pid
+    client = MailBoxUnencrypted(server.host, server.imap_port, timeout=5).login("qa", "secret-qa")
+    try:
+        titles = [Path(f"/proc/{p}/cmdline").read_bytes() for p in live_group_members(pid)]
+        assert [t for t in titles if t.endswith(b"/imap\x00")], titles  # qa's session process
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 5
+        assert _gone(pid)
+    finally:
+        server.stop()
+        try:
+            client.client.shutdown()
+        except OSError:
+            pass
+
+
+def test_process_helpers_stay_importable_from_dovecot():
+    # tests/test_imap_backend.py imports them from mailproof.servers.dovecot.
+    assert dovecot_module.live_group_members is live_group_members
+    assert dovecot_module.tcp_sockets is tcp_sockets and dovecot_module.free_port is free_port
 
 
 def test_lmtp_delivery_lands_in_the_users_inbox_with_the_full_plus_address(dovecot):

@@ -22,31 +22,32 @@ How it runs (see docs/traps.md, "Dovecot"):
   reads one IMAP greeting (imap-login is up). No fixed sleep anywhere. Ready in ~20 ms.
 - No auth penalty (the anvil-auth-penalty socket is disabled) and ``auth_failure_delay = 0``:
   after a wrong-password test, later logins from 127.0.0.1 would otherwise wait 2 to 15 s.
-- ``stop()`` sends SIGTERM to the instance's process group (as systemd does; ~10 ms, where the
-  master alone takes ~1 s and leaves logged-in imap processes running), waits for every
-  process, and removes the directory unless ``keep``.
+- Launch, log reading and stop are ManagedProcess's (mailproof/servers/process.py). ``stop()``
+  sends SIGTERM to the instance's whole process group, as systemd stops dovecot.service (~10 ms,
+  where the master alone takes ~1 s and leaves logged-in imap processes serving their clients:
+  shutdown_clients does not reach them in this mode), waits for every process, then removes the
+  directory unless ``keep``. Clients get "* BYE Server shutting down." either way.
   ``restart()`` stops and starts again on the same ports and the same maildirs (mail survives).
 """
 
 from __future__ import annotations
 
 import collections
+import grp
 import os
 import pwd
 import re
-import grp
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Mapping, Optional
 
 from mailproof.net import LOOPBACK, free_port
+from mailproof.servers.process import ManagedProcess
+# Re-exported: tests (tests/test_imap_backend.py) import these from here.
+from mailproof.servers.process import live_group_members, processes_matching, tcp_sockets  # noqa: F401
 
 APT_PACKAGES = "dovecot-imapd dovecot-lmtpd"
 START_TIMEOUT = 15.0
@@ -73,67 +74,6 @@ def find_binary(name: str, package: str, extra_dirs: tuple[str, ...] = ("/usr/sb
             "(Debian/Ubuntu) and run again."
         )
     return found
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of the process group ``pgid`` that are still running (not zombies), from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after the last ')'.
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if fields[0] != b"Z" and int(fields[2]) == pgid:
-            found.append(int(entry))
-    return found
-
-
-def tcp_sockets(state: str) -> list[tuple[str, int, str, int]]:
-    """IPv4 TCP sockets in ``state`` ("LISTEN" or "ESTABLISHED") from /proc/net/tcp, as
-    (local_ip, local_port, remote_ip, remote_port). No dependency on ss/netstat."""
-    code = {"ESTABLISHED": "01", "LISTEN": "0A"}[state]
-    found = []
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            if fields[3] != code:
-                continue
-            (lip, lport), (rip, rport) = (part.split(":") for part in fields[1:3])
-            found.append((socket.inet_ntoa(bytes.fromhex(lip)[::-1]), int(lport, 16),
-                          socket.inet_ntoa(bytes.fromhex(rip)[::-1]), int(rport, 16)))
-    return found
-
-
-def processes_matching(text: str) -> list[int]:
-    """Pids of running (non-zombie) processes whose command line contains ``text``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                state = fh.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in cmdline and state != b"Z":
-            found.append(int(entry))
-    return found
-
-
-def _signal_all(pids: list[int], signum: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 def mail_identity() -> tuple[int, int, str, str]:
@@ -181,11 +121,8 @@ class Dovecot:
         self.lmtp_port: Optional[int] = None
         self.directory: Optional[Path] = None
         self.binary = find_binary("dovecot", APT_PACKAGES)
-        self.output: collections.deque[str] = collections.deque(maxlen=200)
-        self._proc: Optional[subprocess.Popen] = None
-        self._reader: Optional[threading.Thread] = None
-        self._ready = threading.Event()
-        self._log_file = None
+        self.output: collections.deque[str] = collections.deque(maxlen=200)  # kept across restarts
+        self._process: Optional[ManagedProcess] = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -195,11 +132,11 @@ class Dovecot:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._process is not None and self._process.running
 
     @property
     def pid(self) -> Optional[int]:
-        return self._proc.pid if self._proc else None
+        return self._process.pid if self._process else None
 
     def start(self) -> "Dovecot":
         if self.running:
@@ -228,7 +165,7 @@ class Dovecot:
         return self
 
     def stop(self) -> None:
-        """SIGTERM the master, wait for it (and so for its children), remove the directory."""
+        """End the instance's process group (every Dovecot process), remove the directory."""
         self._terminate()
         if not self.keep:
             self._remove_directory()
@@ -360,20 +297,14 @@ service anvil {{
 
     def _launch(self) -> None:
         assert self.directory is not None
-        self._ready.clear()
-        self._log_file = open(self.directory / "dovecot.log", "a", buffering=1)
-        self._proc = subprocess.Popen(
-            [self.binary, "-F", "-c", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True,
-                                        name=f"dovecot-log-{self._proc.pid}")
-        self._reader.start()
-        ok = self._ready.wait(START_TIMEOUT)
-        if not ok or self._proc.poll() is not None:
+        self._process = ManagedProcess(
+            [self.binary, "-F", "-c", str(self.config_path)], name="dovecot", ready=_READY,
+            merge_stderr=True, output=self.output, log_path=self.directory / "dovecot.log",
+        ).start()
+        ready = self._process.wait_ready(START_TIMEOUT) is not None
+        if not ready or not self._process.running:
+            why = "exited" if self._process.returncode is not None else "did not report 'starting up'"
             self._terminate()
-            why = "did not report 'starting up'" if not ok else "exited"
             raise DovecotError(
                 f"Dovecot {why} within {START_TIMEOUT:g} s (config {self.config_path}):\n{self.log_tail()}"
             )
@@ -389,53 +320,10 @@ service anvil {{
             self._terminate()
             raise DovecotError(f"Dovecot started but its IMAP port does not greet: {exc}\n{self.log_tail()}") from exc
 
-    def _read(self, proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            self.output.append(line)
-            if self._log_file is not None:
-                try:
-                    self._log_file.write(line + "\n")
-                except ValueError:  # closed at stop
-                    pass
-            if _READY.search(line):
-                self._ready.set()
-        self._ready.set()  # EOF: the process is gone; start() checks poll()
-
     def _terminate(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        # SIGTERM to the instance's whole process group at once (only what this launcher started:
-        # the master runs in its own session), as systemd stops dovecot.service: done in ~10 ms.
-        # SIGTERM to the master alone takes it ~1 s, and leaves logged-in imap processes serving
-        # their clients after it is gone (shutdown_clients does not reach them in this mode).
-        # Clients get "* BYE Server shutting down." either way.
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
-        _signal_all(live_group_members(proc.pid), signal.SIGTERM)  # anything forked meanwhile
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while live_group_members(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)  # bounded reap of already-signalled processes, not a readiness wait
-        _signal_all(live_group_members(proc.pid), signal.SIGKILL)  # zombies are not counted
-        if self._reader is not None:
-            self._reader.join(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        self._proc = None
-        self._reader = None
+        process, self._process = self._process, None
+        if process is not None:
+            process.stop(STOP_TIMEOUT)
 
     def _remove_directory(self) -> None:
         if self.directory is not None:

@@ -29,8 +29,11 @@ Root only (Postfix's master must start as root to drop to the ``postfix`` user).
 - main.cf is back-dated by a minute: a main.cf younger than the daemons' start makes Postfix
   wait about 2 s (docs/traps.md).
 - Readiness is an event: the master logs "daemon started" after it has opened every listener;
-  ``start()`` waits for that line on the pipe. ``stop()`` sends SIGTERM (what ``postfix stop``
-  does), waits for the master, then for its process group; the directory is removed.
+  ``start()`` waits for that line on the pipe. Launch, log reading and stop are
+  ManagedProcess's (mailproof/servers/process.py): the master runs in its own session (its own
+  setsid() then finds it already a session leader, which it accepts), and ``stop()`` sends
+  SIGTERM to that whole process group (on ``postfix stop`` the master does the same to its
+  children), waits for every process, then SIGKILLs stragglers; the directory is removed.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mailproof.net import LOOPBACK, free_port
-from mailproof.servers.dovecot import live_group_members
+from mailproof.servers.process import ManagedProcess
 
 APT_PACKAGE = "postfix"
 START_TIMEOUT = 20.0
@@ -116,11 +118,8 @@ class Postfix:
         self.host = LOOPBACK
         self.smtp_port: Optional[int] = None
         self.directory: Optional[Path] = None
-        self.output: collections.deque[str] = collections.deque(maxlen=300)
-        self._proc: Optional[subprocess.Popen] = None
-        self._reader: Optional[threading.Thread] = None
-        self._ready = threading.Event()
-        self._log_file = None
+        self.output: collections.deque[str] = collections.deque(maxlen=300)  # kept across starts
+        self._process: Optional[ManagedProcess] = None
         self._lines_lock = threading.Condition()
         self._lines: list[str] = []
         self._line_listeners: list[Callable[[str], None]] = []
@@ -129,11 +128,11 @@ class Postfix:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._process is not None and self._process.running
 
     @property
     def pid(self) -> Optional[int]:
-        return self._proc.pid if self._proc else None
+        return self._process.pid if self._process else None
 
     @property
     def maillog(self) -> Path:
@@ -271,80 +270,39 @@ maillog_file_prefixes = /dev/stdout, {d}
 
     def _launch(self) -> None:
         assert self.directory is not None
-        self._ready.clear()
         with self._lines_lock:
             self._lines = []
-        self._log_file = open(self.maillog, "a", buffering=1)
         env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
-        self._proc = subprocess.Popen(
-            [self.master_cmd, "-c", str(self.directory), "-s"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, env=env,
-        )
-        self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True,
-                                        name=f"postfix-log-{self._proc.pid}")
-        self._reader.start()
-        ok = self._ready.wait(START_TIMEOUT)
-        if not ok or self._proc.poll() is not None:
-            tail = self.log_tail()
+        self._process = ManagedProcess(
+            [self.master_cmd, "-c", str(self.directory), "-s"], name="postfix", env=env,
+            ready=_READY, merge_stderr=True, output=self.output, log_path=self.maillog,
+            on_line=self._on_line,
+        ).start()
+        ready = self._process.wait_ready(START_TIMEOUT) is not None
+        if not ready or not self._process.running:
+            why = "exited" if self._process.returncode is not None else "did not log 'daemon started'"
             self._terminate()
-            why = "did not log 'daemon started'" if not ok else "exited"
+            tail = self.log_tail()
             if not tail:
                 tail = ("(no log: the master failed before its log service ran, so the reason went "
                         f"to syslog; try `{self.master_cmd} -c {self.directory} -d -v -s` by hand)")
             raise PostfixError(f"Postfix {why} within {START_TIMEOUT:g} s (config {self.directory}):\n{tail}")
 
-    def _read(self, proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            self.output.append(line)
-            with self._lines_lock:
-                self._lines.append(line)
-                self._lines_lock.notify_all()
-            if self._log_file is not None:
-                try:
-                    self._log_file.write(line + "\n")
-                except ValueError:
-                    pass
-            if _READY.search(line):
-                self._ready.set()
-            for listener in list(self._line_listeners):
-                try:
-                    listener(line)
-                except Exception:  # a listener bug must not stop the log reader (Postfix would block)
-                    pass
-        self._ready.set()
+    def _on_line(self, line: str) -> None:
+        """From the log reader thread: feed wait_for_log and the line listeners."""
+        with self._lines_lock:
+            self._lines.append(line)
+            self._lines_lock.notify_all()
+        for listener in list(self._line_listeners):
+            try:
+                listener(line)
+            except Exception:  # a listener bug must not stop the log reader (Postfix would block)
+                pass
 
     def _terminate(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
-        # The master runs in its own session (setsid): its children form the group proc.pid.
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while live_group_members(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)  # bounded reap of already-signalled processes, not a readiness wait
-        for pid in live_group_members(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self._reader is not None:
-            self._reader.join(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        self._proc = None
-        self._reader = None
+        process, self._process = self._process, None
+        if process is not None:
+            process.stop(STOP_TIMEOUT)
 
     def _remove_directory(self) -> None:
         if self.directory is not None:
