@@ -1,8 +1,9 @@
 """A read-only, lazily parsed view of one captured email.
 
 Capture stores raw bytes only; every parsed attribute is computed on first access and cached.
-Parsing never raises on malformed input: a broken header or MIME part is kept as best it can be
-decoded and listed in ``defects``.
+Headers (subject, addresses, ``recipients`` without an envelope) need only the header section,
+which is parsed alone until something asks for the body. Parsing never raises on malformed input:
+a broken header or MIME part is kept as best it can be decoded and listed in ``defects``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from typing import Iterable, Optional, Pattern, Union
 
 DEFAULT_CODE_PATTERN = re.compile(r"(?<![\w-])(\d{6})(?![\w-])")
 _URL_IN_TEXT = re.compile(r"""https?://[^\s<>"'\)\]]+""", re.IGNORECASE)
+# A line break followed by another one is an empty line, whichever of CRLF, LF or CR they are:
+# the header section ends at the first one (or earlier, at a line that is no header at all).
+_EMPTY_LINE = re.compile(rb"\n\n|\n\r|\r\r")
+_HEADER_PARSER = BytesParser(policy=email.policy.default)
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,24 @@ class Message:
         try:
             return email.message_from_bytes(self.raw, policy=email.policy.default)
         except RecursionError:  # absurdly deep nesting: keep the headers, give up on the body
-            msg = BytesParser(policy=email.policy.default).parsebytes(self.raw, headersonly=True)
+            msg = _HEADER_PARSER.parsebytes(self.raw, headersonly=True)
             msg.defects.append(errors.MessageDefect("MIME nesting too deep to parse; body not parsed"))
             return msg
+
+    @cached_property
+    def _head(self) -> EmailMessage:
+        """The header section: the whole parse if there already is one, else the headers alone.
+
+        The bytes up to the first empty line hold every header line (the parser ends the headers
+        there at the latest), so parsing them alone gives the very headers a full parse gives,
+        without reading, let alone decoding, the body.
+        """
+        parsed = self.__dict__.get("parsed")
+        if parsed is not None:
+            return parsed
+        end = _EMPTY_LINE.search(self.raw)
+        head = self.raw if end is None else self.raw[:end.end()]
+        return _HEADER_PARSER.parsebytes(head, headersonly=True)
 
     @cached_property
     def defects(self) -> list[str]:
@@ -275,9 +295,9 @@ class Message:
 
     def _raw_header_items(self) -> list[tuple[str, object]]:
         try:
-            return list(self.parsed.items())
+            return list(self._head.items())
         except Exception:  # a header the policy cannot parse at all: fall back to raw strings
-            return list(self.parsed._headers)  # type: ignore[attr-defined]
+            return list(self._head._headers)  # type: ignore[attr-defined]
 
     @staticmethod
     def _header_text(name: str, value: object) -> str:

@@ -250,8 +250,11 @@ def test_construction_and_routing_do_not_parse():
     view = Mailbox(store)
     store.deliver(msg)
     assert view.wait_for(to="alice@example.test", within=1) is msg
-    assert "parsed" not in msg.__dict__
-    assert msg.subject == "Confirm your email"
+    assert "parsed" not in msg.__dict__ and "headers" not in msg.__dict__
+    # Headers need the header section only; the body is parsed when something asks for it.
+    assert msg.subject == "Confirm your email" and msg.to == ["alice@example.test", "bob@example.test"]
+    assert "headers" in msg.__dict__ and "parsed" not in msg.__dict__
+    assert msg.text.startswith("Hello Alice,")
     assert "parsed" in msg.__dict__
 
 
@@ -387,3 +390,35 @@ def test_email_corpus_is_present():
 def test_email_corpus_never_raises(path):
     assert path is not None, MISSING_CORPUS
     touch_everything(Message(path.read_bytes()))
+
+
+# -- headers without the body --------------------------------------------------------------
+
+
+def _header_shapes(count: int) -> list[bytes]:
+    """Seeded random header sections: CR, LF and CRLF mixed, folds, non-header lines, 8-bit bytes."""
+    pieces = [b"Subject: a", b"\r", b"\n", b"\r\n", b" folded", b"X-A: b", b"not a header", b"\t cont",
+              b"From x", b":", b"\xff", b"To: a@b.test", b"=?utf-8?q?=C3=A9?="]
+    rng = random.Random(11)
+    return [b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(count)]
+
+
+HEADER_CASES = ([signup_email(), mixed_with_attachments()] + list(MALFORMED.values())
+                + [p.read_bytes() for p in CORPUS_FILES] + _header_shapes(2000))
+
+
+def test_headers_parsed_alone_are_the_headers_of_a_full_parse():
+    for raw in HEADER_CASES:
+        alone = Message(raw)
+        headers = alone.headers
+        assert "parsed" not in alone.__dict__, raw[:80]
+        full = Message(raw)
+        full.parsed  # parse everything first: the headers then come from that parse
+        assert headers == full.headers, raw[:200]
+        assert (alone.subject, alone.to, alone.cc) == (full.subject, full.to, full.cc)
+    assert len(HEADER_CASES) > 2000 + len(MALFORMED)  # the corpus is in (test_email_corpus_is_present)
+
+
+def test_a_full_parse_already_made_serves_the_headers():
+    msg = Message(signup_email())
+    assert msg.text and msg._head is msg.parsed

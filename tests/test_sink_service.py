@@ -23,9 +23,11 @@ from typing import Optional
 import pytest
 import requests
 
+from mailproof.criteria import Criteria
 from mailproof.faults.specs import (FaultError, action_from_spec, action_to_spec, parse_chaos_profile,
                                rule_from_spec, rule_to_spec)
 from mailproof.faults import Chaos, Delay, Disconnect, RateLimit, Reply, Script, Stall
+from mailproof.message import Message
 from mailproof.servers.app_process import AppProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,6 +202,29 @@ def test_wait_times_out_with_408_and_near_misses(service):
     assert body["found"] == []
     assert body["near_misses"][0]["rcpt_tos"] == [to]
     assert body["near_misses"][0]["why"] == ["subject 'Receipt' does not contain 'Confirm'"]
+
+
+def test_wait_near_miss_reasons_are_exactly_the_criteria_mismatches(service):
+    """/wait matches with Criteria and reports Criteria.mismatches: it cannot drift from a Mailbox wait."""
+    to, other = addr("drift"), addr("bystander")
+    since = service.last_seq()
+    service.send([to.upper()], make_raw(to, "Please Confirm"))  # found: the recipient is case-insensitive
+    service.send([to], make_raw(to, "Your receipt"))  # the right recipient, another subject
+    service.send([other], make_raw(other, "Confirm this"))  # the subject, another recipient
+    service.send([other], make_raw(other, "Newsletter"))  # neither
+    response = service.get(f"/wait?to={to}&subject=Confirm&count=2&since={since}&timeout=0")
+    assert response.status_code == 408
+    body = response.json()
+    criteria = Criteria(to=to, subject="Confirm")
+    assert body["error"].startswith(f"only 1 of 2 mails {criteria.describe()} within 0 s;")
+    assert [m["subject"] for m in body["found"]] == ["Please Confirm"]
+    near = body["near_misses"]
+    assert [m["subject"] for m in near] == ["Your receipt", "Newsletter", "Confirm this"]  # same recipient first
+    for miss in near:
+        raw = service.get(f"/messages/{miss['seq']}/raw").content
+        msg = Message(raw, mail_from=miss["mail_from"], rcpt_tos=miss["rcpt_tos"], seq=miss["seq"])
+        assert miss["why"] == criteria.mismatches(msg) != []
+    assert [len(m["why"]) for m in near] == [1, 2, 1]  # both kinds of reason, alone and together
 
 
 # -- the event stream ----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from mailproof.capture.service import TOKEN_ENV
 from mailproof.faults.specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
 from mailproof.faults import FaultRule
 from mailproof.servers.app_process import AppProcess
@@ -44,7 +45,6 @@ from mailproof.net import UNSPECIFIED
 log = logging.getLogger("mailproof.capture.remote")
 
 DEFAULT_HEARTBEAT = 2.0
-TOKEN_ENV = "MAILPROOF_SINK_TOKEN"
 
 
 class SinkServiceError(MailproofError):

@@ -1,0 +1,80 @@
+"""``SinkService``: the capture sink (SMTP) and its HTTP API on the running event loop."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Optional
+
+from aiohttp import web
+
+from mailproof.capture.service import ServiceError
+from mailproof.capture.service.api import SinkApi
+from mailproof.capture.service.store import DEFAULT_MAX_MESSAGES, CaptureStore
+from mailproof.capture.smtp_sink import SmtpSink
+from mailproof.faults import FaultPlan
+from mailproof.net import LOOPBACK
+
+
+class SinkService:
+    """SMTP capture plus its HTTP API on the running event loop.
+
+    >>> service = SinkService(); await service.start(); ...; await service.stop()
+    """
+
+    def __init__(self, *, host: str = LOOPBACK, smtp_port: int = 0, http_port: int = 0,
+                 token: Optional[str] = None, max_messages: int = DEFAULT_MAX_MESSAGES,
+                 smtp_timeout: float = 60.0, data_size_limit: int = 64 * 1024 * 1024) -> None:
+        self.host = host
+        self.http_port = http_port
+        self.token = token or None
+        self.store = CaptureStore(max_messages)
+        self.faults = FaultPlan()
+        self.sink = SmtpSink(on_message=self.store.add, host=host, port=smtp_port, faults=self.faults,
+                             timeout=smtp_timeout, data_size_limit=data_size_limit)
+        self.started_at = time.time()
+        self.instance = uuid.uuid4().hex[:16]  # a restarted service numbers from 1 again: clients must know
+        self.stopping = False
+        self._runner: Optional[web.AppRunner] = None
+
+    @property
+    def smtp_port(self) -> int:
+        return self.sink.port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.http_port}"
+
+    @property
+    def ready_line(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"READY {self.url} smtp={host}:{self.smtp_port}"
+
+    async def start(self) -> "SinkService":
+        await self.sink.start_async()
+        app = SinkApi(self).app()
+        app.on_shutdown.append(self._on_shutdown)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.http_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            await self.sink.stop_async()
+            raise ServiceError(f"cannot listen for HTTP on {self.host}:{self.http_port}: {exc}. "
+                               "Choose a free port (0 lets the OS pick one).") from exc
+        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.store.close_clients()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.sink.stop_async()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.store.close_clients()
