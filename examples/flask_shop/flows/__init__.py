@@ -1,0 +1,1 @@
+"""Flask Shop's email flows: scenarios (accounts.py, orders.py) and the tests that run them."""
