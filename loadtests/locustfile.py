@@ -15,7 +15,7 @@ from locust import constant_pacing, events  # noqa: E402
 
 from flows import accounts, newsletter, orders  # noqa: E402
 from loadtests.shapes import RehearsalShape, add_options  # noqa: E402,F401  (Locust picks up the shape)
-from mailproof.load.locust_user import FlowUser, tasks_for  # noqa: E402
+from mailproof.load import FlowUser, tasks_for  # noqa: E402
 
 # Launch-day mix: mostly signups, then receipts and resets; newsletters are rare per user.
 DEFAULT_MIX = {

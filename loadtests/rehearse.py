@@ -5,28 +5,24 @@
     python -m loadtests.rehearse --chaos "5%:rcpt:451,1%:after_data:disconnect"
 
 Exits with Locust's exit code: 0 when every SLO gate passed, 3 when a gate failed (the summary
-names it and by how much), 1/2 for Locust errors. Results land in reports/rehearsal/.
+names it and by how much), 1/2 for Locust errors. Results land in reports/rehearsal/: results.json
+(schema: docs/results.md, with the chaos profile and the faults the sink injected), Locust's CSVs
+and HTML.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from mailproof.servers.app_process import AppProcess
 from mailproof.capture.remote import RemoteSink
+from mailproof.net import free_port
+from mailproof.servers.app_process import AppProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -58,6 +54,9 @@ def locust_command(args: argparse.Namespace, app_url: str, sink_url: str, out: P
         "--exit-code-on-error", "0",  # the SLO gates decide (http:error_rate among them)
         "--loglevel", "WARNING",
         *(["--flow-mix", args.flow_mix] if args.flow_mix else []),
+        # Recorded in results.json (run.chaos_profile / chaos_seed); the sink service injects them.
+        *(["--mailproof-chaos", args.chaos] if args.chaos else []),
+        *(["--mailproof-chaos-seed", str(args.chaos_seed)] if args.chaos and args.chaos_seed is not None else []),
         *[item for gate in args.gate for item in ("--mailproof-gate", gate)],
     ]
 

@@ -7,6 +7,11 @@ waiters whose criteria it meets, from the delivering thread: nobody polls.
 ``Mailbox`` is a view on a store for one test or one flow run: it hands out addresses, records
 trigger times for latency, only sees mail captured after it was opened, and never returns the
 same message twice (each ``wait_for`` claims what it returns).
+
+``Triggers`` is the one definition of an email's delivery latency: seconds from the latest
+trigger at or before its capture. A wait stamps each message it returns with it
+(``Message.triggered_at``, hence ``Message.latency``); the rehearsal ledger measures every
+arrival with the same object's ``latency``, so both give the same number for the same message.
 """
 
 from __future__ import annotations
@@ -23,6 +28,52 @@ from mailproof.errors import MailLate, MailNotDelivered, UnexpectedMail
 from mailproof.message import Message
 
 NEAR_MISSES_SHOWN = 10
+
+
+class Triggers:
+    """Sorted trigger times (epoch seconds) of one test or flow run; what latency is measured from.
+
+    Not locked: one flow run marks its own triggers, and readers copy them once it has finished.
+    """
+
+    __slots__ = ("_times",)
+
+    def __init__(self, times: Iterable[float] = ()) -> None:
+        self._times: list[float] = sorted(float(t) for t in times)
+
+    def add(self, at: float) -> None:
+        bisect.insort(self._times, float(at))
+
+    def before(self, received_at: Optional[float]) -> Optional[float]:
+        """The latest trigger at or before ``received_at`` (None: no trigger that early, or no time)."""
+        if received_at is None or not self._times:
+            return None
+        index = bisect.bisect_right(self._times, received_at)
+        return self._times[index - 1] if index else None
+
+    def latency(self, received_at: Optional[float]) -> Optional[float]:
+        """Seconds from ``before(received_at)`` to ``received_at``: exactly ``Message.latency``
+        of a message captured then and stamped by ``stamp``."""
+        trigger = self.before(received_at)
+        return None if trigger is None or received_at is None else received_at - trigger
+
+    def stamp(self, msg: Message) -> Optional[float]:
+        """Set ``msg.triggered_at`` (so ``msg.latency`` is this latency) and return the latency."""
+        msg.triggered_at = self.before(msg.received_at)
+        return msg.latency
+
+    @property
+    def times(self) -> list[float]:
+        return list(self._times)
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def __iter__(self):
+        return iter(list(self._times))
+
+    def __repr__(self) -> str:
+        return f"Triggers({self._times!r})"
 
 
 class _Waiter:
@@ -217,7 +268,7 @@ class Mailbox:
         # address -> (messages expected, seconds allowed): what the ledger reconciles against.
         self.expected: dict[str, tuple[int, float]] = {}
         self.claimed: set[int] = set()
-        self._triggers: list[float] = []
+        self.triggers = Triggers()
         self._start_seq = store.last_seq
         self._observers: list[Callable[..., None]] = []
         self._closed = False
@@ -234,14 +285,12 @@ class Mailbox:
     def mark(self, at: Optional[float] = None) -> float:
         """Record a trigger: latency of later mail is measured from the latest mark before it."""
         at = self.clock() if at is None else at
-        bisect.insort(self._triggers, at)
+        self.triggers.add(at)
         return at
 
     def trigger_for(self, received_at: Optional[float]) -> Optional[float]:
-        if received_at is None or not self._triggers:
-            return None
-        index = bisect.bisect_right(self._triggers, received_at)
-        return self._triggers[index - 1] if index else None
+        """The trigger a message captured at ``received_at`` is measured from (``Triggers.before``)."""
+        return self.triggers.before(received_at)
 
     def observe(self, observer: Callable[..., None]) -> None:
         """Call ``observer(event, message, criteria, error)`` on each outcome of a wait.
@@ -304,7 +353,7 @@ class Mailbox:
         late = None
         for msg in found:
             self.claimed.add(msg.seq)
-            msg.triggered_at = self.trigger_for(msg.received_at)
+            self.triggers.stamp(msg)
             if late is None and msg.latency is not None and msg.latency > within:
                 late = MailLate(
                     f"{criteria.describe()}: arrived {msg.latency:.3f} s after the trigger, "
@@ -379,7 +428,8 @@ class Mailbox:
             if not found
             else f"only {len(found)} of {count} mails {criteria.describe()} within {within:g} s"
         ]
-        window_start = min([started] + [t for t in self._triggers if t <= started][-1:])
+        last_trigger = self.triggers.before(started)
+        window_start = started if last_trigger is None else min(started, last_trigger)
         arrived = [m for m in self.messages if (m.received_at or 0) >= window_start and m.seq not in {f.seq for f in found}]
         if not arrived:
             lines.append(f"no other mail arrived in that window ({len(self.messages)} captured in this test).")

@@ -336,6 +336,32 @@ def test_latency_is_measured_from_the_latest_mark_before_capture(make_message):
     assert view.trigger_for(received - 11) is None
 
 
+def test_the_wait_and_the_rehearsal_ledger_give_the_same_latency_for_the_same_message(make_message):
+    from mailproof.load.ledger import Ledger
+
+    store, ledger = MailStore(), Ledger()
+    store.add_listener(ledger.on_arrival)
+    view = Mailbox(store, default_within=5)
+    waited, after_flow = view.address("waited"), view.address("late")
+    t0 = 1_700_000_000.0
+    for at in (t0 + 0.25, t0, t0 + 2.0):  # marks in any order: HTTP requests of the flow
+        view.mark(at=at)
+    store.deliver(make_message(waited, received_at=t0 + 1.5))  # 1.25 s after the mark at +0.25
+    store.deliver(make_message(waited, received_at=t0 + 2.75))  # 0.75 s after the mark at +2.0
+    first, second = view.wait_for(to=waited, count=2, within=5)
+    assert (first.latency, second.latency) == (1.25, 0.75)  # exact in binary floating point
+    ledger.record_flow("flow", view)
+    view.close()
+    # Mail the flow never waited for (it came after the run ended) is measured the same way.
+    store.deliver(make_message(after_flow, received_at=t0 + 9.5))
+
+    assert ledger.latencies(waited) == [first.latency, second.latency]
+    assert ledger.latencies(after_flow) == [7.5]
+    samples = {(s.address, s.latency) for s in ledger.timeline().samples}
+    assert samples == {(waited, 1.25), (waited, 0.75), (after_flow, 7.5)}
+    assert ledger.reconcile().flows["flow"].late == 1  # 7.5 s > the 5 s allowed; the others are in time
+
+
 def test_no_mark_means_no_latency_and_never_late(make_message):
     store = MailStore()
     view = Mailbox(store)

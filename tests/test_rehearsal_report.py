@@ -1,13 +1,14 @@
-"""The rehearsal report (mailproof/rehearsal_report.py) from results made by the real engine parts.
+"""The rehearsal report (mailproof/report/rehearsal.py) and results.json (mailproof/load/results.py).
 
 The results are assembled the way a rehearsal's master does it: a real Ledger fed with
-expectations and arrivals, real HdrHistograms, the real SLO gate evaluation. Locust itself is
-not imported here (it monkey-patches the process); the browser check is in
-test_reports_browser.py.
+expectations and arrivals, real HdrHistograms, the real SLO gate evaluation, written and read
+back through RehearsalResults. Locust itself is not imported here (it monkey-patches the
+process); the browser check is in test_reports_browser.py, a real chaos run in test_rehearsal.py.
 """
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import re
@@ -16,18 +17,22 @@ from html.parser import HTMLParser
 import pytest
 
 from mailproof.report import rehearsal as rehearsal_report
-from mailproof.load.gates import DEFAULT_GATES, Gate, evaluate
+from mailproof.load.gates import DEFAULT_GATES, Gate
 from mailproof.load.latency import LatencyHistograms
 from mailproof.load.ledger import Expectation, Ledger
+from mailproof.load.results import (FaultRecord, FlowRuns, Harness, RehearsalResults, RequestCounts,
+                                    ResultsError, RunInfo, Sample, SinkSnapshot, StreamCounters)
 
 T0 = 1_800_000_000.0
+SINK = "http://127.0.0.1:8025"
 
 
 def make_results(latencies: dict[str, list[float]], lost: dict[str, int] = {}, late_within: float = 5.0,
-                 gates: tuple[str, ...] = (), duplicates: int = 0, unexpected: int = 0, **extra) -> dict:
-    """Results as mailproof.load.locust_user.collect_results writes them, from real Ledger and histograms."""
+                 gates: tuple[str, ...] = (), duplicates: int = 0, unexpected: int = 0,
+                 chaos: tuple = (None, None), faults: list = (), stream: StreamCounters | None = None,
+                 notes: tuple[str, ...] = ()) -> RehearsalResults:
+    """Results as mailproof.load.rehearsal.Rehearsal.results builds them, from a real Ledger and histograms."""
     ledger, histograms = Ledger(), LatencyHistograms()
-    samples, sends, deliveries = [], {}, {}
     n = 0
     for flow, values in latencies.items():
         for i, latency in enumerate(values):
@@ -39,31 +44,27 @@ def make_results(latencies: dict[str, list[float]], lost: dict[str, int] = {}, l
             if duplicates and i < duplicates:
                 ledger.arrivals[address].append(trigger + latency + 0.01)
             histograms.record(flow, latency)
-            samples.append([round(trigger + latency, 3), latency, flow])
-            sends[int(trigger)] = sends.get(int(trigger), 0) + 1
-            deliveries[int(trigger + latency)] = deliveries.get(int(trigger + latency), 0) + 1
     for flow, count in lost.items():
         for j in range(count):
             address = f"{flow}+lost{j:03d}@mailproof.test"
             ledger.expectations[address] = Expectation(flow, 1, late_within, [T0 + j])
     for k in range(unexpected):
         ledger.arrivals[f"stranger+{k}@mailproof.test"].append(T0 + k)
-    results = {
-        "ledger": ledger.reconcile(),
-        "latency": histograms.summary(),
-        "http": {"requests": 200, "failures": 1},
-        "flows": {"runs": {f: len(latencies.get(f, ())) + lost.get(f, 0) for f in {*latencies, *lost}},
-                  "failures": {f: c for f, c in lost.items() if c}, "failure_samples":
-                  {f: f"MailNotDelivered: no mail to {f}+lost000@mailproof.test within 5 s" for f, c in lost.items() if c}},
-        "timeline": {"sends": sorted(sends.items()), "deliveries": sorted(deliveries.items()), "samples": sorted(samples)},
-        "locust": {"requests": 300, "failures": 1},
-        "workers": {},
-    }
-    verdicts = evaluate([Gate.parse(g) for g in (*DEFAULT_GATES, *gates)], results)
-    results["gates"] = [v.as_dict() for v in verdicts]
-    results["passed"] = all(v.passed for v in verdicts)
-    results.update(extra)
-    return json.loads(json.dumps(results))  # exactly what a reader of results.json gets
+    sinks = [SinkSnapshot(url=SINK, fetched_at=T0 + 60, received=n + duplicates + unexpected, retained=n,
+                          evicted=0, cleared=0, smtp_connections=n, faults=list(faults))] if faults else []
+    results = RehearsalResults(
+        run=RunInfo(started_at=T0, finished_at=T0 + 60, host="http://127.0.0.1:8000", mode="local",
+                    workers_expected=0, missing_workers=[], grace=10.0, chaos_profile=chaos[0], chaos_seed=chaos[1]),
+        ledger=ledger.reconcile(), latency=histograms.summary(),
+        http=RequestCounts(requests=200, failures=1), locust=RequestCounts(requests=300, failures=1),
+        flows=FlowRuns(runs={f: len(latencies.get(f, ())) + lost.get(f, 0) for f in sorted({*latencies, *lost})},
+                       failures={f: c for f, c in lost.items() if c},
+                       failure_samples={f: f"MailNotDelivered: no mail to {f}+lost000@mailproof.test within 5 s"
+                                        for f, c in lost.items() if c}),
+        timeline=ledger.timeline(),
+        harness=Harness(stream=stream, sinks=sinks, notes=list(notes)),
+    ).judge([Gate.parse(g) for g in (*DEFAULT_GATES, *gates)])
+    return RehearsalResults.from_json(results.to_json())  # exactly what a reader of results.json gets
 
 
 class Cells(HTMLParser):
@@ -84,7 +85,7 @@ class Cells(HTMLParser):
         if tag == "section":
             self.section = a.get("id", "")
         if tag == "tr":
-            self.flow = a.get("data-flow")
+            self.flow = a.get("data-flow") or a.get("data-row")
             if "gate" in (a.get("class") or "").split():
                 self.gate_rows.append(a["class"])
         if tag == "td" and a.get("data-key") and self.flow:
@@ -147,9 +148,9 @@ def test_report_shows_gate_verdicts_ledger_and_exact_percentiles():
     assert value(cells, "ledger", "signup_confirms_account", "delivered") == "100"
 
     # The percentiles are the histograms' (three significant digits), in ms.
-    summary = results["latency"]["signup_confirms_account"]
+    summary = results.latency["signup_confirms_account"]
     for p in ("p50", "p90", "p95", "p99", "max"):
-        expected = summary[p] * 1000
+        expected = getattr(summary, p) * 1000
         assert value(cells, "latency", "signup_confirms_account", p) == (f"{expected:,.0f}" if expected >= 100 else f"{expected:,.1f}")
     assert value(cells, "latency", "order_receipt", "max") == "6,500"
     assert "First failure of each flow" in page and "MailNotDelivered: no mail to order_receipt+lost000" in page
@@ -159,7 +160,7 @@ def test_deltas_against_the_previous_run_say_better_or_worse():
     before = make_results({"signup_confirms_account": [0.05] * 50}, lost={"signup_confirms_account": 3})
     after = make_results({"signup_confirms_account": [0.08] * 50})
     cells = parse(rehearsal_report.render(after, previous=before, previous_source="previous.json"))
-    now, then = after["latency"]["signup_confirms_account"]["p50"], before["latency"]["signup_confirms_account"]["p50"]
+    now, then = after.latency["signup_confirms_account"].p50, before.latency["signup_confirms_account"].p50
     assert value(cells, "latency", "signup_confirms_account", "p50") == f"{now * 1000:.1f}"
     change = (now - then) * 1000
     assert delta(cells, "latency", "signup_confirms_account", "p50") == f"+{change:.0f} ms (+{(now - then) / then * 100:.0f}%)"
@@ -172,11 +173,11 @@ def test_deltas_against_the_previous_run_say_better_or_worse():
     assert "was FAIL" in page and "compared with the previous run" in page
 
 
-def test_faults_slowest_emails_with_hops_and_the_load_shape(tmp_path):
-    results = make_results({"order_receipt": [0.1, 0.2, 0.3]},
-                           faults={"profile": "5%:rcpt:451", "seed": 7, "injected": {"rcpt 451": 12}})
-    results["timeline"]["samples"].append([T0 + 3, 4.2, "order_receipt", "order+000099@mailproof.test",
-                                           {"app_queue": 4.0, "smtp": 0.15, "sink": 0.05}])
+def test_slowest_emails_with_hops_and_the_load_shape(tmp_path):
+    results = make_results({"order_receipt": [0.1, 0.2, 0.3]})
+    results.timeline.samples.append(Sample(t=T0 + 3, latency=4.2, flow="order_receipt",
+                                           address="order+000099@mailproof.test",
+                                           hops={"app_queue": 4.0, "smtp": 0.15, "sink": 0.05}))
     history = tmp_path / "locust_stats_history.csv"
     history.write_text("Timestamp,User Count,Type,Name,Requests/s\n"
                        f"{int(T0)},2,,Aggregated,1\n{int(T0)},2,GET,/signup,1\n{int(T0) + 1},9,,Aggregated,3\n")
@@ -184,13 +185,49 @@ def test_faults_slowest_emails_with_hops_and_the_load_shape(tmp_path):
     assert users == [(T0, 2), (T0 + 1, 9)]
     page = rehearsal_report.render(results, users=users)
     assert "peak 9 users" in page
-    assert "<td class=\"text\">profile</td><td class=\"text\">5%:rcpt:451</td>" in page
-    assert '{"rcpt 451": 12}' in html.unescape(page)
     slowest = page[page.index('id="slowest"'):page.index('id="traffic"')]
     rows = re.findall(r"<tr><td>(\d+)</td>.*?</tr>", slowest, re.S)
     assert rows[:4] == ["1", "2", "3", "4"]
     first = re.search(r"<tr><td>1</td>(.*?)</tr>", slowest, re.S).group(1)
     assert "4,200" in first and "order+000099@mailproof.test" in first and "app_queue 4000 ms → smtp 150 ms → sink 50 ms" in first
+    second = re.search(r"<tr><td>2</td>(.*?)</tr>", slowest, re.S).group(1)
+    assert "300" in second and "order_receipt+000002@mailproof.test" in second
+
+
+def test_a_chaos_runs_profile_faults_and_harness_counters_reach_the_report():
+    rcpt = FaultRecord(id=1, name="chaos:5%:rcpt:451", stage="rcpt", scope="chaos", match={},
+                       action={"chaos": {"p": 0.05, "seed": 7, "action": {"reply": "451 4.3.0 try later"}}},
+                       fired=212, acted=11)
+    hangup = FaultRecord(id=2, name="chaos:1%:after_data:disconnect", stage="after_data", scope="chaos",
+                         match={"to_pattern": "signup"}, action={"chaos": {"p": 0.01, "seed": 8,
+                                                                           "action": {"disconnect": True}}},
+                         fired=201, acted=3)
+    results = make_results({"order_receipt": [0.1, 0.2]}, chaos=("5%:rcpt:451,1%:after_data:disconnect", 7),
+                           faults=[rcpt, hangup],
+                           stream=StreamCounters(received=203, duplicates=1, missing=2, reconnects=4, restarts=1,
+                                                 evicted=5),
+                           notes=("worker w2: sink service http://10.0.0.7:8025: counters and faults not read",))
+    page = rehearsal_report.render(results)
+    cells = parse(page)
+    text = html.unescape(page)
+    assert "chaos <code>5%:rcpt:451,1%:after_data:disconnect</code> (seed 7)" in text
+    assert value(cells, "faults", "chaos:5%:rcpt:451", "fired") == "212"
+    assert value(cells, "faults", "chaos:5%:rcpt:451", "acted") == "11"
+    assert value(cells, "faults", "chaos:1%:after_data:disconnect", "acted") == "3"
+    assert "to_pattern=signup" in text and '"reply": "451 4.3.0 try later"' in text
+    assert re.search(r'id="faults-acted">14<', page)  # 11 + 3 injected in all
+    for key, expected in {"received": "203", "duplicates": "1", "missing": "2", "reconnects": "4",
+                          "restarts": "1", "evicted": "5"}.items():
+        assert value(cells, "harness", "stream", key) == expected, key
+    assert value(cells, "harness", f"sink {SINK}", "received") == "2"
+    assert value(cells, "harness", f"sink {SINK}", "smtp_connections") == "2"
+    assert "counters and faults not read" in text
+
+
+def test_a_run_without_chaos_says_so():
+    page = rehearsal_report.render(make_results({"order_receipt": [0.1]}))
+    assert "no chaos" in page and "the sink service held no fault rule" in page
+    assert "No process of this run reported its stream counters" in page
 
 
 def test_page_is_self_contained_with_two_inline_plots():
@@ -223,15 +260,15 @@ def test_keep_previous_compares_with_the_run_before_and_is_idempotent(tmp_path, 
     run1 = make_results({"order_receipt": [0.1] * 10})
     run2 = make_results({"order_receipt": [0.2] * 10})
 
-    results.write_text(json.dumps(run1))
+    run1.write(results)
     assert rehearsal_report.main([str(results), "--keep-previous", "-o", str(out)]) == 0
     assert "no previous run to compare with" in out.read_text()
     assert not (tmp_path / "previous.json").exists()
 
-    results.write_text(json.dumps(run2))  # a new rehearsal overwrote results.json
+    run2.write(results)  # a new rehearsal overwrote results.json
     for _ in range(2):  # rebuilding the same run's report keeps the same comparison
         assert rehearsal_report.main([str(results), "--keep-previous", "-o", str(out)]) == 0
-        assert json.loads((tmp_path / "previous.json").read_text()) == run1
+        assert RehearsalResults.read(tmp_path / "previous.json") == run1
         page = out.read_text()
         assert "compared with the previous run" in page and re.search(r"\+100 ms \(\+\d+%\)", page)
     assert "rehearsal report (PASS)" in capsys.readouterr().out
@@ -239,7 +276,7 @@ def test_keep_previous_compares_with_the_run_before_and_is_idempotent(tmp_path, 
 
 def test_default_output_and_locust_history_sit_beside_the_results(tmp_path):
     results = tmp_path / "results.json"
-    results.write_text(json.dumps(make_results({"order_receipt": [0.1, 0.2]})))
+    make_results({"order_receipt": [0.1, 0.2]}).write(results)
     (tmp_path / "locust_stats_history.csv").write_text(
         f"Timestamp,User Count,Type,Name\n{int(T0)},5,,Aggregated\n")
     assert rehearsal_report.main([str(results)]) == 0
@@ -249,5 +286,153 @@ def test_default_output_and_locust_history_sit_beside_the_results(tmp_path):
 def test_unreadable_results_stop_with_a_clear_message(tmp_path):
     bogus = tmp_path / "results.json"
     bogus.write_text('{"hello": 1}')
-    with pytest.raises(SystemExit, match="has no 'ledger'"):
+    with pytest.raises(SystemExit, match=re.escape(f"{bogus}: schema: no 'schema' field")):
         rehearsal_report.main([str(bogus)])
+
+
+# -- results.json: the schema ----------------------------------------------------------------------
+
+# A complete file as docs/results.md describes it, written by hand (not by the code under test).
+HAND_WRITTEN = {
+    "schema": "mailproof.rehearsal-results", "schema_version": 1,
+    "run": {"started_at": 1800000000.0, "finished_at": 1800000075.5, "host": "http://127.0.0.1:8000",
+            "mode": "distributed", "workers_expected": 2, "missing_workers": ["w2"], "grace": 10.0,
+            "chaos_profile": "5%:rcpt:451", "chaos_seed": 7},
+    "ledger": {"flows": {"order_receipt": {"expected": 3, "delivered": 2, "late": 1, "lost": 1, "duplicated": 0,
+                                           "negative_checks": 0}},
+               "unexpected": 1, "unexpected_addresses": {"stranger@mailproof.test": 1}, "handed_out": 3},
+    "latency": {"order_receipt": {"count": 2, "p50": 0.25, "p90": 6.5, "p95": 6.5, "p99": 6.5, "max": 6.5,
+                                  "mean": 3.375}},
+    "http": {"requests": 10, "failures": 0},
+    "locust": {"requests": 15, "failures": 2},
+    "flows": {"runs": {"order_receipt": 3}, "failures": {"order_receipt": 1},
+              "failure_samples": {"order_receipt": "MailNotDelivered: no mail"}},
+    "timeline": {"sends": [[1800000000, 3]], "deliveries": [[1800000000, 1], [1800000006, 1]],
+                 "samples": [{"t": 1800000000.25, "latency": 0.25, "flow": "order_receipt",
+                              "address": "order+1@mailproof.test", "hops": None},
+                             {"t": 1800000006.5, "latency": 6.5, "flow": "order_receipt",
+                              "address": "order+2@mailproof.test", "hops": {"smtp": 0.5}}]},
+    "workers": {"w1": {"flows": {"order_receipt": {"expected": 3, "delivered": 2, "late": 1, "lost": 1,
+                                                   "duplicated": 0, "negative_checks": 0}},
+                       "stream": {"received": 3, "duplicates": 0, "missing": 1, "reconnects": 2, "restarts": 0,
+                                  "evicted": 0}}},
+    "harness": {"stream": {"received": 3, "duplicates": 0, "missing": 1, "reconnects": 2, "restarts": 0, "evicted": 0},
+                "sinks": [{"url": "http://127.0.0.1:8025", "fetched_at": 1800000075.0, "received": 4, "retained": 4,
+                           "evicted": 0, "cleared": 0, "smtp_connections": 5,
+                           "faults": [{"id": 1, "name": "chaos:5%:rcpt:451", "stage": "rcpt", "scope": "chaos",
+                                       "match": {}, "action": {"chaos": {"p": 0.05, "seed": 7,
+                                                                         "action": {"reply": "451 4.3.0 later"}}},
+                                       "fired": 5, "acted": 1}]}],
+                "notes": ["worker w2 never reported"]},
+    "gates": [{"gate": "*:lost==0", "subject": "order_receipt", "actual": 1.0, "passed": False,
+               "detail": "order_receipt: lost 1 == 0: missed by 1"}],
+    "passed": False,
+}
+
+
+def test_a_hand_written_file_reads_into_the_types_and_writes_back_unchanged(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(HAND_WRITTEN))
+    results = RehearsalResults.read(path)
+    assert results.run.chaos_profile == "5%:rcpt:451" and results.run.chaos_seed == 7
+    assert results.run.missing_workers == ["w2"]
+    assert results.ledger.flows["order_receipt"].lost == 1
+    assert results.latency["order_receipt"].p50 == 0.25
+    assert results.timeline.sends == [(1800000000, 3)]
+    assert results.timeline.samples[1].hops == {"smtp": 0.5}
+    assert results.workers["w1"].stream.reconnects == 2
+    assert results.harness.sinks[0].faults[0].acted == 1
+    assert results.gates[0].passed is False and results.gates[0].actual == 1.0
+    assert results.to_dict() == HAND_WRITTEN  # every field written, none added, none renamed
+
+    again = tmp_path / "again.json"
+    results.write(again)
+    assert RehearsalResults.read(again) == results
+    assert json.loads(again.read_text()) == HAND_WRITTEN
+
+
+def test_round_trip_of_built_results_keeps_every_value(tmp_path):
+    built = make_results({"signup_confirms_account": [0.05, 0.07, 6.0]}, lost={"order_receipt": 1},
+                         chaos=("1%:after_data:disconnect", None), stream=StreamCounters(received=3, missing=1),
+                         faults=[FaultRecord(id=3, name=None, stage="rcpt", scope=None, match={"to": "a@b"},
+                                             action={"reply": "450 busy"}, fired=9, acted=2)])
+    path = built.write(tmp_path / "results.json")
+    back = RehearsalResults.read(path)
+    assert back == built
+    assert back.ledger.flows["signup_confirms_account"].late == 1  # 6 s > the 5 s allowed
+    assert back.ledger.flows["order_receipt"].lost == 1
+    assert back.run.chaos_seed is None and back.harness.sinks[0].faults[0].match == {"to": "a@b"}
+    assert [g.gate for g in back.gates if not g.passed] == ["*:lost==0"]
+
+
+def _broken(edit) -> dict:
+    data = copy.deepcopy(HAND_WRITTEN)
+    edit(data)
+    return data
+
+
+@pytest.mark.parametrize("edit, where, problem", [
+    (lambda d: d.update(schema_version=2), "schema_version", "version 2, but this mailproof reads version 1 only"),
+    (lambda d: d.pop("schema_version"), "schema_version", "missing"),
+    (lambda d: d.update(schema="something-else"), "schema", "schema 'something-else'"),
+    (lambda d: d["ledger"]["flows"]["order_receipt"].update(lost="1"),
+     'ledger.flows["order_receipt"].lost', "expected an integer, got a string '1'"),
+    (lambda d: d["latency"]["order_receipt"].pop("p95"), 'latency["order_receipt"].p95', "missing"),
+    (lambda d: d["run"].update(chaos="5%:rcpt:451"), "run.chaos", "unknown field"),
+    (lambda d: d["timeline"]["samples"][1].update(latency=None), "timeline.samples[1].latency",
+     "expected a number, got null"),
+    (lambda d: d["timeline"].update(sends=[[1800000000]]), "timeline.sends[0]", "expected an array of 2"),
+    (lambda d: d["harness"]["sinks"][0]["faults"][0].update(acted=1.5),
+     "harness.sinks[0].faults[0].acted", "expected an integer, got a number 1.5"),
+    (lambda d: d.update(passed="no"), "passed", "expected true or false"),
+    (lambda d: d.update(gates={}), "gates", "expected an array, got an object"),
+])
+def test_a_malformed_file_names_the_file_and_the_field(tmp_path, edit, where, problem):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_broken(edit)))
+    with pytest.raises(ResultsError) as error:
+        RehearsalResults.read(path)
+    assert str(error.value).startswith(f"{path}: {where}: "), str(error.value)
+    assert problem in str(error.value)
+    with pytest.raises(SystemExit, match=re.escape(f"rehearsal report: {path}: {where}: ")):
+        rehearsal_report.main([str(path)])
+
+
+def test_a_file_that_is_not_json_or_not_there_names_the_file(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('{"schema": "mailproof.rehearsal-results", "schema_version": 1, "passed": NaN}')
+    with pytest.raises(ResultsError, match=re.escape(f"{path}: (file): not JSON: NaN")):
+        RehearsalResults.read(path)
+    with pytest.raises(ResultsError, match=re.escape(f"{tmp_path / 'nope.json'}: (file): cannot read it")):
+        RehearsalResults.read(tmp_path / "nope.json")
+    with pytest.raises(ResultsError, match=r"results: \(top level\): expected a JSON object, got an array"):
+        RehearsalResults.from_json("[]")
+
+
+def test_a_kept_previous_run_of_another_schema_is_not_compared_with(tmp_path, capsys):
+    results, out = tmp_path / "results.json", tmp_path / "report.html"
+    (tmp_path / "reported.json").write_text('{"ledger": {}, "latency": {}, "gates": []}')  # before the schema
+    make_results({"order_receipt": [0.1]}).write(results)
+    assert rehearsal_report.main([str(results), "--keep-previous", "-o", str(out)]) == 0
+    assert "no previous run to compare with" in out.read_text()
+    assert f"not comparing with the previous run: {tmp_path / 'previous.json'}: schema: no 'schema' field" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="schema: no 'schema' field"):  # asked for explicitly, it must read
+        rehearsal_report.main([str(results), "--previous", str(tmp_path / "previous.json"), "-o", str(out)])
+
+
+def test_docs_describe_every_field_of_the_schema():
+    import dataclasses
+    from pathlib import Path
+
+    from mailproof.load import results as schema
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
+    records = [schema.RehearsalResults, schema.RunInfo, schema.LedgerCounts, schema.FlowCounts,
+               schema.LatencySummary, schema.RequestCounts, schema.FlowRuns, schema.Timeline, schema.Sample,
+               schema.WorkerAccount, schema.Harness, schema.StreamCounters, schema.SinkSnapshot,
+               schema.FaultRecord, schema.Verdict]
+    undocumented = [f"{cls.__name__}.{f.name}" for cls in records for f in dataclasses.fields(cls)
+                    if f"`{f.name}`" not in doc]
+    assert undocumented == []
+    assert f"`schema_version` is `{schema.SCHEMA_VERSION}`" in doc

@@ -1,14 +1,16 @@
 """Launch-day rehearsals: flows as Locust tasks, the ledger of every email, exact latencies,
-SLO gates and the results file.
+SLO gates and the results file (``mailproof.load.results``, docs/results.md).
 
-Locust is imported only by ``locust_user`` (importing it monkey-patches the process with
+Locust is imported only by ``mailproof.load.user`` (importing it monkey-patches the process with
 gevent): ``from mailproof.load import FlowUser`` in a locustfile imports it, nothing else here does.
 """
 
 from mailproof.load.gates import DEFAULT_GATES, Gate, GateError, Verdict, evaluate
 from mailproof.load.ledger import Ledger
+from mailproof.load.results import RehearsalResults, ResultsError
 
-__all__ = ["DEFAULT_GATES", "FlowUser", "Gate", "GateError", "Ledger", "Verdict", "evaluate", "tasks_for"]
+__all__ = ["DEFAULT_GATES", "FlowUser", "Gate", "GateError", "Ledger", "RehearsalResults", "ResultsError",
+           "Verdict", "evaluate", "tasks_for"]
 
 
 def __getattr__(name: str):
@@ -16,7 +18,7 @@ def __getattr__(name: str):
         from mailproof.extras import require
 
         require("locust", "running flows under Locust")
-        from mailproof.load import locust_user
+        from mailproof.load import user
 
-        return getattr(locust_user, name)
+        return getattr(user, name)
     raise AttributeError(f"module 'mailproof.load' has no attribute {name!r}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 LATENCY = {"p50", "p90", "p95", "p99", "max", "mean"}
 COUNTS = {"lost", "late", "duplicated", "delivered", "expected"}
@@ -68,9 +68,6 @@ class Verdict:
     passed: bool
     detail: str
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def _fmt(metric: str, value: float) -> str:
     if metric in LATENCY:
@@ -80,28 +77,23 @@ def _fmt(metric: str, value: float) -> str:
     return f"{value:g}"
 
 
-def evaluate(gates: list[Gate], results: dict) -> list[Verdict]:
-    """``results``: {"ledger": Ledger.reconcile(), "latency": LatencyHistograms.summary(),
-    "http": {"requests": n, "failures": n}}."""
+def evaluate(gates: list[Gate], results: Any) -> list[Verdict]:
+    """``results``: a ``mailproof.load.results.RehearsalResults`` (only its ``ledger``, ``latency``
+    and ``http`` are read)."""
     verdicts = []
-    flows = sorted(set(results["ledger"]["flows"]) | set(results["latency"]))
+    ledger, latency, http = results.ledger, results.latency, results.http
+    flows = sorted(set(ledger.flows) | set(latency))
     for gate in gates:
         if gate.flow == "run":
-            targets = [("run", float(results["ledger"]["unexpected"]))]
+            targets = [("run", float(ledger.unexpected))]
         elif gate.flow == "http":
-            http = results["http"]
-            rate = http["failures"] / http["requests"] if http["requests"] else 0.0
-            targets = [("http", rate)]
+            targets = [("http", http.failures / http.requests if http.requests else 0.0)]
         else:
             names = flows if gate.flow == "*" else [gate.flow]
             targets = []
             for name in names:
-                if gate.metric in LATENCY:
-                    row = results["latency"].get(name)
-                    targets.append((name, row[gate.metric] if row else None))
-                else:
-                    row = results["ledger"]["flows"].get(name)
-                    targets.append((name, float(row[gate.metric]) if row else None))
+                row = latency.get(name) if gate.metric in LATENCY else ledger.flows.get(name)
+                targets.append((name, float(getattr(row, gate.metric)) if row is not None else None))
         for subject, actual in targets:
             if actual is None:
                 verdicts.append(Verdict(gate.text, subject, None, False,

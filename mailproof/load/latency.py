@@ -11,6 +11,8 @@ from collections import defaultdict
 
 from hdrh.histogram import HdrHistogram
 
+from mailproof.load.results import LatencySummary
+
 LOWEST_US, HIGHEST_US, DIGITS = 1, 3_600_000_000, 3
 PERCENTILES = (50, 90, 95, 99)
 
@@ -40,16 +42,16 @@ class LatencyHistograms:
             for flow, data in encoded.items():
                 self._by_flow[flow].add(HdrHistogram.decode(data.encode("ascii")))
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Seconds: count, p50, p90, p95, p99, max, mean per flow."""
+    def summary(self) -> dict[str, LatencySummary]:
+        """Seconds: count, p50, p90, p95, p99, max, mean per flow (flows with no sample left out)."""
         with self._lock:
             out = {}
             for flow, h in sorted(self._by_flow.items()):
                 if not h.get_total_count():
                     continue
-                row = {"count": h.get_total_count()}
-                row.update({f"p{p}": h.get_value_at_percentile(p) / 1e6 for p in PERCENTILES})
-                row["max"] = h.get_max_value() / 1e6
-                row["mean"] = h.get_mean_value() / 1e6
-                out[flow] = row
+                out[flow] = LatencySummary(
+                    count=h.get_total_count(),
+                    **{f"p{p}": h.get_value_at_percentile(p) / 1e6 for p in PERCENTILES},
+                    max=h.get_max_value() / 1e6, mean=h.get_mean_value() / 1e6,
+                )
             return out

@@ -10,17 +10,25 @@ the trigger). Every captured message is an arrival. At the end, per flow:
 
 Addresses are unique per expectation, so the ledger needs no message content: only recipients
 and arrival times. Snapshots merge (distributed runs: one ledger per Locust worker).
+
+Latency is not computed here: each expectation keeps its flow run's ``Triggers`` (the Mailbox's),
+and an arrival's latency is ``Triggers.latency``, the very number the Mailbox stamped on the
+message when a wait returned it (``Message.latency``). Arrivals no wait returned (mail that came
+after its flow gave up) are measured with the same object.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mailproof.mailbox import Mailbox
+from mailproof.load.results import FlowCounts, LedgerCounts, Sample, Timeline
+from mailproof.mailbox import Mailbox, Triggers
 from mailproof.message import Message
+
+UNEXPECTED_ADDRESSES_KEPT = 50
 
 
 @dataclass
@@ -28,24 +36,14 @@ class Expectation:
     flow: str
     count: int  # messages expected (0: the flow asserted none must come)
     within: float  # seconds allowed from the trigger
-    triggers: list[float] = field(default_factory=list)
+    triggers: Triggers = field(default_factory=Triggers)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.triggers, Triggers):
+            self.triggers = Triggers(self.triggers)
 
     def latency(self, received_at: float) -> Optional[float]:
-        before = [t for t in self.triggers if t <= received_at]
-        return received_at - before[-1] if before else None
-
-
-@dataclass
-class FlowAccount:
-    expected: int = 0
-    delivered: int = 0
-    late: int = 0
-    lost: int = 0
-    duplicated: int = 0
-    negative_checks: int = 0  # addresses that expected no mail
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return self.triggers.latency(received_at)
 
 
 class Ledger:
@@ -73,7 +71,7 @@ class Ledger:
 
     def record_flow(self, flow_name: str, mailbox: Mailbox) -> None:
         """Take a finished flow run's addresses and what it expected of them."""
-        triggers = list(mailbox._triggers)
+        triggers = Triggers(mailbox.triggers)  # a copy: the flow run is over
         with self._lock:
             for address in mailbox.handed_out:
                 key = address.lower()
@@ -94,33 +92,60 @@ class Ledger:
 
     # -- results -----------------------------------------------------------------------------
 
-    def reconcile(self) -> dict:
+    def _delivered(self, exp: Expectation, address: str) -> list[float]:
+        """Arrival times that count as the expected deliveries (the first ``count``), in order."""
+        return sorted(self.arrivals.get(address, ()))[: max(exp.count, 0)]
+
+    def reconcile(self) -> LedgerCounts:
         with self._lock:
-            flows: dict[str, FlowAccount] = defaultdict(FlowAccount)
-            latencies: dict[str, list[float]] = defaultdict(list)
+            flows: dict[str, FlowCounts] = defaultdict(FlowCounts)
             for address, exp in self.expectations.items():
                 account = flows[exp.flow]
-                times = sorted(self.arrivals.get(address, ()))
+                arrived = len(self.arrivals.get(address, ()))
                 if exp.count == 0:
                     account.negative_checks += 1
                 account.expected += exp.count
-                delivered = times[: exp.count]
+                delivered = self._delivered(exp, address)
                 account.delivered += len(delivered)
                 account.lost += exp.count - len(delivered)
-                account.duplicated += max(0, len(times) - exp.count)
+                account.duplicated += max(0, arrived - exp.count)
                 for received_at in delivered:
                     latency = exp.latency(received_at)
-                    if latency is not None:
-                        latencies[exp.flow].append(latency)
-                        if latency > exp.within:
-                            account.late += 1
+                    if latency is not None and latency > exp.within:
+                        account.late += 1
             unexpected = {a: len(t) for a, t in self.arrivals.items() if a not in self.expectations}
-            return {
-                "flows": {name: account.as_dict() for name, account in sorted(flows.items())},
-                "unexpected": sum(unexpected.values()),
-                "unexpected_addresses": dict(sorted(unexpected.items())[:50]),
-                "handed_out": len(self.expectations),
-            }
+            return LedgerCounts(
+                flows=dict(sorted(flows.items())),
+                unexpected=sum(unexpected.values()),
+                unexpected_addresses=dict(sorted(unexpected.items())[:UNEXPECTED_ADDRESSES_KEPT]),
+                handed_out=len(self.expectations),
+            )
+
+    def latencies(self, address: str) -> list[float]:
+        """Latency of each expected delivery to ``address``, in arrival order (seconds)."""
+        with self._lock:
+            exp = self.expectations.get(address.lower())
+            if exp is None:
+                return []
+            return [lat for t in self._delivered(exp, address.lower())
+                    if (lat := exp.latency(t)) is not None]
+
+    def timeline(self) -> Timeline:
+        """Per-second sends (first trigger per address) and deliveries, and one sample per delivery."""
+        sends: Counter = Counter()
+        deliveries: Counter = Counter()
+        samples: list[Sample] = []
+        with self._lock:
+            for address, exp in self.expectations.items():
+                if exp.triggers and exp.count:
+                    sends[int(exp.triggers.times[0])] += exp.count
+                for received_at in self._delivered(exp, address):
+                    deliveries[int(received_at)] += 1
+                    latency = exp.latency(received_at)
+                    if latency is not None:
+                        samples.append(Sample(t=received_at, latency=latency, flow=exp.flow, address=address))
+        samples.sort(key=lambda s: (s.t, s.address))
+        return Timeline(sends=sorted(sends.items()), deliveries=sorted(deliveries.items()), samples=samples)
 
     # -- distributed runs --------------------------------------------------------------------
 
@@ -129,7 +154,8 @@ class Ledger:
         foreign (another worker's) mail from unexpected mail."""
         with self._lock:
             return {
-                "expectations": {a: [e.flow, e.count, e.within, e.triggers] for a, e in self.expectations.items()},
+                "expectations": {a: [e.flow, e.count, e.within, e.triggers.times]
+                                 for a, e in self.expectations.items()},
                 "arrivals": {a: list(t) for a, t in self.arrivals.items()},
             }
 
@@ -138,7 +164,7 @@ class Ledger:
         every worker streams all of it) are counted once, keyed by their arrival time."""
         with self._lock:
             for address, (flow, count, within, triggers) in snapshot["expectations"].items():
-                self.expectations[address] = Expectation(flow, count, within, list(triggers))
+                self.expectations[address] = Expectation(flow, count, within, Triggers(triggers))
             for address, times in snapshot["arrivals"].items():
                 known = set(self.arrivals.get(address, ()))
                 self.arrivals[address].extend(t for t in times if t not in known)

@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
+from mailproof.load.results import Sample
+
 WIDTH_IN, HEIGHT_IN = 11.0, 3.8
 _XML_PROLOG = re.compile(r"^.*?(?=<svg)", re.S)
 
@@ -57,7 +59,7 @@ def _style(ax) -> None:
     ax.tick_params(labelsize=9, colors="#3e4c59")
 
 
-def latency_over_time(samples: list[dict], t0: Optional[float], colors: dict[str, str],
+def latency_over_time(samples: list[Sample], t0: Optional[float], colors: dict[str, str],
                       thresholds: Iterable[tuple] = ()) -> str:
     """Scatter of each delivered email: x = seconds into the run, y = latency from its trigger."""
     if not samples or t0 is None:
@@ -65,15 +67,15 @@ def latency_over_time(samples: list[dict], t0: Optional[float], colors: dict[str
     fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN))
     ax = fig.add_subplot()
     _style(ax)
-    by_flow: dict[str, list[dict]] = defaultdict(list)
+    by_flow: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
-        by_flow[s["flow"]].append(s)
-    top = max(s["latency"] for s in samples) * 1000
-    positive = sorted(s["latency"] * 1000 for s in samples if s["latency"] > 0)
+        by_flow[s.flow].append(s)
+    top = max(s.latency for s in samples) * 1000
+    positive = sorted(s.latency * 1000 for s in samples if s.latency > 0)
     median = positive[len(positive) // 2] if positive else 0
     log = bool(median) and top / median > 10  # a few very late emails would flatten everyone else
     for flow, points in sorted(by_flow.items()):
-        ax.scatter([p["t"] - t0 for p in points], [max(p["latency"] * 1000, 0.01) for p in points],
+        ax.scatter([p.t - t0 for p in points], [max(p.latency * 1000, 0.01) for p in points],
                    s=14, alpha=0.75, color=colors.get(flow, "#555"), label=f"{flow} ({len(points)})",
                    edgecolors="none")
     if log:
@@ -106,7 +108,8 @@ def _per_second(series: Iterable, t0: float, length: int) -> list[int]:
     return counts
 
 
-def throughput(sends: list, deliveries: list, users: list[tuple[float, int]], t0: Optional[float]) -> str:
+def throughput(sends: list[tuple[int, int]], deliveries: list[tuple[int, int]], users: list[tuple[float, int]],
+               t0: Optional[float]) -> str:
     """Emails triggered and delivered per second, with the number of Locust users behind them."""
     if t0 is None or not (sends or deliveries or users):
         return _empty("No sends, deliveries or users recorded: nothing to plot.", "throughput")

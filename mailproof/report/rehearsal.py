@@ -1,5 +1,9 @@
 """The rehearsal report: one self-contained HTML page from a rehearsal's results.json.
 
+The results are read only through ``mailproof.load.results.RehearsalResults`` (docs/results.md):
+a file of another schema version, or a malformed one, stops with an error naming the file and
+the field.
+
     python -m mailproof.report.rehearsal reports/rehearsal/results.json -o reports/rehearsal/report.html
     python -m mailproof.report.rehearsal RESULTS.json --previous PREV.json -o OUT.html
     python -m mailproof.report.rehearsal RESULTS.json --keep-previous -o OUT.html
@@ -7,14 +11,17 @@
 It shows the verdict of every SLO gate; per flow the emails expected, delivered, late, lost and
 duplicated; the exact latency percentiles (p50/p90/p95/p99/max, from the merged HdrHistograms);
 delivery latency over time and sends vs deliveries per second with the load shape (users, read
-from Locust's ``locust_stats_history.csv`` beside the results) overlaid; the faults injected,
-when the results carry a "faults" key; and the slowest emails (with hop timings when present).
+from Locust's ``locust_stats_history.csv`` beside the results) overlaid; the run (local or
+distributed, workers, chaos profile and seed); the faults the sink service held, with how often
+each fired and acted; the harness's own counters (stream gaps, reconnects, service restarts,
+evictions) and the sink service's; and the slowest emails (with hop timings when present).
 
 Compared with a previous run (``--previous``), every number shows its change. ``--keep-previous``
 does the bookkeeping across runs in the results' folder: the results a report was last built
 from are kept as ``reported.json``; when a new run has replaced results.json, that copy becomes
 ``previous.json`` and the report compares against it. Rebuilding the same run's report is
-idempotent (it keeps comparing against the same previous run).
+idempotent (it keeps comparing against the same previous run). A kept previous run of another
+schema version is not compared with (a warning says why); an explicit ``--previous`` must read.
 
 Plots are matplotlib figures inlined as SVG: the page loads nothing and runs no script.
 """
@@ -35,12 +42,16 @@ from typing import Any, Iterable, Optional
 import jinja2
 
 from mailproof.load.gates import LATENCY, Gate, GateError
+from mailproof.load.results import RehearsalResults, ResultsError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "rehearsal.html.j2"
 PERCENTILES = ("p50", "p90", "p95", "p99", "max")
 COUNTS = ("expected", "delivered", "late", "lost", "duplicated")
 SLOWEST = 10
+STREAM_COUNTERS = (("received", "messages the stream delivered"), ("missing", "missing (no longer retained: gaps)"),
+                   ("duplicates", "duplicate stream lines (skipped)"), ("reconnects", "stream reconnects"),
+                   ("restarts", "sink service restarts seen"), ("evicted", "evicted from the harness's store"))
 # Colours for flows, stable across both plots (matplotlib's tab10).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -49,15 +60,12 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 # -- inputs ----------------------------------------------------------------------------------------
 
 
-def load_results(path: Path) -> dict:
+def load_results(path: Path) -> RehearsalResults:
+    """The results at ``path``, read through the schema (mailproof.load.results)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"rehearsal report: cannot read results {path}: {exc}") from exc
-    for key in ("ledger", "latency", "gates"):
-        if key not in data:
-            raise SystemExit(f"rehearsal report: {path} has no {key!r}: is it a rehearsal results.json?")
-    return data
+        return RehearsalResults.read(path)
+    except ResultsError as exc:
+        raise SystemExit(f"rehearsal report: {exc}") from None
 
 
 def load_users(history_csv: Optional[Path]) -> list[tuple[float, int]]:
@@ -94,31 +102,10 @@ def _delta(current: Optional[float], previous: Optional[float], *, higher_is_wor
     return {"text": text, "kind": "worse" if worse else "better"}
 
 
-def _sample(raw: Any) -> Optional[dict]:
-    """A timeline sample: [t, latency, flow] (plus, in later results, address and hops)."""
-    if isinstance(raw, dict):
-        t, latency = raw.get("time", raw.get("t")), raw.get("latency")
-        flow, address, hops = raw.get("flow", "?"), raw.get("address"), raw.get("hops")
-    elif isinstance(raw, (list, tuple)) and len(raw) >= 3:
-        t, latency, flow = raw[0], raw[1], raw[2]
-        extra = list(raw[3:])
-        address = next((x for x in extra if isinstance(x, str)), None)
-        hops = next((x for x in extra if isinstance(x, dict)), None)
-    else:
-        return None
-    if not isinstance(t, (int, float)) or not isinstance(latency, (int, float)):
-        return None
-    return {"t": float(t), "latency": float(latency), "flow": str(flow), "address": address,
-            "hops": hops if isinstance(hops, dict) else None}
-
-
 def _fmt_hops(hops: Optional[dict]) -> str:
     if not hops:
         return ""
-    parts = []
-    for name, value in hops.items():
-        parts.append(f"{name} {value * 1000:.0f} ms" if isinstance(value, (int, float)) else f"{name} {value}")
-    return " → ".join(parts)
+    return " → ".join(f"{name} {value * 1000:.0f} ms" for name, value in hops.items())
 
 
 def _gate_threshold(text: str) -> Optional[Gate]:
@@ -129,116 +116,156 @@ def _gate_threshold(text: str) -> Optional[Gate]:
     return gate if gate.metric in LATENCY else None
 
 
-def build_context(results: dict, previous: Optional[dict] = None, users: Iterable[tuple[float, int]] = (),
-                  source: str = "", previous_source: str = "") -> dict:
-    users = list(users)
-    ledger = results["ledger"]
-    latency = results.get("latency", {})
-    prev_ledger = (previous or {}).get("ledger", {}).get("flows", {})
-    prev_latency = (previous or {}).get("latency", {})
-    flows_info = results.get("flows", {})
-    runs, failures = flows_info.get("runs", {}), flows_info.get("failures", {})
-    prev_flows = (previous or {}).get("flows", {})
-
-    names = sorted(set(ledger.get("flows", {})) | set(latency) | set(runs))
-    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
-    ledger_rows, latency_rows = [], []
-    totals = {key: 0 for key in COUNTS}
+def _ledger_rows(results: RehearsalResults, previous: Optional[RehearsalResults], names: list[str],
+                 colors: dict[str, str]) -> tuple[list[dict], dict[str, int]]:
+    rows, totals = [], {key: 0 for key in COUNTS}
+    runs, failures = results.flows.runs, results.flows.failures
     for name in names:
-        row = ledger.get("flows", {}).get(name, {})
-        prev_row = prev_ledger.get(name, {}) if previous else {}
+        row = results.ledger.flows.get(name)
+        prev_row = previous.ledger.flows.get(name) if previous else None
         cells = []
         for key in COUNTS:
-            value = row.get(key)
+            value = getattr(row, key) if row else None
             totals[key] += value or 0
-            bad = key in ("late", "lost", "duplicated") and (value or 0) > 0
-            cells.append({"key": key, "value": value, "bad": bad,
-                          "delta": _delta(value, prev_row.get(key), higher_is_worse=key in ("late", "lost", "duplicated"))
-                          if previous and key in ("late", "lost", "duplicated") else None})
-        ledger_rows.append({"flow": name, "color": colors[name], "cells": cells,
-                            "negative_checks": row.get("negative_checks", 0),
-                            "runs": runs.get(name, 0), "failures": failures.get(name, 0),
-                            "failures_delta": _delta(failures.get(name, 0), prev_flows.get("failures", {}).get(name, 0))
-                            if previous else None})
-        lat, prev_lat = latency.get(name), prev_latency.get(name) if previous else None
-        latency_rows.append({
-            "flow": name, "color": colors[name], "count": (lat or {}).get("count", 0),
-            "cells": [{"key": p, "ms": lat[p] * 1000 if lat and p in lat else None,
-                       "delta": _delta(lat.get(p) if lat else None, prev_lat.get(p) if prev_lat else None,
+            worse_when_higher = key in ("late", "lost", "duplicated")
+            cells.append({"key": key, "value": value, "bad": worse_when_higher and (value or 0) > 0,
+                          "delta": _delta(value, getattr(prev_row, key) if prev_row else None)
+                          if previous and worse_when_higher else None})
+        rows.append({"flow": name, "color": colors[name], "cells": cells,
+                     "negative_checks": row.negative_checks if row else 0,
+                     "runs": runs.get(name, 0), "failures": failures.get(name, 0),
+                     "failures_delta": _delta(failures.get(name, 0), previous.flows.failures.get(name, 0))
+                     if previous else None})
+    return rows, totals
+
+
+def _latency_rows(results: RehearsalResults, previous: Optional[RehearsalResults], names: list[str],
+                  colors: dict[str, str]) -> list[dict]:
+    rows = []
+    for name in names:
+        lat = results.latency.get(name)
+        prev_lat = previous.latency.get(name) if previous else None
+        rows.append({
+            "flow": name, "color": colors[name], "count": lat.count if lat else 0,
+            "cells": [{"key": p, "ms": getattr(lat, p) * 1000 if lat else None,
+                       "delta": _delta(getattr(lat, p) if lat else None, getattr(prev_lat, p) if prev_lat else None,
                                        scale=1000, unit=" ms")} for p in PERCENTILES],
-            "mean_ms": lat["mean"] * 1000 if lat and "mean" in lat else None,
+            "mean_ms": lat.mean * 1000 if lat else None,
         })
+    return rows
 
-    prev_gates = {(g["gate"], g["subject"]): g for g in (previous or {}).get("gates", [])}
+
+def _gate_rows(results: RehearsalResults, previous: Optional[RehearsalResults]) -> list[dict]:
+    prev_gates = {(g.gate, g.subject): g for g in previous.gates} if previous else {}
     gates = []
-    for g in results.get("gates", []):
-        was = prev_gates.get((g["gate"], g["subject"]))
-        gates.append({**g, "measured": _measured(g["gate"], g.get("actual")),
+    for g in results.gates:
+        was = prev_gates.get((g.gate, g.subject))
+        gates.append({"gate": g.gate, "subject": g.subject, "passed": g.passed, "detail": g.detail,
+                      "measured": _measured(g.gate, g.actual),
                       "previous": None if not previous else ("new gate" if was is None
-                                                             else ("was PASS" if was["passed"] else "was FAIL"))})
+                                                             else ("was PASS" if was.passed else "was FAIL"))})
     gates.sort(key=lambda g: g["passed"])  # failed gates first
+    return gates
 
-    timeline = results.get("timeline", {})
-    samples = [s for s in (_sample(raw) for raw in timeline.get("samples", [])) if s is not None]
-    stamps = [s["t"] for s in samples] + [t for t, _ in timeline.get("sends", [])] + \
-             [t for t, _ in timeline.get("deliveries", [])] + [t for t, _ in users]
-    t0 = min(stamps) if stamps else None
-    t1 = max(stamps) if stamps else None
-    slowest = sorted(samples, key=lambda s: s["latency"], reverse=True)[:SLOWEST]
-    for s in slowest:
-        s["offset"] = s["t"] - t0 if t0 is not None else None
-        s["hops_text"] = _fmt_hops(s["hops"])
-        s["color"] = colors.get(s["flow"], "#555")
 
-    http = results.get("http", {})
-    requests = http.get("requests", 0)
-    error_rate = http.get("failures", 0) / requests if requests else 0.0
-    prev_http = (previous or {}).get("http", {})
-    prev_rate = prev_http.get("failures", 0) / prev_http["requests"] if prev_http.get("requests") else None
+def _stream_rows(results: RehearsalResults, previous: Optional[RehearsalResults]) -> list[dict]:
+    """The harness's view of the sink's event stream, one row per counter (more is worse for all)."""
+    stream = results.harness.stream
+    if stream is None:
+        return []
+    before = previous.harness.stream if previous else None
+    rows = []
+    for key, label in STREAM_COUNTERS:
+        value = getattr(stream, key)
+        rows.append({"key": key, "label": label, "value": value, "bad": key != "received" and value > 0,
+                     "delta": _delta(value, getattr(before, key)) if before is not None and key != "received"
+                     else None})
+    return rows
 
-    thresholds = []
-    for g in results.get("gates", []):
-        gate = _gate_threshold(g["gate"])
-        if gate is not None:
-            thresholds.append((gate, g["subject"]))
+
+def _fault_rows(results: RehearsalResults) -> list[dict]:
+    rows = []
+    for url, rule in results.harness.faults:
+        rows.append({"sink": url, "name": rule.name or f"rule {rule.id}", "stage": rule.stage,
+                     "scope": rule.scope or "", "match": ", ".join(f"{k}={v}" for k, v in rule.match.items()),
+                     "action": _cell(rule.action), "fired": rule.fired, "acted": rule.acted})
+    return rows
+
+
+def _traffic_span(results: RehearsalResults, users: list[tuple[float, int]]) -> tuple[Optional[float], Optional[float]]:
+    """First and last moment anything happened: the load's start, sends, deliveries, samples, users."""
+    timeline = results.timeline
+    stamps = [s.t for s in timeline.samples] + [t for t, _ in timeline.sends] + \
+             [t for t, _ in timeline.deliveries] + [t for t, _ in users]
+    if not stamps:
+        return None, None
+    return min(stamps + [results.run.started_at]), max(stamps)
+
+
+def build_context(results: RehearsalResults, previous: Optional[RehearsalResults] = None,
+                  users: Iterable[tuple[float, int]] = (), source: str = "", previous_source: str = "") -> dict:
+    users = list(users)
+    names = sorted(set(results.ledger.flows) | set(results.latency) | set(results.flows.runs))
+    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+    ledger_rows, totals = _ledger_rows(results, previous, names, colors)
+    gates = _gate_rows(results, previous)
+
+    timeline = results.timeline
+    t0, t1 = _traffic_span(results, users)
+    slowest = []
+    for s in sorted(timeline.samples, key=lambda s: s.latency, reverse=True)[:SLOWEST]:
+        slowest.append({"flow": s.flow, "latency": s.latency, "address": s.address,
+                        "offset": s.t - t0 if t0 is not None else None, "hops_text": _fmt_hops(s.hops),
+                        "color": colors.get(s.flow, "#555")})
+
+    http, ledger, run = results.http, results.ledger, results.run
+    thresholds = [(gate, g.subject) for g in results.gates if (gate := _gate_threshold(g.gate)) is not None]
 
     from mailproof.report import plots as rehearsal_plots  # matplotlib is imported only when a report is drawn
 
     return {
         "title": "mailproof rehearsal report",
-        "passed": bool(results.get("passed")),
+        "passed": results.passed,
         "source": source,
         "previous_source": previous_source if previous else "",
-        "previous_started": _when(_first_time(previous)) if previous else "",
-        "started": _when(t0),
+        "previous_started": _when(previous.run.started_at) if previous else "",
+        "started": _when(run.started_at),
         "duration": (t1 - t0) if t0 is not None and t1 is not None else None,
         "peak_users": max((u for _, u in users), default=None),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "run": {"mode": run.mode, "host": run.host, "workers_expected": run.workers_expected,
+                "workers_reported": len(results.workers), "missing_workers": run.missing_workers,
+                "grace": run.grace, "chaos_profile": run.chaos_profile, "chaos_seed": run.chaos_seed,
+                "started": _when(run.started_at), "finished": _when(run.finished_at),
+                "wall": run.finished_at - run.started_at},
         "gates": gates,
         "gates_failed": sum(1 for g in gates if not g["passed"]),
         "ledger_rows": ledger_rows,
         "totals": totals,
-        "unexpected": ledger.get("unexpected", 0),
-        "unexpected_delta": _delta(ledger.get("unexpected", 0), (previous or {}).get("ledger", {}).get("unexpected"))
-        if previous else None,
-        "unexpected_addresses": ledger.get("unexpected_addresses", {}),
-        "handed_out": ledger.get("handed_out"),
-        "latency_rows": latency_rows,
+        "unexpected": ledger.unexpected,
+        "unexpected_delta": _delta(ledger.unexpected, previous.ledger.unexpected) if previous else None,
+        "unexpected_addresses": ledger.unexpected_addresses,
+        "handed_out": ledger.handed_out,
+        "latency_rows": _latency_rows(results, previous, names, colors),
         "percentiles": PERCENTILES,
-        "http": {"requests": requests, "failures": http.get("failures", 0), "error_rate": error_rate,
-                 "error_rate_delta": _delta(error_rate, prev_rate, scale=100, unit=" pt", digits=2)
-                 if previous else None},
-        "locust": results.get("locust", {}),
-        "workers": results.get("workers", {}),
-        "failure_samples": flows_info.get("failure_samples", {}),
-        "faults": _faults(results.get("faults")),
+        "http": {"requests": http.requests, "failures": http.failures, "error_rate": http.error_rate,
+                 "error_rate_delta": _delta(http.error_rate, previous.http.error_rate if previous.http.requests else None,
+                                            scale=100, unit=" pt", digits=2) if previous else None},
+        "locust": results.locust,
+        "workers": results.workers,
+        "stream_counters": STREAM_COUNTERS,
+        "failure_samples": results.flows.failure_samples,
+        "faults": _fault_rows(results),
+        "faults_many_sinks": len(results.harness.sinks) > 1,
+        "stream": _stream_rows(results, previous),
+        "sinks": results.harness.sinks,
+        "notes": results.harness.notes,
         "slowest": slowest,
         "slowest_addresses": any(s["address"] for s in slowest),
         "slowest_hops": any(s["hops_text"] for s in slowest),
-        "latency_svg": rehearsal_plots.latency_over_time(samples, t0, colors, thresholds),
-        "throughput_svg": rehearsal_plots.throughput(timeline.get("sends", []), timeline.get("deliveries", []),
-                                                     users, t0),
-        "sample_count": len(samples),
+        "latency_svg": rehearsal_plots.latency_over_time(timeline.samples, t0, colors, thresholds),
+        "throughput_svg": rehearsal_plots.throughput(timeline.sends, timeline.deliveries, users, t0),
+        "sample_count": len(timeline.samples),
     }
 
 
@@ -257,40 +284,10 @@ def _measured(text: str, actual: Optional[float]) -> str:
     return f"{actual:g}"
 
 
-def _first_time(results: Optional[dict]) -> Optional[float]:
-    if not results:
-        return None
-    timeline = results.get("timeline", {})
-    stamps = [s["t"] for s in (_sample(r) for r in timeline.get("samples", [])) if s] + \
-             [t for t, _ in timeline.get("sends", [])]
-    return min(stamps) if stamps else None
-
-
 def _when(stamp: Optional[float]) -> str:
     if stamp is None:
         return ""
     return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _faults(faults: Any) -> Optional[dict]:
-    """Faults as a table whatever their shape: a mapping, a list of rules, or a profile string."""
-    if faults in (None, "", [], {}):
-        return None
-    if isinstance(faults, str):
-        return {"columns": ["fault profile"], "rows": [[faults]]}
-    if isinstance(faults, dict):
-        return {"columns": ["fault", "value"], "rows": [[str(k), _cell(v)] for k, v in faults.items()]}
-    if isinstance(faults, list):
-        columns: list[str] = []
-        for item in faults:
-            for key in (item.keys() if isinstance(item, dict) else ()):
-                if key not in columns:
-                    columns.append(str(key))
-        if not columns:
-            return {"columns": ["fault"], "rows": [[_cell(item)] for item in faults]}
-        return {"columns": columns,
-                "rows": [[_cell(item.get(c)) if isinstance(item, dict) else _cell(item) for c in columns] for item in faults]}
-    return {"columns": ["fault"], "rows": [[_cell(faults)]]}
 
 
 def _cell(value: Any) -> str:
@@ -325,7 +322,8 @@ def environment(template_dir: Path = TEMPLATES) -> jinja2.Environment:
     return env
 
 
-def render(results: dict, previous: Optional[dict] = None, users: Iterable[tuple[float, int]] = (),
+def render(results: RehearsalResults, previous: Optional[RehearsalResults] = None,
+           users: Iterable[tuple[float, int]] = (),
            source: str = "", previous_source: str = "", template_dir: Path = TEMPLATES) -> str:
     context = build_context(results, previous, users, source, previous_source)
     return environment(template_dir).get_template(TEMPLATE).render(**context)
@@ -358,15 +356,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     results = load_results(args.results)
-    previous_path = keep_previous(args.results) if args.keep_previous else args.previous
-    previous = load_results(previous_path) if previous_path else None
+    if args.keep_previous:
+        previous_path = keep_previous(args.results)
+        try:
+            previous = RehearsalResults.read(previous_path) if previous_path else None
+        except ResultsError as exc:  # e.g. kept from before an upgrade: report this run all the same
+            print(f"rehearsal report: not comparing with the previous run: {exc}", file=sys.stderr)
+            previous_path, previous = None, None
+    else:
+        previous_path = args.previous
+        previous = load_results(previous_path) if previous_path else None
     history = args.locust_history or args.results.parent / "locust_stats_history.csv"
     output = args.output or args.results.parent / "report.html"
     page = render(results, previous, load_users(history), source=str(args.results),
                   previous_source=str(previous_path or ""))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(page, encoding="utf-8")
-    verdict = "PASS" if results.get("passed") else "FAIL"
+    verdict = "PASS" if results.passed else "FAIL"
     print(f"rehearsal report ({verdict}): {output}" + (f" (compared with {previous_path})" if previous else ""))
     return 0
 
