@@ -62,6 +62,15 @@ def test_ready_pattern_without_group_gives_the_line():
         assert app.url == "listening on 127.0.0.1:9000"
 
 
+def test_ready_line_on_stderr_counts_as_flask_prints_it():
+    # Werkzeug (flask run) logs "Running on http://..." to stderr, not stdout.
+    with AppProcess(child("""
+        import sys
+        print(" * Running on http://127.0.0.1:5123", file=sys.stderr, flush=True)
+    """, SERVE_FOREVER), ready_pattern=r"Running on (http://\S+)", start_timeout=20) as app:
+        assert app.url == "http://127.0.0.1:5123"
+
+
 def test_child_exiting_early_reports_code_and_output_tail():
     started = time.monotonic()
     with pytest.raises(MailproofError) as failed:

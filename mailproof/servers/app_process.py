@@ -33,7 +33,8 @@ class AppProcess:
 
     Readiness, one of:
 
-    - ``ready_pattern`` (default ``READY (\\S+)``): the app prints, on stdout, one line matching
+    - ``ready_pattern`` (default ``READY (\\S+)``): the app prints, on stdout or stderr (Flask's
+      Werkzeug, Uvicorn and many loggers write to stderr), one line matching
       this regex once it accepts requests, e.g. ``READY http://127.0.0.1:8123``. The reader thread
       wakes ``start()`` on that line (no polling). ``.url`` is the match's group(1), or the whole
       stripped line when the regex has no group.
@@ -71,7 +72,7 @@ class AppProcess:
         if self.running:
             raise MailproofError(f"the {self.name} is already running; stop() it first")
         self._process = ManagedProcess(self.command, name=self.name, env=self.env, cwd=self.cwd,
-                                       ready=self.ready_pattern, ready_streams=("stdout",),
+                                       ready=self.ready_pattern, ready_streams=("stdout", "stderr"),
                                        output=self.output)
         try:
             self._process.start()
