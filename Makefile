@@ -9,11 +9,14 @@ PYTEST_ARGS ?=
 
 .PHONY: flows test venv system-deps clean rehearsal report rehearsal-report
 
-# The venv is rebuilt only when pyproject.toml changes (or it is missing).
-$(STAMP): pyproject.toml
+EXAMPLE := examples/flask_shop
+
+# The venv is rebuilt only when the requirements change (or it is missing). It holds mailproof
+# with every extra and the test tools, and the example application's own dependencies.
+$(STAMP): pyproject.toml $(EXAMPLE)/requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -r $(EXAMPLE)/requirements.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,13 +32,15 @@ flows: $(STAMP)
 	rm -rf $(ALLURE_RESULTS) && mkdir -p $(ALLURE_RESULTS)
 	$(PY) -m pytest flows/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
 
-# The flows run twice: on the in-process sink, and through real servers (Postfix -> Dovecot -> IMAP;
-# Postfix only as root, else the sink relays over LMTP). On the IMAP run the tests marked
+# The harness's own tests, the demo's flows and the example application's flows (someone else's
+# app: Flask + Flask-Mail, started by its own command). The flows run twice: on the in-process
+# sink, and through real servers (Postfix -> Dovecot -> IMAP; Postfix only as root, else the sink
+# relays over LMTP). On the IMAP run the tests marked
 # sink_faults (they inject faults at the capture sink, which is not in that path) are deselected.
 test: system-deps $(STAMP)
 	rm -rf $(ALLURE_RESULTS) && mkdir -p $(ALLURE_RESULTS)
-	$(PY) -m pytest tests/ flows/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
-	$(PY) -m pytest flows/ --mailbox=imap $(PYTEST_ARGS)
+	$(PY) -m pytest tests/ flows/ $(EXAMPLE)/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
+	$(PY) -m pytest flows/ $(EXAMPLE)/ --mailbox=imap $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ALLURE_RESULTS) reports/allure-report .pytest_cache
