@@ -7,7 +7,6 @@ options below. Session fixtures are per xdist worker: each worker gets its own s
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,7 +17,7 @@ from mailproof.addresses import AddressBook
 from mailproof.capture.embedded import EmbeddedSink
 from mailproof.errors import MailproofError
 from mailproof.faults import ScopedFaults
-from mailproof.flow import Flow, flow_info, run
+from mailproof.flow import Flow, run
 from mailproof.http import AppSession
 from mailproof.extras import available
 from mailproof.mailbox import Mailbox
@@ -206,24 +205,18 @@ def flow(mailbox, mailproof_app_url, request) -> Flow:
 
 
 @pytest.fixture
-def run_flow(flow: Flow) -> Callable[..., Any]:
-    """``run_flow(fn, **params)``: label the test in Allure from the flow and run it."""
+def run_flow(flow: Flow, pytestconfig: pytest.Config) -> Callable[..., Any]:
+    """``run_flow(fn, **params)``: label the test in Allure from the flow and run it.
+
+    With Allure: feature, story, severity, description and the flow's source as a path relative
+    to the rootdir (a link too with ``mailproof_source_url``; see mailproof.report.allure_reporter).
+    """
 
     def runner(fn: Callable[..., Any], **params: Any) -> Any:
-        info = flow_info(fn)
-        if not ALLURE:
-            return run(fn, flow, **params)
-        import allure
+        if ALLURE:
+            from mailproof.report.allure_reporter import label_flow_test
 
-        allure.dynamic.feature(info.feature)
-        allure.dynamic.story(info.story)
-        allure.dynamic.severity(info.severity)
-        if info.description:
-            allure.dynamic.description(info.description)
-        source = inspect.getsourcefile(fn)
-        if source:
-            line = inspect.getsourcelines(fn)[1]
-            allure.dynamic.link(f"file://{source}#L{line}", name=f"flow source: {os.path.basename(source)}:{line}")
+            label_flow_test(fn, pytestconfig)
         return run(fn, flow, **params)
 
     return runner

@@ -25,6 +25,7 @@ import pytest
 
 from mailproof.report import allure_build as report_build, allure_hooks as allure_env
 
+SOURCE_URL = "https://git.example/shop/blob/main/"  # the QA project's mailproof_source_url
 CHILD_ARGS = ("-p", "no:locust", "-p", "no:cacheprovider", "-p", "mailproof.report.allure_hooks")
 
 PNG_1PX = base64.b64decode(
@@ -134,6 +135,13 @@ def welcome_never_sent(flow):
     flow.mailbox.wait_for(to=address, subject="Welcome", within=0.2)
 
 
+@flow(feature="Accounts", story="Welcome, a receipt instead")
+def welcome_near_miss(flow):
+    address = flow.mailbox.address("near")
+    flow.http.post("/send", json={"to": address})
+    flow.mailbox.wait_for(to=address, subject="Welcome", within=0.5)
+
+
 @flow(feature="Accounts", story="Slow welcome")
 def receipt_is_late(flow, backend):
     address = flow.mailbox.address("slow")
@@ -184,6 +192,10 @@ def test_welcome_never_sent(run_flow):
     run_flow(flowsqa.welcome_never_sent)
 
 
+def test_welcome_near_miss(run_flow):
+    run_flow(flowsqa.welcome_near_miss)
+
+
 def test_receipt_is_late(run_flow, mailproof_backend):
     run_flow(flowsqa.receipt_is_late, backend=mailproof_backend)
 
@@ -208,6 +220,7 @@ EXPECTED = {  # test -> (status, failure label, Allure category)
     "test_receipt_arrives": ("passed", None, None),
     "test_receipt_subject_is_exact": ("failed", "Content mismatch", "Content mismatch"),
     "test_welcome_never_sent": ("failed", "Mail never arrived", "Mail never arrived"),
+    "test_welcome_near_miss": ("failed", "Mail never arrived", "Mail never arrived"),
     "test_receipt_is_late": ("failed", "Mail late", "Mail late"),
     "test_no_mail_expected": ("failed", "Unexpected mail", "Unexpected mail"),
     "test_app_answers_500": ("failed", "Application error", "Application error (HTTP 5xx, unreachable)"),
@@ -230,12 +243,12 @@ def qa_run(tmp_path_factory):
     (project / "conftest.py").write_text(CONFTEST % {"logo": PNG_1PX.hex()})
     (project / "flowsqa.py").write_text(FLOWS)
     (project / "test_qa.py").write_text(TESTS)
-    (project / "pytest.ini").write_text("[pytest]\nmailproof_flow_modules = flowsqa\n")
+    (project / "pytest.ini").write_text(f"[pytest]\nmailproof_flow_modules = flowsqa\nmailproof_source_url = {SOURCE_URL}\n")
     alluredir = project / "allure-results"
     proc = subprocess.run([sys.executable, "-m", "pytest", *CHILD_ARGS, "-n", "2", "--alluredir", str(alluredir),
                            "test_qa.py"], cwd=project, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "PYTHONPATH": str(project)})
-    assert "7 failed, 1 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "8 failed, 1 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
     results = {}
     for path in glob.glob(str(alluredir / "*-result.json")):
         data = json.loads(Path(path).read_text())
@@ -258,21 +271,126 @@ def walk_steps(steps: list[dict]):
 
 
 def test_every_flow_test_has_labels_severity_and_a_link_to_its_flow_source(qa_run):
+    """The source is a rootdir-relative path (readable on any machine), linked through mailproof_source_url."""
     flows_file = qa_run["project"] / "flowsqa.py"
     lines = flows_file.read_text().splitlines()
     for name, result in qa_run["results"].items():
         found = labels(result)
         assert found.get("feature") and found.get("story") and found.get("severity"), (name, found)
         assert "flow" in found.get("tag", []), (name, found)
-        links = [link for link in result["links"] if link["url"].startswith("file://")]
-        assert len(links) == 1, (name, result["links"])
-        path, _, line = links[0]["url"][len("file://"):].partition("#L")
-        assert Path(path) == flows_file
+        assert len(found.get("flow source", [])) == 1, (name, found)
+        path, _, line = found["flow source"][0].partition(":")
+        assert path == "flowsqa.py", (name, found["flow source"])
         flow_name = name.removeprefix("test_")
         start = lines[int(line) - 1:int(line) + 1]  # the decorator, then the def
-        assert start[0].startswith("@flow(") and start[1].startswith(f"def {flow_name}("), (name, links[0], start)
-        assert links[0]["name"] == f"flow source: flowsqa.py:{line}"
+        assert start[0].startswith("@flow(") and start[1].startswith(f"def {flow_name}("), (name, line, start)
+        assert result["links"] == [{"type": "link", "url": f"{SOURCE_URL}flowsqa.py#L{line}",
+                                    "name": f"flow source: flowsqa.py:{line}"}], (name, result["links"])
+        assert "file://" not in json.dumps(result) and str(qa_run["project"]) not in json.dumps(result["labels"])
     assert labels(qa_run["results"]["test_receipt_arrives"])["severity"] == ["critical"]
+
+
+FLOW_SOURCE_FLOWS = """
+from mailproof import flow
+
+
+@flow(feature="Checkout", story="Pay")
+def pay(flow):
+    with flow.step("Nothing to send"):
+        pass
+"""
+
+FLOW_SOURCE_TESTS = """
+import pytest
+
+from shopflows import checkout
+
+
+@pytest.fixture
+def coupon(request):
+    request.addfinalizer(lambda: None)
+    return "SAVE10"
+
+
+def test_pay(run_flow, coupon):
+    run_flow(checkout.pay)
+"""
+
+
+def test_flow_source_without_a_source_url_is_a_relative_path_and_with_a_template_a_link(pytester, monkeypatch):
+    pytester.makeini("[pytest]\nmailproof_flow_modules = shopflows\n")
+    pytester.mkpydir("shopflows")
+    (pytester.path / "shopflows" / "checkout.py").write_text(FLOW_SOURCE_FLOWS)
+    pytester.makepyfile(test_checkout=FLOW_SOURCE_TESTS)
+    line = FLOW_SOURCE_FLOWS.splitlines().index('@flow(feature="Checkout", story="Pay")') + 1
+
+    def run(alluredir: Path) -> dict:
+        result = pytester.runpytest_subprocess(*CHILD_ARGS, "--alluredir", str(alluredir),
+                                               "--app-url", "http://127.0.0.1:9", timeout=120)
+        result.assert_outcomes(passed=1)
+        (found,) = [json.loads(p.read_text()) for p in alluredir.glob("*-result.json")]
+        return found
+
+    plain = run(pytester.path / "plain")
+    assert labels(plain)["flow source"] == [f"shopflows/checkout.py:{line}"]
+    assert plain.get("links", []) == [], plain["links"]
+    # A finalizer registered as a lambda is listed under a name, and passed.
+    afters = [a for c in (pytester.path / "plain").glob("*-container.json")
+              for a in json.loads(c.read_text()).get("afters", [])]
+    assert {(a["name"], a["status"]) for a in afters} >= {("coupon::finalizer", "passed")}, afters
+
+    monkeypatch.setenv("MAILPROOF_SOURCE_URL", "https://bitbucket.example/shop/src/main/{path}#lines-{line}")
+    linked = run(pytester.path / "linked")
+    assert linked["links"] == [{"type": "link", "url": f"https://bitbucket.example/shop/src/main/shopflows/checkout.py#lines-{line}",
+                                "name": f"flow source: shopflows/checkout.py:{line}"}]
+
+
+def test_flow_source_outside_the_rootdir_is_named_by_its_module(tmp_path):
+    from mailproof.flow import run
+    from mailproof.report.allure_reporter import flow_source, source_url
+
+    path, line = flow_source(run, tmp_path)
+    assert path == "mailproof/flow.py" and line > 1
+    assert source_url("", path, line) is None
+    assert source_url("https://git.example/r/blob/main", "a b/c.py", 3) == "https://git.example/r/blob/main/a%20b/c.py#L3"
+
+
+def test_set_up_and_tear_down_list_real_fixtures_only_and_all_passed(qa_run):
+    """No ``<lambda>`` (pytest's own finalizer as allure-pytest wraps it) and no entry left without a status."""
+    fixtures = []
+    for path in qa_run["alluredir"].glob("*-container.json"):
+        container = json.loads(path.read_text())
+        fixtures += [(kind, f["name"], f.get("status")) for kind in ("befores", "afters") for f in container.get(kind, [])]
+    assert fixtures
+    assert [f for f in fixtures if "<lambda>" in f[1] or f[2] != "passed"] == [], fixtures
+    afters = {name for kind, name, _ in fixtures if kind == "afters"}
+    assert {"mailbox::teardown", "flow::teardown", "mailproof_backend::teardown", "mailproof_app_url::teardown"} <= afters
+    assert {name for kind, name, _ in fixtures if kind == "befores"} >= {"mailbox", "flow", "run_flow", "mailproof_app_url"}
+
+
+def test_a_failed_wait_shows_its_message_and_the_flow_line_not_harness_source(qa_run):
+    flows = (qa_run["project"] / "flowsqa.py").read_text().splitlines()
+    failures = {"test_welcome_never_sent": "MailNotDelivered", "test_welcome_near_miss": "MailNotDelivered",
+                "test_receipt_is_late": "MailLate", "test_no_mail_expected": "UnexpectedMail"}
+    for name, error in failures.items():
+        details = qa_run["results"][name]["statusDetails"]
+        trace = details["trace"]
+        assert "mailbox.py" not in trace and "def wait_for(" not in trace and "def expect_no_mail(" not in trace, trace
+        assert "pytest_plugin.py" not in trace and "mailproof/flow.py" not in trace, trace
+        flow_name = name.removeprefix("test_")
+        line = next(i for i, text in enumerate(flows, 1) if text.startswith(f"def {flow_name}("))
+        waited = next(i for i, text in enumerate(flows[line:], line + 1) if "flow.mailbox.wait_for(" in text
+                      or "flow.mailbox.expect_no_mail(" in text)
+        assert f"    def {flow_name}(" in trace, trace  # the flow is the last frame, shown in full
+        assert f"E       mailproof.errors.{error}: " in trace, trace
+        assert trace.rstrip().splitlines()[-1] == f"flowsqa.py:{waited}: {error}", trace
+    near = qa_run["results"]["test_welcome_near_miss"]["statusDetails"]
+    assert near["message"].startswith("mailproof.errors.MailNotDelivered: no mail to near+")
+    assert "1 other mail(s) arrived in that window:" in near["message"], near["message"]
+    assert "subject 'Your receipt' does not contain 'Welcome'" in near["message"], near["message"]
+    assert "1 other mail(s) arrived in that window:" in near["trace"]  # the E lines: the message again
+    # A harness error keeps the harness frames: they are what is wrong.
+    assert "mailproof/mailbox.py" in qa_run["results"]["test_harness_misused"]["statusDetails"]["trace"]
 
 
 def test_failures_fall_into_the_categories_qa_filters_by(qa_run):

@@ -262,6 +262,8 @@ def remote(urls: list[str]) -> list[str]:
 
 # -- the Allure report ---------------------------------------------------------------------------
 
+SOURCE_URL = "https://git.example/shop/blob/main/"  # the shop project's; the real run has none
+
 HOSTILE_CONFTEST = '''
 import pytest
 
@@ -348,11 +350,12 @@ def allure_report(tmp_path_factory) -> Path:
     assert real.returncode == 0, real.stdout[-3000:] + real.stderr[-2000:]
     project = work / "shop"
     project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")  # the rootdir the flow source is relative to
     (project / "conftest.py").write_text(HOSTILE_CONFTEST)
     (project / "hostile_flows.py").write_text(HOSTILE_FLOWS)
     (project / "test_shop.py").write_text(HOSTILE_TESTS)
     hostile = run_pytest(["-p", "no:locust", "--alluredir", str(results), "test_shop.py"], cwd=project,
-                         extra_env={"PYTHONPATH": str(project)})
+                         extra_env={"PYTHONPATH": str(project), "MAILPROOF_SOURCE_URL": SOURCE_URL})
     assert "1 failed, 1 passed" in hostile.stdout, hostile.stdout[-3000:] + hostile.stderr[-2000:]
     return report_build.build(results, work / "report", history=work / "history.jsonl")
 
@@ -404,17 +407,45 @@ def test_hostile_email_preview_renders_inside_the_report_without_running_anythin
     assert remote(browser.requests) == [], f"the report fetched {remote(browser.requests)}"
 
 
-def test_real_order_receipt_preview_and_flow_link(allure_report, browser):
+def metadata(page: Page) -> dict[str, str]:
+    """The Labels section of the open test result: label name -> its values as shown."""
+    return page.js("""Object.fromEntries([...document.querySelectorAll('[data-testid=metadata-item]')].map(e => [
+        e.querySelector('[data-testid=metadata-item-key]').innerText.trim(),
+        e.querySelector('[data-testid=metadata-item-value]').innerText.trim()]))""")
+
+
+def test_real_order_receipt_preview_and_flow_source(allure_report, browser):
     page = Page(browser)
     text, _ = open_email_preview(page, browser, allure_report, "test_order_receipt")
     assert "Mailproof mug" in text and "Launch-day T-shirt (M)" in text, text
     page.screenshot(SCREENSHOTS / "allure-order-receipt.png")
     page.goto(f"{allure_report.as_uri()}#/{result_id(allure_report, 'test_order_receipt')}")
-    # Allure 3 shows links as clickable text; the URL itself is checked in test_allure_output.py.
-    link = page.wait_for("document.querySelector('[data-testid=test-result-meta-link]')?.innerText")
+    # Without mailproof_source_url the flow's source is a label, the same on every machine; no link.
+    page.wait_for("document.querySelector('[data-testid=metadata-item]')")
     line = next(i for i, text in enumerate((ROOT / "flows" / "orders.py").read_text().splitlines(), 1)
                 if text.startswith("@flow(") and "Order receipt" in text)
-    assert link.strip() == f"flow source: orders.py:{line}", link
+    assert metadata(page).get("flow source") == f"flows/orders.py:{line}", metadata(page)
+    assert page.js("document.querySelectorAll('[data-testid=test-result-meta-link]').length") == 0
+    assert "file://" not in page.text()
+    # Set up and Tear down list the real fixtures, each passed: no pytest-internal "<lambda>".
+    page.wait_for("document.querySelector('[data-testid=test-result-teardown-dropdown]')")
+    fixtures = page.js("""[...document.querySelectorAll(
+        '[data-testid=test-result-setup-dropdown], [data-testid=test-result-teardown-dropdown]')]
+        .flatMap(d => [...d.parentElement.querySelectorAll('[data-testid=test-result-step-header]')])
+        .map(h => [h.querySelector('[data-testid=test-result-step-title]').innerText.trim(),
+                   h.querySelector('[data-testid^=tree-leaf-status-]')?.dataset.testid])""")
+    names = [name for name, _ in fixtures]
+    assert {"demo_app", "mailbox", "mailbox::teardown", "demo_app::teardown"} <= set(names), fixtures
+    assert not [f for f in fixtures if "<lambda>" in f[0] or f[1] != "tree-leaf-status-passed"], fixtures
+    assert remote(browser.requests) == []
+
+    # With it (the shop project), a link into the repository's browser.
+    page.goto(f"{allure_report.as_uri()}#/{result_id(allure_report, 'test_hostile_receipt')}")
+    page.wait_for("document.querySelector('[data-testid=test-result-meta-link]')")
+    anchor = page.js("""(() => { const l = document.querySelector('[data-testid=test-result-meta-link]');
+        const a = l.closest('a') || l.querySelector('a'); return {text: l.innerText.trim(), href: a && a.href}; })()""")
+    line = next(i for i, text in enumerate(HOSTILE_FLOWS.splitlines(), 1) if text.startswith("@flow(") and "scripts" in text)
+    assert anchor == {"text": f"flow source: hostile_flows.py:{line}", "href": f"{SOURCE_URL}hostile_flows.py#L{line}"}, anchor
     assert remote(browser.requests) == []
 
 

@@ -1,35 +1,54 @@
 """pytest hooks that complete the Allure results of a flow run.
 
 Registered by the mailproof plugin (``pytest_plugins = ["mailproof.report.allure_hooks"]`` in
-mailproof/pytest_plugin.py); ``-p mailproof.report.allure_hooks`` loads it by hand. It does three things:
+mailproof/pytest_plugin.py); ``-p mailproof.report.allure_hooks`` loads it by hand. It does:
 
 1. **Readable diffs for flows.** pytest rewrites ``assert`` only in test modules; flow functions
    live in other modules (``flows/accounts.py``). The packages named in the ini key
    ``mailproof_flow_modules`` (default ``flows``) are registered for assertion rewriting before
    any conftest imports them, so a failing ``assert x == y`` in a flow shows both sides.
 2. **Failure categories.** A failed or broken flow test gets the label ``failure`` with one of
-   the CATEGORIES below; ``reports/allurerc.mjs`` groups the report's Categories tab by it (and,
-   for results written without this plugin, by the exception class in the message).
+   the CATEGORIES below; ``mailproof/report/allure/allurerc.mjs`` groups the report's Categories
+   tab by it (and, for results written without this plugin, by the exception class in the message).
 3. **environment.properties** in the ``--alluredir``: application URL, mailbox backend, and the
    versions of Python, mailproof, aiosmtpd, locust, pytest and allure-pytest. Written by the
    xdist controller or a run without xdist, never by a worker, once at session start and again
    at session end (atomically: a worker started with ``--clean-alluredir`` may have wiped it).
+4. **No harness noise for QA.**
+   - A failed wait (MailNotDelivered, MailLate, UnexpectedMail) is reported with its message
+     (what was expected, the near misses) and the user's frames only: the test and the flow
+     line that waited. Frames of the mailproof package itself (``Mailbox.wait_for``, the
+     ``run_flow`` runner) are left out, in Allure's trace and on the terminal alike, as they
+     are for an assertion failing in the user's own code; ``--fulltrace`` shows them. Harness
+     errors and anything else keep their whole traceback.
+   - Set up / Tear down lists only real fixtures and teardowns. pytest (9.1 and later) gives
+     every fixture an internal finalizer (a ``lambda`` that calls
+     ``pytest_fixture_post_finalizer``); allure-pytest 2.16 wraps it like a real one, and since
+     that finalizer is what closes the fixture's Allure container, the wrapped entry is written
+     still open: a ``<fixture>::<lambda>`` teardown of unknown status on every fixture
+     (allure-framework/allure-python#918). It is unwrapped here, and the teardown of a yield
+     fixture is named ``<fixture>::teardown`` rather than by its position (``::1``).
+5. The ini key ``mailproof_source_url`` (env ``MAILPROOF_SOURCE_URL``), read by
+   mailproof.report.allure_reporter.label_flow_test: see there.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import allure
+import allure_commons
 import pytest
 import requests
 
+import mailproof
 from mailproof.errors import MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 
 FAILURE_LABEL = "failure"
@@ -52,6 +71,10 @@ _labelled = pytest.StashKey[bool]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mailproof_flow_modules", "packages/modules holding flow functions, rewritten by pytest "
                   "so failed asserts in flows show a diff", type="linelist", default=["flows"])
+    parser.addini("mailproof_source_url", "where the report links each flow's source: a repository browse URL "
+                  "prefix (https://git.example/shop/blob/main/) or a template with {path} and {line}; "
+                  "empty: the source is shown as a rootdir-relative path only (env MAILPROOF_SOURCE_URL)",
+                  default="")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -94,7 +117,19 @@ def _server_errors(item: pytest.Item) -> list[str]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    report = yield
+    hide = call.excinfo is not None and is_product_failure(call.excinfo) \
+        and not item.config.getoption("fulltrace", False) and callable(getattr(item, "_traceback_filter", None))
+    own = item.__dict__.get("_traceback_filter")  # set on this very item by someone else (rarely)
+    if hide:  # for the report made below, which Allure's trace and the terminal are written from
+        item._traceback_filter = _without_harness_frames(item._traceback_filter, item.config)
+    try:
+        report = yield
+    finally:
+        if hide:
+            if own is None:
+                del item._traceback_filter  # the class's own again
+            else:
+                item._traceback_filter = own
     if report.failed and call.excinfo is not None and not item.stash.get(_labelled, False) \
             and not hasattr(report, "wasxfail"):
         item.stash[_labelled] = True
@@ -177,3 +212,95 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
     _write_for(session)
+
+
+# -- 4a. failed waits without harness frames ----------------------------------------------------
+
+MAIL_ERRORS = (MailNotDelivered, MailLate, UnexpectedMail)
+HARNESS_DIR = Path(mailproof.__file__).resolve().parent
+
+
+def is_harness_frame(entry: Any) -> bool:
+    """Whether a traceback entry runs code of the installed mailproof package."""
+    try:
+        path = Path(entry.frame.code.raw.co_filename).resolve()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return path.is_relative_to(HARNESS_DIR)
+
+
+def is_product_failure(excinfo: pytest.ExceptionInfo) -> bool:
+    """A failed wait, or an assertion of the test's own code (a flow's ``assert``): what the
+    product did wrong, which harness frames only hide. Errors of the harness keep them."""
+    if isinstance(excinfo.value, MAIL_ERRORS):
+        return True
+    if isinstance(excinfo.value, (AssertionError, pytest.fail.Exception)):
+        entries = excinfo.traceback
+        return bool(len(entries)) and not is_harness_frame(entries[-1])
+    return False
+
+
+def _without_harness_frames(tbfilter: Callable[[pytest.ExceptionInfo], Any], config: pytest.Config):
+    """``tbfilter`` (pytest's cut to the test function and hiding of its own frames), then without
+    mailproof's frames: what remains is the test, the flow function(s) and the flow line that
+    waited, followed by the message. Filtering ``excinfo.traceback`` beforehand would not do:
+    pytest's cut rebuilds the traceback from the raw one."""
+
+    def traceback_filter(excinfo: pytest.ExceptionInfo):
+        traceback = tbfilter(excinfo)
+        kept = [entry for entry in traceback if not is_harness_frame(entry)]
+        if not kept or len(kept) == len(traceback):
+            return traceback
+        if config.getoption("tbstyle", "auto") == "auto":  # as pytest does: first and last in full
+            kept = [entry.with_repr_style(None if i in (0, len(kept) - 1) else "short") for i, entry in enumerate(kept)]
+        return type(traceback)(kept)
+
+    return traceback_filter
+
+
+# -- 4b. fixtures as Allure shows them ---------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    """Outside allure-pytest's own wrapper: once it has wrapped the fixture's finalizers, tidy them."""
+    try:
+        return (yield)
+    finally:
+        tidy_allure_finalizers(fixturedef)
+
+
+def tidy_allure_finalizers(fixturedef: pytest.FixtureDef) -> None:
+    finalizers = getattr(fixturedef, "_finalizers", None)
+    if not isinstance(finalizers, list):
+        return
+    for index, wrapped in enumerate(finalizers):
+        if not isinstance(wrapped, allure_commons.fixture):
+            continue
+        finalizer = getattr(wrapped, "_fixture_function", None)
+        if finalizer is None:
+            continue
+        if _is_pytest_internal(finalizer):
+            finalizers[index] = finalizer  # pytest's bookkeeping: not a teardown, and closes the container
+            continue
+        name = getattr(wrapped, "_name", None)
+        if isinstance(name, str) and "::" in name:
+            wrapped._name = f"{name.rpartition('::')[0]}::{_teardown_name(finalizer)}"
+
+
+def _is_pytest_internal(finalizer: Any) -> bool:
+    """pytest's own finalizer (not a partial: the yield-fixture teardown is one, of a _pytest function)."""
+    if isinstance(finalizer, functools.partial):
+        return False
+    module = getattr(finalizer, "__module__", None) or ""
+    return module == "_pytest" or module.startswith("_pytest.")
+
+
+def _teardown_name(finalizer: Any) -> str:
+    func = finalizer.func if isinstance(finalizer, functools.partial) else finalizer
+    name = getattr(func, "__name__", "") or ""
+    if name == "_teardown_yield_fixture":  # the code after a fixture's ``yield``
+        return "teardown"
+    if not name or name.startswith("<"):  # a lambda registered with request.addfinalizer
+        return "finalizer"
+    return name

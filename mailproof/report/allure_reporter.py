@@ -17,6 +17,14 @@ its body attached, and a 5xx answer marks its step broken and is remembered
 (``AllureReporter.server_errors``) so the failure is classed as an application error
 (see mailproof.report.allure_hooks).
 
+``label_flow_test`` labels the test ``run_flow`` runs: feature, story, severity, the flow's
+docstring as description, and where the flow is defined, as the label ``flow source`` holding
+a path relative to pytest's rootdir (``flows/orders.py:57``), which reads the same on every
+machine. A link to it is added only when the ini key ``mailproof_source_url`` (or env
+``MAILPROOF_SOURCE_URL``) says where the sources can be browsed: a prefix the path and
+``#L<line>`` are appended to (``https://git.example/shop/blob/main/``), or a template with
+``{path}`` and ``{line}`` (``https://bitbucket.example/shop/src/main/{path}#lines-{line}``).
+
 The reporter is synchronous and must be called from the test's own thread: Allure's step stack
 is per thread, and steps recorded from another thread or an asyncio task nest wrongly (docs/traps.md, "Allure").
 Allure calls are no-ops when pytest runs without ``--alluredir``.
@@ -25,13 +33,18 @@ Allure calls are no-ops when pytest runs without ``--alluredir``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterator, Optional
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Optional
+from urllib.parse import quote
 
 import allure
 import allure_commons
 from allure_commons.utils import uuid4
 
 from mailproof.criteria import Criteria
+from mailproof.flow import flow_info
 from mailproof.report.preview import safe_preview
 from mailproof.message import Message
 
@@ -50,6 +63,76 @@ class ApplicationError(Exception):
 def mail_title(event: str, msg: Message) -> str:
     latency = f"{msg.latency * 1000:.0f} ms after trigger" if msg.latency is not None else "latency unknown"
     return f"{_VERBS.get(event, event)}: {msg.subject!r} to {', '.join(msg.rcpt_tos) or ', '.join(msg.to)} ({latency})"
+
+
+# -- test labels ----------------------------------------------------------------------------------
+
+FLOW_SOURCE_LABEL = "flow source"
+SOURCE_URL_ENV = "MAILPROOF_SOURCE_URL"
+
+
+def label_flow_test(fn: Callable[..., Any], config: Any) -> None:
+    """Label the running test from the flow ``fn`` it runs (see the module docstring)."""
+    info = flow_info(fn)
+    allure.dynamic.feature(info.feature)
+    allure.dynamic.story(info.story)
+    allure.dynamic.severity(info.severity)
+    if info.description:
+        allure.dynamic.description(info.description)
+    location = flow_source(fn, Path(config.rootpath))
+    if location is None:
+        return
+    path, line = location
+    allure.dynamic.label(FLOW_SOURCE_LABEL, f"{path}:{line}")
+    url = source_url(_source_url_setting(config), path, line)
+    if url:
+        allure.dynamic.link(url, name=f"flow source: {path}:{line}")
+
+
+def flow_source(fn: Callable[..., Any], rootdir: Path) -> Optional[tuple[str, int]]:
+    """Where ``fn`` is defined: a ``/``-separated path relative to ``rootdir`` and the line of its
+    first decorator. A module outside the rootdir (an installed package of flows) is named from
+    its import path instead (``shopflows/orders.py``), never by this machine's absolute path."""
+    try:
+        source = inspect.getsourcefile(fn)
+        line = inspect.getsourcelines(fn)[1]
+    except (OSError, TypeError):
+        return None
+    if not source:
+        return None
+    absolute = Path(os.path.abspath(source))
+    for path, base in ((absolute, Path(os.path.abspath(rootdir))),
+                       (Path(os.path.realpath(absolute)), Path(os.path.realpath(rootdir)))):  # symlinks
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix(), line
+    name = getattr(fn, "__module__", None) or ""
+    if name and name != "__main__":
+        parts = name.split(".")
+        if absolute.name == "__init__.py":
+            parts.append("__init__")
+        return "/".join(parts[:-1] + [parts[-1] + absolute.suffix]), line
+    return absolute.name, line
+
+
+def source_url(setting: str, path: str, line: int) -> Optional[str]:
+    """The browse URL of ``path`` at ``line`` from the ``mailproof_source_url`` setting (None: unset)."""
+    setting = (setting or "").strip()
+    if not setting:
+        return None
+    quoted = quote(path, safe="/")
+    if "{path}" in setting or "{line}" in setting:
+        return setting.replace("{path}", quoted).replace("{line}", str(line))
+    return f"{setting if setting.endswith('/') else setting + '/'}{quoted}#L{line}"
+
+
+def _source_url_setting(config: Any) -> str:
+    value = os.environ.get(SOURCE_URL_ENV)
+    if value:
+        return value
+    try:
+        return str(config.getini("mailproof_source_url") or "")
+    except ValueError:  # registered by mailproof.report.allure_hooks; not loaded
+        return ""
 
 
 # -- attachments ----------------------------------------------------------------------------------
