@@ -7,7 +7,7 @@ from mailproof.addresses import AddressBook
 from mailproof.servers.app_process import AppProcess
 from mailproof.criteria import Criteria
 from mailproof.capture.embedded import EmbeddedSink
-from mailproof.errors import MailLate, MailNotDelivered, MailproofError, UnexpectedMail
+from mailproof.errors import HarnessError, MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 from mailproof.flow import Flow, FlowInfo, flow, flow_info, run
 from mailproof.http import AppSession
 from mailproof.mailbox import Mailbox, MailStore
@@ -15,6 +15,6 @@ from mailproof.message import Attachment, Link, Message
 
 __all__ = [
     "AddressBook", "AppProcess", "AppSession", "Attachment", "Criteria", "EmbeddedSink", "Flow",
-    "FlowInfo", "Link", "MailLate", "MailNotDelivered", "MailStore", "Mailbox", "MailproofError",
+    "FlowInfo", "HarnessError", "Link", "MailLate", "MailNotDelivered", "MailStore", "Mailbox", "MailproofError",
     "Message", "UnexpectedMail", "flow", "flow_info", "run",
 ]

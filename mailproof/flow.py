@@ -62,9 +62,10 @@ class StepRecord:
 class Flow:
     """What a flow function works with.
 
-    ``http``: a requests-compatible client bound to the application; every request marks a
-    trigger. ``mailbox``: the Mailbox to hand out addresses and wait for mail. ``step(name)``:
-    a timed, reported step. ``mails``: every message this run waited for, in order.
+    ``http``: a requests-compatible client bound to the application; a request is the trigger
+    of the handed-out addresses it carries (``Mailbox.on_request``). ``mailbox``: the Mailbox to
+    hand out addresses and wait for mail. ``step(name)``: a timed, reported step. ``mails``:
+    every message this run waited for (or got late), in order.
     """
 
     http: Any
@@ -76,12 +77,13 @@ class Flow:
     current_step: str = ""
 
     def __post_init__(self) -> None:
-        self.http = TriggeringClient(self.http, self.mark, self.reporter.http)
+        self.http = TriggeringClient(self.http, self.mailbox.on_request, self.reporter.http)
         self.mailbox.observe(self._on_mail)
 
-    def mark(self) -> float:
-        """An explicit trigger, for mail caused by something other than an HTTP request."""
-        return self.mailbox.mark()
+    def mark(self, address: Optional[str] = None) -> float:
+        """An explicit trigger, for mail caused by something other than an HTTP request: of every
+        handed-out address with no trigger yet, or of ``address`` alone (``Mailbox.mark``)."""
+        return self.mailbox.mark(address)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

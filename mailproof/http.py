@@ -1,19 +1,24 @@
-"""HTTP clients for flows: a base-URL requests session, and a wrapper that marks triggers.
+"""HTTP clients for flows: a base-URL requests session, and a wrapper that reports each request.
 
 The wrapper works around any requests-compatible client (requests.Session in pytest, Locust's
-HttpSession under load): it records when each request starts, so mail latency is measured from
-the request that caused it (docs/architecture.md, decision 3), and reports each call to the flow's reporter.
+HttpSession under load): before each request it calls ``on_start(method, url, fields)``, so the
+Mailbox can take the request as the trigger of the handed-out addresses it carries (mail latency
+is measured from the request that caused it: docs/architecture.md, decision 3); after it,
+``on_done(...)`` reports the call to the flow's reporter.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
-from urllib.parse import urljoin
+from typing import Any, Callable, Mapping, Optional
+from urllib.parse import unquote, unquote_plus, urljoin
 
 import requests
 
 _VERBS = ("request", "get", "post", "put", "patch", "delete", "head", "options")
+# The positional parameters after the URL of requests' (and Locust's) verb methods.
+_POSITIONAL = {"get": ("params",), "post": ("data", "json"), "put": ("data",), "patch": ("data",)}
+REQUEST_TEXT_LIMIT = 256 * 1024  # characters of one request field searched for addresses
 
 
 class AppSession(requests.Session):
@@ -30,9 +35,11 @@ class AppSession(requests.Session):
 
 
 class TriggeringClient:
-    """Delegates to ``client``; each request first calls ``on_start()`` and then ``on_done(...)``."""
+    """Delegates to ``client``. Each request first calls ``on_start(method, url, fields)``
+    (``fields``: the keyword arguments, positional ``params``/``data``/``json`` included by name)
+    and then ``on_done(method, url, response, seconds)``."""
 
-    def __init__(self, client: Any, on_start: Callable[[], Any],
+    def __init__(self, client: Any, on_start: Callable[[str, str, Mapping[str, Any]], Any],
                  on_done: Optional[Callable[[str, str, Any, float], None]] = None) -> None:
         self._client = client
         self._on_start = on_start
@@ -44,11 +51,11 @@ class TriggeringClient:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            self._on_start()
+            method, url, fields = request_parts(name, args, kwargs)
+            self._on_start(method, url, fields)
             started = time.perf_counter()
             response = attr(*args, **kwargs)
             if self._on_done is not None:
-                method, url = _method_and_url(name, args, kwargs)
                 self._on_done(method, url, response, time.perf_counter() - started)
             return response
 
@@ -59,10 +66,60 @@ class TriggeringClient:
         return self._client
 
 
-def _method_and_url(verb: str, args: tuple, kwargs: dict) -> tuple[str, str]:
+def request_parts(verb: str, args: tuple, kwargs: dict) -> tuple[str, str, dict]:
+    """``(METHOD, url, fields)`` of a call ``client.<verb>(*args, **kwargs)``."""
+    fields = dict(kwargs)
     if verb == "request":
         method = args[0] if args else kwargs.get("method", "")
         url = args[1] if len(args) > 1 else kwargs.get("url", "")
+        if len(args) > 2 and "params" not in fields:  # requests.Session.request(method, url, params, data)
+            fields["params"] = args[2]
+        if len(args) > 3 and "data" not in fields:
+            fields["data"] = args[3]
     else:
         method, url = verb, args[0] if args else kwargs.get("url", "")
-    return str(method).upper(), str(url)
+        for name, value in zip(_POSITIONAL.get(verb, ()), args[1:]):
+            fields.setdefault(name, value)
+    return str(method).upper(), str(url), fields
+
+
+# -- finding handed-out addresses in a request ---------------------------------------------------
+
+
+def _collect(value: Any, out: list[str], depth: int = 0) -> None:
+    """Strings of a request field (str, bytes, mappings and sequences of them). Never reads a
+    file or an iterator: a request body must reach the application untouched."""
+    if value is None or depth > 16:
+        return
+    if isinstance(value, str):
+        out.append(value[:REQUEST_TEXT_LIMIT])
+    elif isinstance(value, (bytes, bytearray)):
+        out.append(bytes(value[:REQUEST_TEXT_LIMIT]).decode("utf-8", "replace"))
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _collect(k, out, depth + 1)
+            _collect(v, out, depth + 1)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            _collect(v, out, depth + 1)
+
+
+def carried_addresses(addresses: list[str], url: Any, fields: Mapping[str, Any]) -> list[str]:
+    """Which of ``addresses`` (lower-cased) a request carries: in the URL, the query string
+    (``params``), form data (``data``) or the JSON body (``json``); case-insensitive;
+    percent-encoded (``%40``, ``%2B``, once or twice) or with its ``+`` read as a space."""
+    parts: list[str] = []
+    _collect(url if isinstance(url, (str, bytes)) else str(url), parts)
+    for name in ("params", "data", "json"):
+        _collect(fields.get(name), parts)
+    text = "\n".join(parts).lower()
+    variants = [text]
+    for _ in range(2):  # quote(address); a query string quoted twice
+        decoded = unquote(variants[-1])
+        if decoded == variants[-1]:
+            break
+        variants.append(decoded)
+    if not any("@" in v for v in variants):
+        return []
+    plus = unquote_plus(text)
+    return [a for a in addresses if any(a in v for v in variants) or a.replace("+", " ") in plus]

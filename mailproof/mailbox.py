@@ -1,66 +1,81 @@
 """The Mailbox: the one API flows use to expect mail, whatever captured it.
 
-``MailStore`` holds captured messages and the waiters; any backend (the in-process sink, the
-sink service client, an IMAP watcher) feeds it with ``deliver``. A delivery wakes exactly the
-waiters whose criteria it meets, from the delivering thread: nobody polls.
+A ``Mailbox`` is a view on a ``MailStore`` (``mailproof.store``) for one test or one flow run: it
+hands out addresses, knows each address's trigger, only sees mail captured after it was opened,
+and never returns the same message twice (each wait claims what it returns).
 
-``Mailbox`` is a view on a store for one test or one flow run: it hands out addresses, records
-trigger times for latency, only sees mail captured after it was opened, and never returns the
-same message twice (each ``wait_for`` claims what it returns).
+**The SLO and the timeout are two numbers.** ``wait_for(within=SLO, timeout=...)`` waits up to
+the timeout (default: the Mailbox's ``default_timeout``, else ``max(3 * within, within + 10)``).
+Mail later than the SLO but before the timeout raises ``MailLate`` (the message claimed, on the
+exception); none by the timeout raises ``MailNotDelivered``.
 
-``Triggers`` is the one definition of an email's delivery latency: seconds from the latest
-trigger at or before its capture. A wait stamps each message it returns with it
-(``Message.triggered_at``, hence ``Message.latency``); the rehearsal ledger measures every
-arrival with the same object's ``latency``, so both give the same number for the same message.
+**The trigger of an address's mail** (``trigger_of``, what every latency is measured from, the
+rehearsal ledger's included) is, in order:
+
+1. ``mark(address)``: set explicitly;
+2. the first request after the address was handed out that carried it (URL, query string, form
+   data or JSON body; case-insensitive; percent-encoded forms included);
+3. ``mark()``: for every handed-out address with no trigger yet;
+4. at the wait: the latest request or mark before the wait began (for ``expect``: the first one
+   made inside the block, else the latest before it).
+
+Once known, a trigger is fixed: a later request never moves it. ``Message.latency`` of a message
+a wait returns is ``received_at - trigger_of(address)``: one computation, wherever it is read.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import time
-from collections import defaultdict
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from mailproof.addresses import AddressBook
 from mailproof.criteria import Criteria, Text, recipients_of
-from mailproof.errors import MailLate, MailNotDelivered, UnexpectedMail
+from mailproof.errors import HarnessError, MailLate, MailNotDelivered, MailproofError, UnexpectedMail
+from mailproof.http import carried_addresses
 from mailproof.message import Message
+from mailproof.store import MailStore, _Waiter, describe
+
+__all__ = ["Mailbox", "MailStore", "Triggers", "ExpectedMail"]
 
 NEAR_MISSES_SHOWN = 10
 
 
 class Triggers:
-    """Sorted trigger times (epoch seconds) of one test or flow run; what latency is measured from.
+    """The request starts and marks of one Mailbox, sorted (epoch seconds): the fallback trigger.
 
-    Not locked: one flow run marks its own triggers, and readers copy them once it has finished.
+    Not the latency rule itself (that is ``Mailbox.trigger_of``): ``before(t)`` is "the latest
+    request or mark at or before t", used when a wait begins for an address nothing triggered.
     """
 
-    __slots__ = ("_times",)
+    __slots__ = ("_times", "_order")
 
     def __init__(self, times: Iterable[float] = ()) -> None:
-        self._times: list[float] = sorted(float(t) for t in times)
+        self._order: list[float] = [float(t) for t in times]
+        self._times: list[float] = sorted(self._order)
 
     def add(self, at: float) -> None:
         bisect.insort(self._times, float(at))
+        self._order.append(float(at))
 
-    def before(self, received_at: Optional[float]) -> Optional[float]:
-        """The latest trigger at or before ``received_at`` (None: no trigger that early, or no time)."""
-        if received_at is None or not self._times:
+    def before(self, at: Optional[float]) -> Optional[float]:
+        """The latest trigger at or before ``at`` (None: none that early, or no time)."""
+        if at is None or not self._times:
             return None
-        index = bisect.bisect_right(self._times, received_at)
+        index = bisect.bisect_right(self._times, at)
         return self._times[index - 1] if index else None
 
     def latency(self, received_at: Optional[float]) -> Optional[float]:
-        """Seconds from ``before(received_at)`` to ``received_at``: exactly ``Message.latency``
-        of a message captured then and stamped by ``stamp``."""
+        """Deprecated, the old rule (latest trigger before capture), kept only while the rehearsal
+        ledger moves to ``Mailbox.trigger_of``: do not use it for anything new."""
         trigger = self.before(received_at)
         return None if trigger is None or received_at is None else received_at - trigger
 
-    def stamp(self, msg: Message) -> Optional[float]:
-        """Set ``msg.triggered_at`` (so ``msg.latency`` is this latency) and return the latency."""
-        msg.triggered_at = self.before(msg.received_at)
-        return msg.latency
+    def added_after(self, n: int) -> list[float]:
+        """The triggers added after the first ``n``, in the order they were added."""
+        return self._order[n:]
 
     @property
     def times(self) -> list[float]:
@@ -76,177 +91,12 @@ class Triggers:
         return f"Triggers({self._times!r})"
 
 
-class _Waiter:
-    __slots__ = ("criteria", "count", "exclude", "found", "event")
+class ExpectedMail(list):
+    """What ``Mailbox.expect(...)`` yields: empty inside the block, the messages after it."""
 
-    def __init__(self, criteria: Criteria, count: int, exclude: set[int]) -> None:
-        self.criteria = criteria
-        self.count = count
-        self.exclude = exclude
-        self.found: list[Message] = []
-        self.event = threading.Event()
-
-    def offer(self, msg: Message) -> bool:
-        """Take ``msg`` if it matches; True once the waiter has all it waits for.
-
-        Runs under the store lock. Taking a message claims it at once (``exclude`` is the
-        Mailbox's shared claimed set), so two concurrent waits never return the same message.
-        """
-        if msg.seq in self.exclude or not self.criteria.matches(msg):
-            return False
-        self.exclude.add(msg.seq)
-        self.found.append(msg)
-        if len(self.found) >= self.count:
-            self.event.set()
-            return True
-        return False
-
-
-class MailStore:
-    """Thread-safe store of captured messages with push-based waiters.
-
-    Retention is bounded by ``max_messages``; eviction takes the oldest message that no live
-    address still expects (a message to an address of an open Mailbox is kept), and counts it.
-    """
-
-    def __init__(self, max_messages: int = 100_000) -> None:
-        self.max_messages = max_messages
-        self.evicted = 0
-        self.delivered = 0
-        self._lock = threading.RLock()
-        self._seq = 0
-        self._messages: list[Message] = []  # in seq order
-        self._by_rcpt: dict[str, list[Message]] = defaultdict(list)
-        self._waiters_by_rcpt: dict[str, list[_Waiter]] = defaultdict(list)
-        self._waiters_any: list[_Waiter] = []
-        self._live: dict[str, int] = defaultdict(int)
-        self._listeners: list[Callable[[Message], None]] = []
-        self._waiter_listeners: list[Callable[[], None]] = []
-
-    # -- feeding -----------------------------------------------------------------------------
-
-    def deliver(self, msg: Message) -> Message:
-        with self._lock:
-            self._seq += 1
-            msg.seq = self._seq
-            self._messages.append(msg)
-            rcpts = recipients_of(msg)
-            for rcpt in rcpts:
-                self._by_rcpt[rcpt].append(msg)
-            self.delivered += 1
-            while len(self._messages) > self.max_messages and self._evict():
-                pass
-            for waiters in [self._waiters_by_rcpt.get(r) for r in rcpts] + [self._waiters_any]:
-                if waiters:
-                    waiters[:] = [w for w in waiters if not w.offer(msg)]
-            listeners = list(self._listeners)
-        for listener in listeners:
-            listener(msg)
-        return msg
-
-    def deliver_captured(self, captured) -> Message:
-        """Adapter for ``mailproof.capture.CapturedMail`` (the in-process sink's callback)."""
-        return self.deliver(
-            Message(
-                captured.data,
-                mail_from=captured.mail_from,
-                rcpt_tos=captured.rcpt_tos,
-                received_at=captured.received_at,
-                source="sink",
-            )
-        )
-
-    def add_listener(self, listener: Callable[[Message], None]) -> None:
-        """Call ``listener(message)`` after every delivery (outside the lock)."""
-        with self._lock:
-            self._listeners.append(listener)
-
-    def add_waiter_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` each time a wait begins, under the store lock: keep it tiny.
-
-        Backends without push (IMAP) use it to check faster only while somebody waits.
-        """
-        with self._lock:
-            self._waiter_listeners.append(listener)
-
-    def remove_waiter_listener(self, listener: Callable[[], None]) -> None:
-        with self._lock:
-            if listener in self._waiter_listeners:
-                self._waiter_listeners.remove(listener)
-
-    def has_waiters(self) -> bool:
-        with self._lock:
-            return bool(self._waiters_any) or bool(self._waiters_by_rcpt)
-
-    # -- reading -----------------------------------------------------------------------------
-
-    @property
-    def last_seq(self) -> int:
-        with self._lock:
-            return self._seq
-
-    def since(self, seq: int, to: Optional[str] = None) -> list[Message]:
-        """Messages after ``seq`` (to one recipient, when given), oldest first."""
-        with self._lock:
-            pool = self._messages if to is None else self._by_rcpt.get(to.lower(), [])
-            start = bisect.bisect_right(pool, seq, key=lambda m: m.seq)
-            return pool[start:]
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._messages)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._messages.clear()
-            self._by_rcpt.clear()
-
-    # -- used by Mailbox ---------------------------------------------------------------------
-
-    def _add_waiter(self, waiter: _Waiter) -> None:
-        key = waiter.criteria.recipient
-        if key:
-            self._waiters_by_rcpt[key].append(waiter)
-        else:
-            self._waiters_any.append(waiter)
-        for listener in self._waiter_listeners:
-            listener()
-
-    def _remove_waiter(self, waiter: _Waiter) -> None:
-        key = waiter.criteria.recipient
-        waiters = self._waiters_by_rcpt.get(key) if key else self._waiters_any
-        if waiters and waiter in waiters:
-            waiters.remove(waiter)
-        if key and key in self._waiters_by_rcpt and not self._waiters_by_rcpt[key]:
-            del self._waiters_by_rcpt[key]
-
-    def _hold(self, address: str) -> None:
-        with self._lock:
-            self._live[address.lower()] += 1
-
-    def _release(self, addresses: Iterable[str]) -> None:
-        with self._lock:
-            for address in addresses:
-                key = address.lower()
-                self._live[key] -= 1
-                if self._live[key] <= 0:
-                    del self._live[key]
-
-    def _evict(self) -> bool:
-        for index, msg in enumerate(self._messages):
-            rcpts = recipients_of(msg)
-            if not (rcpts & self._live.keys()):
-                del self._messages[index]
-                for rcpt in rcpts:
-                    pool = self._by_rcpt.get(rcpt)
-                    if pool is not None:
-                        pool.remove(msg)
-                        if not pool:
-                            del self._by_rcpt[rcpt]
-                self.evicted += 1
-                return True
-        # Every message is still expected: keep them all rather than drop one silently.
-        return False
+    def __init__(self, criteria: Criteria, count: int, within: float, timeout: float) -> None:
+        super().__init__()
+        self.criteria, self.count, self.within, self.timeout = criteria, count, within, timeout
 
 
 class Mailbox:
@@ -258,17 +108,27 @@ class Mailbox:
         addresses: Optional[AddressBook] = None,
         *,
         default_within: float = 10.0,
+        default_timeout: Optional[float] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if not _positive(default_within):
+            raise ValueError(f"default_within must be more than 0 seconds, not {default_within!r}")
+        if default_timeout is not None and not _positive(default_timeout):
+            raise ValueError(f"default_timeout must be more than 0 seconds (or None), not {default_timeout!r}")
         self.store = store
         self.addresses = addresses or AddressBook()
         self.default_within = default_within
+        self.default_timeout = default_timeout
         self.clock = clock
         self.handed_out: list[str] = []
         # address -> (messages expected, seconds allowed): what the ledger reconciles against.
         self.expected: dict[str, tuple[int, float]] = {}
         self.claimed: set[int] = set()
         self.triggers = Triggers()
+        self._lock = threading.Lock()
+        self._trigger: dict[str, Optional[float]] = {}  # decided: address -> trigger (None: none known)
+        self._pending: dict[str, None] = {}  # handed out, no trigger decided yet (ordered)
+        self._returned: set[str] = set()  # addresses a wait has returned mail for
         self._start_seq = store.last_seq
         self._observers: list[Callable[..., None]] = []
         self._closed = False
@@ -279,18 +139,67 @@ class Mailbox:
         """A fresh address that nobody else will receive mail at."""
         address = self.addresses.address(label)
         self.handed_out.append(address)
+        with self._lock:
+            self._pending[address.lower()] = None
         self.store._hold(address)
         return address
 
-    def mark(self, at: Optional[float] = None) -> float:
-        """Record a trigger: latency of later mail is measured from the latest mark before it."""
-        at = self.clock() if at is None else at
-        self.triggers.add(at)
+    def on_request(self, method: str, url: Any, fields: Optional[Mapping[str, Any]] = None) -> float:
+        """An HTTP request starts now (``TriggeringClient`` calls this): the trigger of every
+        handed-out address with no trigger yet that it carries, and a fallback trigger."""
+        at = self.clock()
+        with self._lock:
+            self.triggers.add(at)
+            pending = list(self._pending)
+        if pending:
+            try:
+                carried = carried_addresses(pending, url, fields or {})
+            except Exception as exc:  # never fail the product's request over this: the fallback applies
+                self.store.record_harness_error(("request scan", type(exc)), exc,
+                                                f"looking for addresses in {method} {url}")
+                carried = []
+            with self._lock:
+                for key in carried:
+                    if key in self._pending:
+                        del self._pending[key]
+                        self._trigger[key] = at
         return at
 
-    def trigger_for(self, received_at: Optional[float]) -> Optional[float]:
-        """The trigger a message captured at ``received_at`` is measured from (``Triggers.before``)."""
-        return self.triggers.before(received_at)
+    def mark(self, address: Optional[str] = None, *, at: Optional[float] = None) -> float:
+        """An explicit trigger, for mail caused by something other than an HTTP request.
+
+        ``mark()`` is the trigger of every handed-out address with no trigger yet (and a fallback
+        trigger for later waits); ``mark(address)`` sets that one address's trigger, replacing
+        one inferred from a request. A time as the first argument is taken as ``at``.
+        """
+        if isinstance(address, (int, float)) and not isinstance(address, bool):
+            address, at = None, float(address)
+        at = self.clock() if at is None else float(at)
+        with self._lock:
+            if address is None:
+                self.triggers.add(at)
+                for key in self._pending:
+                    self._trigger[key] = at
+                self._pending.clear()
+                return at
+            key = address.lower()
+            if key in self._returned and self._trigger.get(key) != at:
+                raise MailproofError(
+                    f"mark({address!r}) after a wait returned mail to it: that mail's latency was measured "
+                    f"from the trigger at {self._trigger.get(key)!r} and would no longer match the ledger's. "
+                    "Mark before the wait, or hand out a new address for a new expectation.")
+            self._trigger[key] = at
+            self._pending.pop(key, None)
+        return at
+
+    def trigger_of(self, address: str) -> Optional[float]:
+        """The trigger time of ``address``'s expected mail (epoch seconds), None if none is known."""
+        with self._lock:
+            return self._trigger.get(address.lower())
+
+    def wait_timeout(self, within: Optional[float] = None, timeout: Optional[float] = None) -> float:
+        """How long a wait with this SLO waits; raises ValueError for an invalid pair."""
+        return self._limits(within, timeout)[1]
 
     def observe(self, observer: Callable[..., None]) -> None:
         """Call ``observer(event, message, criteria, error)`` on each outcome of a wait.
@@ -329,42 +238,51 @@ class Mailbox:
         match: Optional[Callable[[Message], bool]] = None,
         count: int = 1,
         within: Optional[float] = None,
+        timeout: Optional[float] = None,
     ) -> Union[Message, list[Message]]:
         """Return the matching message(s) the moment they are captured.
 
-        Raises MailNotDelivered after ``within`` seconds (naming what did arrive), or MailLate
-        when a message came but its latency from the trigger exceeds ``within``.
+        ``within`` is the SLO (seconds from the trigger), ``timeout`` how long to wait (see the
+        module docstring). Raises MailLate when mail came after the SLO but before the timeout,
+        MailNotDelivered when it had not come by the timeout (naming what did arrive), and
+        HarnessError when the criteria themselves raised.
         """
         if count < 1:
             raise ValueError("count must be at least 1; use expect_no_mail() to expect none")
-        criteria = Criteria(to=to, subject=subject, contains=contains, header=header,
-                            sender=sender, match=match)
-        within = self.default_within if within is None else within
-        if criteria.recipient:
-            expected, allowed = self.expected.get(criteria.recipient, (0, 0.0))
-            self.expected[criteria.recipient] = (expected + count, max(allowed, within))
+        within, timeout = self._limits(within, timeout)
+        criteria = Criteria(to=to, subject=subject, contains=contains, header=header, sender=sender, match=match)
         started = self.clock()
-        found = self._wait(criteria, count, within)
-        if len(found) < count:
-            error = MailNotDelivered(self._explain_missing(criteria, count, found, within, started))
-            self._notify("missing", None, criteria, error)
-            raise error
-        found = found[:count]
-        late = None
-        for msg in found:
-            self.claimed.add(msg.seq)
-            self.triggers.stamp(msg)
-            if late is None and msg.latency is not None and msg.latency > within:
-                late = MailLate(
-                    f"{criteria.describe()}: arrived {msg.latency:.3f} s after the trigger, "
-                    f"more than the {within:g} s allowed ({msg.describe()})"
-                )
-                self._notify("late", msg, criteria, late)
-            else:
-                self._notify("delivered", msg, criteria, None)
-        if late is not None:
-            raise late
-        return found[0] if count == 1 else found
+        fallback = self._fallback(started)
+        decided = self._fix_trigger(criteria, fallback)
+        self._expect_count(criteria.recipient, count, within)
+        found = self._wait(criteria, count, timeout, self._start_seq)
+        return self._verdict(criteria, count, within, timeout, found, started, fallback, decided, window_start=started)
+
+    def expect(
+        self,
+        to: Optional[str] = None,
+        *,
+        count: int = 1,
+        within: Optional[float] = None,
+        timeout: Optional[float] = None,
+        subject: Optional[Text] = None,
+        contains: Optional[Text] = None,
+        header: Union[tuple, dict, None] = None,
+        sender: Optional[str] = None,
+        match: Optional[Callable[[Message], bool]] = None,
+    ) -> "_Expecting":
+        """Arm first, trigger inside: ``with mailbox.expect(to=a, count=2, within=5) as sent:``.
+
+        Only mail captured after the block starts counts. On a clean exit, waits for exactly
+        ``count`` (MailLate / MailNotDelivered as ``wait_for``), then raises UnexpectedMail if more
+        matching mail had arrived by then. ``sent`` holds the messages after the block. An
+        exception inside the block propagates and withdraws the expectation.
+        """
+        if count < 1:
+            raise ValueError("count must be at least 1; use expect_no_mail() to expect none")
+        within, timeout = self._limits(within, timeout)
+        criteria = Criteria(to=to, subject=subject, contains=contains, header=header, sender=sender, match=match)
+        return _Expecting(self, criteria, count, within, timeout)
 
     def expect_no_mail(
         self,
@@ -374,19 +292,25 @@ class Mailbox:
         subject: Optional[Text] = None,
         contains: Optional[Text] = None,
         header: Union[tuple, dict, None] = None,
+        sender: Optional[str] = None,
         match: Optional[Callable[[Message], bool]] = None,
     ) -> None:
         """Assert that no matching mail arrives within ``within`` seconds (fails the moment one does)."""
-        criteria = Criteria(to=to, subject=subject, contains=contains, header=header, match=match)
+        if not (isinstance(within, (int, float)) and within >= 0):
+            raise ValueError(f"within must be 0 seconds or more (the window to watch), not {within!r}")
+        criteria = Criteria(to=to, subject=subject, contains=contains, header=header, sender=sender, match=match)
         if criteria.recipient:
             self.expected.setdefault(criteria.recipient, (0, within))
-        found = self._wait(criteria, 1, within)
+        found = self._wait(criteria, 1, within, self._start_seq)
         if found:
+            msg = found[0]
+            trigger = self._known_trigger(msg, criteria)
+            if trigger is not None:
+                msg.triggered_at = trigger
             error = UnexpectedMail(
-                f"expected no mail {criteria.describe()} within {within:g} s, "
-                f"but got {found[0].describe()}"
-            )
-            self._notify("unexpected", found[0], criteria, error)
+                f"expected no mail {criteria.describe()} within {within:g} s, but got {msg.describe()}",
+                messages=[msg])
+            self._notify("unexpected", msg, criteria, error)
             raise error
 
     def close(self) -> None:
@@ -403,43 +327,238 @@ class Mailbox:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _wait(self, criteria: Criteria, count: int, within: float) -> list[Message]:
+    def _limits(self, within: Optional[float], timeout: Optional[float]) -> tuple[float, float]:
+        within = self.default_within if within is None else within
+        if not _positive(within):
+            raise ValueError(f"within must be more than 0 seconds (the SLO), not {within!r}")
+        if timeout is None:
+            timeout = self.default_timeout if self.default_timeout is not None else max(3 * within, within + 10)
+            return within, max(timeout, within)  # a Mailbox-wide default never cuts a wait short of its SLO
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout >= within):
+            raise ValueError(f"timeout must be at least within ({within!r} s), not {timeout!r}: the wait has to "
+                             "outlast the SLO to tell late mail from lost mail")
+        return within, timeout
+
+    def _fallback(self, at: float) -> Optional[float]:
+        with self._lock:
+            return self.triggers.before(at)
+
+    def _fix_trigger(self, criteria: Criteria, fallback: Optional[float]) -> dict[str, Optional[float]]:
+        """As a wait begins: fix the trigger of its address (to ``fallback`` if none was decided),
+        so that nothing done while it waits moves it. Returns the triggers decided by then (what
+        a wait without ``to`` measures its messages from)."""
+        with self._lock:
+            key = criteria.recipient
+            if key and key not in self._trigger:
+                self._trigger[key] = fallback
+                self._pending.pop(key, None)
+            return dict(self._trigger)
+
+    def _known_trigger(self, msg: Message, criteria: Criteria) -> Optional[float]:
+        with self._lock:
+            if criteria.recipient:
+                return self._trigger.get(criteria.recipient)
+            for rcpt in sorted(recipients_of(msg)):
+                if self._trigger.get(rcpt) is not None:
+                    return self._trigger[rcpt]
+        return None
+
+    def _stamp(self, msg: Message, criteria: Criteria, fallback: Optional[float],
+               decided: dict[str, Optional[float]]) -> None:
+        """``msg.triggered_at = trigger_of(its address)``. Without ``to``, the address is the
+        message's first recipient with a trigger; a recipient with none decided when the wait
+        began gets the wait's fallback (a request made while waiting never counts)."""
+        with self._lock:
+            key = criteria.recipient
+            if key:
+                self._trigger.setdefault(key, fallback)
+            else:
+                rcpts = sorted(recipients_of(msg))
+                for rcpt in rcpts:
+                    if rcpt not in decided:
+                        self._trigger[rcpt] = fallback
+                        self._pending.pop(rcpt, None)
+                known = [r for r in rcpts if self._trigger.get(r) is not None]
+                if not known:
+                    msg.triggered_at = fallback
+                    return
+                key = known[0]
+            msg.triggered_at = self._trigger[key]
+            self._returned.add(key)
+
+    def _expect_count(self, key: Optional[str], count: int, within: float) -> None:
+        if key:
+            expected, allowed = self.expected.get(key, (0, 0.0))
+            self.expected[key] = (expected + count, max(allowed, within))
+
+    def _wait(self, criteria: Criteria, count: int, timeout: float, since_seq: int) -> list[Message]:
         """Offer the waiter what is already here, then let deliveries wake it."""
         store = self.store
         waiter = _Waiter(criteria, count, self.claimed)
-        with store._lock:
-            for msg in store.since(self._start_seq, to=criteria.recipient):
-                if waiter.offer(msg):
-                    return waiter.found
-            store._add_waiter(waiter)
         try:
-            waiter.event.wait(max(within, 0.0))
+            if not store._arm(waiter, since_seq):
+                try:
+                    waiter.event.wait(None if math.isinf(timeout) else max(timeout, 0.0))
+                finally:
+                    store._disarm(waiter)
         finally:
             with store._lock:
-                store._remove_waiter(waiter)
                 found = list(waiter.found)
-                if len(found) < count:  # a failed wait gives back what it took
+                if waiter.error is not None or len(found) < count:  # a failed wait gives back what it took
                     self.claimed.difference_update(m.seq for m in found)
+        if waiter.error is not None:
+            exc = waiter.error
+            raise HarnessError(
+                f"the harness could not check {describe(waiter.failed_on)} against {criteria.describe()}: "
+                f"{type(exc).__name__}: {exc}. This is a fault of the test's criteria (a match= callable?) "
+                "or of mailproof, not a verdict on the product.") from exc
         return found
 
-    def _explain_missing(self, criteria, count, found, within, started) -> str:
+    def _verdict(self, criteria: Criteria, count: int, within: float, timeout: float, found: list[Message],
+                 started: float, fallback: Optional[float], decided: dict[str, Optional[float]],
+                 window_start: float):
+        """Raise MailNotDelivered or MailLate, or notify "delivered" and return what a wait returns."""
+        trigger = self.trigger_of(criteria.recipient) if criteria.recipient else fallback
+        if len(found) < count:
+            error = MailNotDelivered(
+                self._explain_missing(criteria, count, found, within, timeout, window_start, trigger),
+                found=found, within=within, timeout=timeout)
+            self._notify("missing", None, criteria, error)
+            raise error
+        late: list[tuple[Message, float, bool]] = []
+        for msg in found:
+            self._stamp(msg, criteria, fallback, decided)
+            if msg.latency is not None:
+                if msg.latency > within:
+                    late.append((msg, msg.latency, True))
+            elif msg.received_at is not None and msg.received_at - started > within:
+                # No trigger known: it came at least this long after whatever caused it.
+                late.append((msg, msg.received_at - started, False))
+        error = None
+        if late:
+            lines = []
+            for msg, seconds, from_trigger in late:
+                since = "after the trigger" if from_trigger else (
+                    "after the wait began (no trigger was known, so at least that long after its cause)")
+                lines.append(f"{criteria.describe()}: arrived {seconds:.3f} s {since}, more than the "
+                             f"{within:g} s allowed ({msg.describe()})")
+            if len(found) > 1:
+                lines.append(f"{len(late)} of the {len(found)} mails were late.")
+            error = MailLate("\n".join(lines), messages=found, late=[m for m, _, _ in late],
+                             latency=late[0][1], within=within)
+        late_seqs = {m.seq for m, _, _ in late}
+        for msg in found:
+            late_one = msg.seq in late_seqs
+            self._notify("late" if late_one else "delivered", msg, criteria, error if late_one else None)
+        if error is not None:
+            raise error
+        return found[0] if count == 1 else found
+
+    def _explain_missing(self, criteria, count, found, within, timeout, window_start, trigger) -> str:
         lines = [
             f"no mail {criteria.describe()} within {within:g} s"
             if not found
-            else f"only {len(found)} of {count} mails {criteria.describe()} within {within:g} s"
+            else f"only {len(found)} of {count} mails {criteria.describe()} within {within:g} s",
+            f"(the SLO; waited {timeout:g} s in all, for late mail too)",
         ]
-        last_trigger = self.triggers.before(started)
-        window_start = started if last_trigger is None else min(started, last_trigger)
-        arrived = [m for m in self.messages if (m.received_at or 0) >= window_start and m.seq not in {f.seq for f in found}]
+        for msg in found:
+            latency = None if trigger is None or msg.received_at is None else msg.received_at - trigger
+            when = "" if latency is None else f" {latency:.3f} s after the trigger"
+            lines.append(f"arrived: {describe(msg)}{when}")
+        if trigger is not None:
+            window_start = min(window_start, trigger)
+        found_seqs = {f.seq for f in found}
+        messages = self.messages
+        arrived = [m for m in messages if (m.received_at or 0) >= window_start and m.seq not in found_seqs]
         if not arrived:
-            lines.append(f"no other mail arrived in that window ({len(self.messages)} captured in this test).")
+            lines.append(f"no other mail arrived in that window ({len(messages)} captured in this test).")
             return "\n".join(lines)
         same = [m for m in arrived if criteria.recipient and criteria.recipient in recipients_of(m)]
         others = [m for m in arrived if m not in same]
         lines.append(f"{len(arrived)} other mail(s) arrived in that window:")
         for msg in (same + others)[:NEAR_MISSES_SHOWN]:
-            why = "; ".join(criteria.mismatches(msg)) or "already claimed by an earlier wait"
-            lines.append(f"  - {msg.describe()} at +{(msg.received_at or 0) - window_start:.3f} s: {why}")
+            try:
+                why = "; ".join(criteria.mismatches(msg)) or "already claimed by an earlier wait"
+            except Exception as exc:
+                why = f"could not be checked: {type(exc).__name__}: {exc}"
+            lines.append(f"  - {describe(msg)} at +{(msg.received_at or 0) - window_start:.3f} s: {why}")
         if len(arrived) > NEAR_MISSES_SHOWN:
             lines.append(f"  ... and {len(arrived) - NEAR_MISSES_SHOWN} more")
         return "\n".join(lines)
+
+
+class _Expecting:
+    """The context manager of ``Mailbox.expect``."""
+
+    def __init__(self, mailbox: Mailbox, criteria: Criteria, count: int, within: float, timeout: float) -> None:
+        self.mailbox = mailbox
+        self.sent = ExpectedMail(criteria, count, within, timeout)
+        self._entered = False
+
+    def __enter__(self) -> ExpectedMail:
+        if self._entered:
+            raise MailproofError("an expectation is armed once: call mailbox.expect(...) again for another")
+        self._entered = True
+        mb, sent = self.mailbox, self.sent
+        key = sent.criteria.recipient
+        with mb._lock:
+            self._triggers_before = len(mb.triggers)
+        self._since_seq = mb.store.last_seq
+        self._entered_at = mb.clock()
+        self._previous = mb.expected.get(key) if key else None
+        mb._expect_count(key, sent.count, sent.within)
+        return sent
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        mb, sent = self.mailbox, self.sent
+        criteria, key = sent.criteria, sent.criteria.recipient
+        if exc_type is not None:  # withdrawn: the block failed before it could be the trigger
+            if key:
+                if self._previous is None:
+                    mb.expected.pop(key, None)
+                else:
+                    mb.expected[key] = self._previous
+            return False
+        started = mb.clock()
+        with mb._lock:
+            inside = mb.triggers.added_after(self._triggers_before)
+            fallback = inside[0] if inside else mb.triggers.before(self._entered_at)
+        decided = mb._fix_trigger(criteria, fallback)
+        found = mb._wait(criteria, sent.count, sent.timeout, self._since_seq)
+        try:
+            mb._verdict(criteria, sent.count, sent.within, sent.timeout, found, started, fallback, decided,
+                        window_start=self._entered_at)
+        except MailLate:
+            sent.extend(found)
+            raise
+        sent.extend(found)
+        with mb.store._lock:
+            candidates = [m for m in mb.store.since(self._since_seq, to=key) if m.seq not in mb.claimed]
+        extra = []
+        probe = _Waiter(criteria, 1, set())
+        for msg in candidates:
+            try:
+                matched = probe.matches(msg)
+            except Exception as exc:
+                mb.store.record_harness_error(("criteria", type(exc)), exc,
+                                              f"checking {describe(msg)} against {criteria.describe()}")
+                raise HarnessError(f"the harness could not check {describe(msg)} against {criteria.describe()}: "
+                                   f"{type(exc).__name__}: {exc}; not a verdict on the product") from exc
+            if matched:
+                extra.append(msg)
+        if extra:
+            lines = [f"expected exactly {sent.count} mail(s) {criteria.describe()}, but {sent.count + len(extra)} "
+                     f"had arrived by the time the {sent.count} expected had: {len(extra)} more:"]
+            lines += [f"  - {describe(m)} at +{(m.received_at or 0) - self._entered_at:.3f} s"
+                      for m in extra[:NEAR_MISSES_SHOWN]]
+            if len(extra) > NEAR_MISSES_SHOWN:
+                lines.append(f"  ... and {len(extra) - NEAR_MISSES_SHOWN} more")
+            error = UnexpectedMail("\n".join(lines), messages=extra)
+            for msg in extra:
+                self.mailbox._notify("unexpected", msg, criteria, error)
+            raise error
+        return False
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
