@@ -3,18 +3,43 @@
 Registered through the ``pytest11`` entry point, so any project with mailproof installed has:
 ``mailbox``, ``flow``, ``run_flow``, ``mailproof_backend``, ``mailproof_app_url`` and the
 options below. Session fixtures are per xdist worker: each worker gets its own sink.
+
+Backends (``--mailbox``):
+
+- ``sink`` (default): an in-process aiosmtpd sink per worker, on ``--sink-host``/``--sink-port``
+  (port 0: each worker's own OS-chosen port, ``mailproof_backend.smtp_port``). A fixed
+  ``--sink-port`` with more than one xdist worker is refused at once: each worker would bind it.
+- ``service``: a running sink service (``python -m mailproof.capture.service``) at ``--sink-url``
+  (ini ``mailproof_sink_url``, env ``MAILPROOF_SINK_URL``; its token in ``MAILPROOF_SINK_TOKEN``).
+  Every worker reads it through its own ``RemoteSink``, so all workers share the ONE SMTP port
+  an already running app sends to. Addresses carry a random run id per worker, and each worker
+  keeps only the mail to its own addresses (and to addresses no mailproof run handed out); a
+  ``sink_faults`` rule is scoped to its test and run on the service, and reaches everybody's SMTP
+  sessions unless it names a recipient (``to=``/``to_pattern=``): the fixture warns when it does not.
+- ``imap``: a real inbox (see ``IMAP_SETTINGS``); no fault injection.
+
+STARTTLS and AUTH on the ``sink`` backend: ``mailproof_sink_tls`` / ``--sink-tls`` / env
+``MAILPROOF_SINK_TLS`` (off | starttls | starttls-required) and ``mailproof_sink_auth`` /
+``--sink-auth`` / env ``MAILPROOF_SINK_AUTH`` (``user:password``; AUTH then required). With TLS
+on, ``mailproof_backend.tls_ca_file`` is the throwaway CA's certificate, for the app under test:
+``SSL_CERT_FILE=<tls_ca_file>`` (Python) or ``NODE_EXTRA_CA_CERTS=<tls_ca_file>`` (Node), see
+``mailproof.capture.tls``. On ``service`` the service's own ``--tls``/``--auth`` decide, and
+``tls_ca_file`` comes from its ``/health``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import pytest
 
-from mailproof.addresses import AddressBook
+from mailproof.addresses import TOKEN, AddressBook
 from mailproof.capture.embedded import EmbeddedSink
+from mailproof.capture.service import TOKEN_ENV
+from mailproof.capture.tls import AUTH_ENV, TLS_MODES, parse_auth, parse_tls_mode, trustme_available
 from mailproof.errors import MailproofError
 from mailproof.faults import ScopedFaults
 from mailproof.flow import Flow, run
@@ -28,7 +53,7 @@ from mailproof.reporting import NullReporter
 ALLURE = available("allure")
 pytest_plugins = ["mailproof.report.allure_hooks"] if ALLURE else []
 
-BACKENDS = ("sink", "imap")
+BACKENDS = ("sink", "service", "imap")
 # IMAP account settings: ini key mailproof_imap_<key> or env MAILPROOF_IMAP_<KEY>. With no host,
 # the imap backend starts a private Dovecot (behind a private Postfix when running as root).
 IMAP_SETTINGS = {
@@ -51,22 +76,42 @@ class Settings:
     domain: str
     within: float
     imap: dict
+    sink_url: str = ""
+    sink_token: Optional[str] = field(default=None, repr=False)
+    sink_tls: str = "off"
+    sink_auth: Optional[tuple[str, str]] = field(default=None, repr=False)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mailproof", "mailproof email flow testing")
     group.addoption("--mailbox", dest="mailproof_backend", choices=BACKENDS, default=None,
-                    help="where flows read mail: 'sink' (in-process aiosmtpd, default) or 'imap'")
+                    help="where flows read mail: 'sink' (in-process aiosmtpd per worker, default), "
+                         "'service' (a running sink service at --sink-url, one SMTP port for every "
+                         "worker) or 'imap'")
     group.addoption("--app-url", dest="mailproof_app_url", default=None,
                     help="base URL of an already running application under test")
     group.addoption("--sink-host", dest="mailproof_sink_host", default=None,
                     help="address the capture sink binds (default 127.0.0.1)")
     group.addoption("--sink-port", dest="mailproof_sink_port", default=None, type=int,
-                    help="port the capture sink binds (default 0: the OS picks one)")
-    parser.addini("mailproof_backend", "default capture backend: sink or imap", default="sink")
+                    help="port the capture sink binds (default 0: the OS picks one; a fixed port "
+                         "works with one worker only)")
+    group.addoption("--sink-url", dest="mailproof_sink_url", default=None,
+                    help="with --mailbox=service: the sink service's HTTP URL (its READY line); "
+                         f"token in {TOKEN_ENV}")
+    group.addoption("--sink-tls", dest="mailproof_sink_tls", default=None, choices=TLS_MODES,
+                    help="STARTTLS on the in-process sink: off, starttls or starttls-required "
+                         "(mailproof_backend.tls_ca_file is the CA for the app to trust)")
+    group.addoption("--sink-auth", dest="mailproof_sink_auth", default=None, metavar="USER:PASSWORD",
+                    help=f"require SMTP AUTH on the in-process sink (better: {AUTH_ENV})")
+    parser.addini("mailproof_backend", "default capture backend: sink, service or imap", default="sink")
     parser.addini("mailproof_app_url", "base URL of the application under test", default="")
     parser.addini("mailproof_sink_host", "address the capture sink binds", default="127.0.0.1")
     parser.addini("mailproof_sink_port", "port the capture sink binds (0: OS-chosen)", default="0")
+    parser.addini("mailproof_sink_url", "URL of the sink service (--mailbox=service)", default="")
+    parser.addini("mailproof_sink_tls", "STARTTLS on the capture sink: off, starttls or starttls-required",
+                  default="off")
+    parser.addini("mailproof_sink_auth", f"USER:PASSWORD the capture sink requires (or env {AUTH_ENV})",
+                  default="")
     parser.addini("mailproof_domain", "domain of the test addresses handed out", default="mailproof.test")
     parser.addini("mailproof_within", "default seconds a wait_for waits", default="10")
     for key, help_text in IMAP_SETTINGS.items():
@@ -74,7 +119,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 # Backends with a capture sink in the application's SMTP path, where faults can be injected.
-FAULT_BACKENDS = ("sink",)
+FAULT_BACKENDS = ("sink", "service")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -82,6 +127,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "sink_faults: the test injects SMTP faults at the capture sink (added automatically "
         "to tests that use the sink_faults fixture); deselected on backends without one (imap)")
+    if getattr(config, "workerinput", None) is None and not config.getoption("help", False):
+        # The controller (or a run without xdist) checks once, before any worker starts.
+        problem = _configuration_problem(config)
+        if problem:
+            raise pytest.UsageError(problem)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -111,7 +161,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if count:
         terminalreporter.write_line(
             f"mailproof: {count} test(s) marked sink_faults deselected: --mailbox={backend} has no "
-            "capture sink in the application's SMTP path to inject faults at (run them on --mailbox=sink)")
+            "capture sink in the application's SMTP path to inject faults at (run them on --mailbox=sink "
+            "or --mailbox=service)")
 
 
 def _setting(config: pytest.Config, name: str, env: str) -> Any:
@@ -119,6 +170,65 @@ def _setting(config: pytest.Config, name: str, env: str) -> Any:
     if value is None:
         value = os.environ.get(env) or config.getini(f"mailproof_{name}")
     return value
+
+
+SERVICE_URL_MISSING = (
+    "--mailbox=service reads mail from a running sink service, and no service URL was given: pass "
+    "--sink-url http://127.0.0.1:HTTP_PORT (or set mailproof_sink_url in the ini file, or "
+    f"MAILPROOF_SINK_URL; a token goes in {TOKEN_ENV}). Start the service first with `mailproof sink` "
+    "or `python -m mailproof.capture.service --smtp-port 2525` (the port your app sends to): "
+    "its READY line names the URL.")
+
+FIXED_PORT_UNDER_XDIST = (
+    "--sink-port {port} (mailproof_sink_port / MAILPROOF_SINK_PORT) cannot work with {workers} "
+    "pytest-xdist workers: under xdist each worker runs its own sink, so a fixed port can be bound "
+    "only once. To have every worker capture the mail sent to one port (an already running app's "
+    "SMTP port), run a sink service on it (python -m mailproof.capture.service --smtp-port {port}) "
+    "and use --mailbox=service --sink-url http://127.0.0.1:HTTP_PORT; or drop --sink-port, and "
+    "each worker's sink takes a free port of its own (mailproof_backend.smtp_port).")
+
+
+def _xdist_workers(config: pytest.Config) -> int:
+    """How many pytest-xdist workers this run has (0 without xdist)."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # inside a worker
+        return int(workerinput.get("workercount") or 1)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    # The controller: xdist has turned -n auto/logical into a number before pytest_configure.
+    numprocesses = config.getoption("numprocesses", None)
+    try:
+        count = int(numprocesses or 0)
+    except (TypeError, ValueError):
+        count = 0
+    return max(count, len(config.getoption("tx", None) or []))
+
+
+def _configuration_problem(config: pytest.Config) -> Optional[str]:
+    """What makes the chosen backend unusable, said before any test runs (None: nothing)."""
+    backend = _setting(config, "backend", "MAILPROOF_BACKEND")
+    if backend == "service":
+        if not _setting(config, "sink_url", "MAILPROOF_SINK_URL"):
+            return SERVICE_URL_MISSING
+        return None
+    if backend != "sink":
+        return None
+    try:
+        port = int(_setting(config, "sink_port", "MAILPROOF_SINK_PORT"))
+    except (TypeError, ValueError):
+        return None  # mailproof_settings says what is wrong with it
+    workers = _xdist_workers(config)
+    if port and workers > 1:
+        return FIXED_PORT_UNDER_XDIST.format(port=port, workers=workers)
+    try:
+        tls = parse_tls_mode(_setting(config, "sink_tls", "MAILPROOF_SINK_TLS"))
+        parse_auth(_setting(config, "sink_auth", AUTH_ENV))
+    except MailproofError as exc:
+        return str(exc)
+    if tls != "off" and not trustme_available():
+        return (f"mailproof_sink_tls = {tls} needs a throwaway CA, made with trustme, which is not "
+                "installed: pip install trustme (or set mailproof_sink_tls = off)")
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -133,31 +243,97 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
             within=float(pytestconfig.getini("mailproof_within")),
             imap={key: os.environ.get(f"MAILPROOF_IMAP_{key.upper()}") or pytestconfig.getini(f"mailproof_imap_{key}")
                   for key in IMAP_SETTINGS},
+            sink_url=_setting(pytestconfig, "sink_url", "MAILPROOF_SINK_URL") or "",
+            sink_token=os.environ.get(TOKEN_ENV) or None,
+            sink_tls=parse_tls_mode(_setting(pytestconfig, "sink_tls", "MAILPROOF_SINK_TLS")),
+            sink_auth=parse_auth(_setting(pytestconfig, "sink_auth", AUTH_ENV)),
         )
     except ValueError as exc:
         raise MailproofError(f"invalid mailproof setting: {exc}. Check --sink-port and mailproof_within.") from exc
     if settings.backend not in BACKENDS:
         raise MailproofError(f"unknown mailbox backend {settings.backend!r}: use one of {', '.join(BACKENDS)}")
+    # Checked in pytest_configure already, except inside xdist workers (and for direct callers).
+    problem = _configuration_problem(pytestconfig)
+    if problem:
+        raise MailproofError(problem)
     return settings
 
 
 @pytest.fixture(scope="session")
 def mailproof_backend(mailproof_settings: Settings):
-    """The running capture backend: ``smtp_host``/``smtp_port`` to send to, ``store`` to read."""
+    """The running capture backend: ``smtp_host``/``smtp_port`` to send to, ``store`` to read.
+
+    ``tls_ca_file``: the CA certificate the app under test must trust (None with TLS off).
+    """
     if mailproof_settings.backend == "imap":
         from mailproof.imap.backend import open_imap_backend  # imported only when chosen
 
         with open_imap_backend(mailproof_settings.imap) as backend:
             yield backend
         return
-    with EmbeddedSink(host=mailproof_settings.sink_host, port=mailproof_settings.sink_port) as backend:
+    if mailproof_settings.backend == "service":
+        with _service_backend(mailproof_settings) as backend:
+            yield backend
+        return
+    with EmbeddedSink(host=mailproof_settings.sink_host, port=mailproof_settings.sink_port,
+                      tls=mailproof_settings.sink_tls, auth=mailproof_settings.sink_auth) as backend:
         yield backend
+
+
+def _service_backend(settings: Settings):
+    """This worker's ``RemoteSink`` on the sink service at ``settings.sink_url`` (started)."""
+    from mailproof.capture.remote import RemoteSink, SinkServiceError
+
+    sink = RemoteSink(settings.sink_url, token=settings.sink_token)
+    try:
+        sink.start()
+    except SinkServiceError as exc:
+        raise MailproofError(
+            f"--mailbox=service: cannot use the sink service at {settings.sink_url}: {exc}. Is it running "
+            f"(python -m mailproof.capture.service prints its URL on the READY line), and is {TOKEN_ENV} "
+            "its token?") from exc
+    wanted = [(settings.sink_tls != "off" and sink.tls_mode != settings.sink_tls,
+               f"mailproof_sink_tls asks for {settings.sink_tls}, but the service runs with TLS {sink.tls_mode}: "
+               f"start it with --tls {settings.sink_tls}"),
+              (settings.sink_auth is not None and not sink.auth_required,
+               "mailproof_sink_auth is set, but the service does not require AUTH: start it with --auth "
+               f"(or {AUTH_ENV})")]
+    for mismatch, why in wanted:
+        if mismatch:
+            sink.stop()
+            raise MailproofError(f"--mailbox=service at {settings.sink_url}: {why}. On this backend the "
+                                 "service's own --tls and --auth decide; the plugin only checks them.")
+    return sink
+
+
+def _mail_of_run(run_id: str) -> Callable[[Any], bool]:
+    """Keep a message unless every recipient is an address another mailproof run handed out."""
+
+    def accept(msg) -> bool:
+        if not msg.rcpt_tos:
+            return True
+        for rcpt in msg.rcpt_tos:
+            found = TOKEN.search(rcpt.lower())
+            if found is None or found.group(1) == run_id:
+                return True
+        return False
+
+    return accept
 
 
 @pytest.fixture(scope="session")
 def mailproof_address_book(mailproof_backend, mailproof_settings: Settings) -> AddressBook:
-    """Backends that read one real inbox bring their own (plus-addressing on that inbox)."""
-    return getattr(mailproof_backend, "address_book", None) or AddressBook(domain=mailproof_settings.domain)
+    """Backends that read one real inbox bring their own (plus-addressing on that inbox).
+
+    On ``--mailbox=service`` every worker's stream brings every worker's mail: from here on, this
+    worker's store keeps only the mail to its own addresses (this book's run id) and to addresses
+    no mailproof run handed out, so ``mailbox.messages``, near-miss lists and ``expect_no_mail()``
+    see what a private sink would have seen.
+    """
+    book = getattr(mailproof_backend, "address_book", None) or AddressBook(domain=mailproof_settings.domain)
+    if mailproof_settings.backend == "service" and getattr(mailproof_backend, "accept", False) is None:
+        mailproof_backend.accept = _mail_of_run(book.run_id)
+    return book
 
 
 @pytest.fixture
@@ -168,13 +344,37 @@ def mailbox(mailproof_backend, mailproof_address_book, mailproof_settings):
         yield view
 
 
+class SharedSinkWarning(UserWarning):
+    """A fault rule on a shared sink service matches every sender's mail, not just this test's."""
+
+
+class _SharedServiceFaults(ScopedFaults):
+    """``ScopedFaults`` on a sink service that other workers and runs send through too."""
+
+    def rule(self, stage: str, action: Any, **match: Any):
+        if not (match.get("to") or match.get("to_pattern")):
+            warnings.warn(SharedSinkWarning(
+                f"this {stage!r} fault rule names no recipient, and on --mailbox=service it acts on every "
+                "SMTP session the sink service sees: other xdist workers' and other runs' mail too. Give "
+                "to=mailbox.address(...) (stage rcpt, data or after_data) to keep it to this test."),
+                stacklevel=2)
+        return super().rule(stage, action, **match)
+
+
 @pytest.fixture
-def sink_faults(mailproof_backend, request):
+def sink_faults(mailproof_backend, mailproof_address_book, mailproof_settings, request):
     """Fault rules for this test only: ``sink_faults.rule("rcpt", "451 4.3.0 later", to=addr)``.
 
-    Every rule added here is removed when the test ends, pass or fail.
+    Every rule added here is removed when the test ends, pass or fail. On ``--mailbox=service``
+    the scope is the test id and this run's id (two runs of one suite sharing a service do not
+    remove each other's rules), and a rule without ``to=``/``to_pattern=`` warns: it would act
+    on everybody's mail.
     """
-    scoped = ScopedFaults(mailproof_backend.faults, scope=request.node.nodeid)
+    if mailproof_settings.backend == "service":
+        scope = f"{request.node.nodeid} [run {mailproof_address_book.run_id}]"
+        scoped: ScopedFaults = _SharedServiceFaults(mailproof_backend.faults, scope=scope)
+    else:
+        scoped = ScopedFaults(mailproof_backend.faults, scope=request.node.nodeid)
     yield scoped
     scoped.clear()
 

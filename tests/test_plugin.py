@@ -276,3 +276,152 @@ def test_own_sink(mailproof_backend, mailbox):
     addresses = {addr for _, addr in seen.values()}
     assert len(ports) == 2, f"both workers used one sink port: {seen}"
     assert len(addresses) == 2
+
+
+# -- a fixed --sink-port under xdist -------------------------------------------------------------
+
+FIXED_PORT_WORDS = ["under xdist each worker runs its own sink, so a fixed port can be bound only once",
+                    "--mailbox=service --sink-url", "drop --sink-port"]
+
+
+def test_fixed_sink_port_with_two_xdist_workers_is_refused_at_once(pytester):
+    port = free_port()
+    pytester.makepyfile(test_busy="def test_x(mailbox):\n    pass\n")
+    result = run(pytester, "-n", "2", "--sink-port", str(port))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = " ".join(result.stderr.lines)
+    assert f"--sink-port {port}" in text and "2 pytest-xdist workers" in text
+    for words in FIXED_PORT_WORDS:
+        assert words in text, text
+    assert "collected" not in result.stdout.str()  # no worker started, nothing ran
+
+
+def test_fixed_sink_port_seen_from_inside_a_worker_is_refused(pytester, monkeypatch):
+    # What a worker sees (xdist sets these in every worker), from the ini file this time.
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
+    pytester.makeini(f"[pytest]\nmailproof_sink_port = {free_port()}\n")
+    pytester.makepyfile(test_busy="def test_x(mailbox):\n    pass\n")
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = " ".join(result.stderr.lines)
+    assert "3 pytest-xdist workers" in text and all(words in text for words in FIXED_PORT_WORDS), text
+
+
+def test_fixed_sink_port_with_one_xdist_worker_is_fine(pytester):
+    port = free_port()
+    pytester.makepyfile(test_port=SEND_HELPER + f'''
+
+def test_fixed_port(mailproof_backend, mailbox):
+    assert mailproof_backend.smtp_port == {port}
+    addr = mailbox.address()
+    send(mailproof_backend, addr, "one worker")
+    assert mailbox.wait_for(to=addr, within=5).subject == "one worker"
+''')
+    run(pytester, "-n", "1", "--sink-port", str(port)).assert_outcomes(passed=1)
+
+
+# -- STARTTLS and AUTH on the plugin's sink --------------------------------------------------------
+
+TLS_PROJECT = '''
+import os
+import smtplib
+import ssl
+import subprocess
+import sys
+from email.message import EmailMessage
+
+import pytest
+
+
+def raw(to, subject):
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "app@example.test", to, subject
+    msg.set_content("hello\\n")
+    return msg.as_bytes()
+
+
+def test_starttls_and_auth(mailproof_backend, mailbox):
+    ca_file = mailproof_backend.tls_ca_file
+    assert ca_file and os.path.exists(ca_file)
+    addr = mailbox.address("secure")
+    with smtplib.SMTP(mailproof_backend.smtp_host, mailproof_backend.smtp_port, timeout=10) as client:
+        client.starttls(context=ssl.create_default_context(cafile=ca_file))
+        client.login("app", "s3cret")
+        client.sendmail("app@example.test", [addr], raw(addr, "secure"))
+    msg = mailbox.wait_for(to=addr, within=5)
+    assert (msg.tls, msg.auth_user) == (True, "app")
+
+
+def test_refused_in_the_clear_and_without_auth(mailproof_backend, mailbox):
+    with smtplib.SMTP(mailproof_backend.smtp_host, mailproof_backend.smtp_port, timeout=10) as client:
+        client.ehlo()
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("app@example.test", ["x@qa.test"], raw("x@qa.test", "clear"))
+        assert refused.value.smtp_code == 530
+        client.starttls(context=ssl.create_default_context(cafile=mailproof_backend.tls_ca_file))
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("app@example.test", ["x@qa.test"], raw("x@qa.test", "no auth"))
+        assert refused.value.smtp_code == 530
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            client.login("app", "wrong")
+        assert failed.value.smtp_code == 535
+    mailbox.expect_no_mail(within=0.2)
+
+
+APP = """
+import smtplib, sys
+from email.message import EmailMessage
+host, port, to = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+msg = EmailMessage()
+msg["From"], msg["To"], msg["Subject"] = "app@example.test", to, "from an app trusting SSL_CERT_FILE"
+msg.set_content("hi")
+with smtplib.SMTP(host, port, timeout=10) as client:
+    client.starttls()  # the default context: it trusts what SSL_CERT_FILE names
+    client.login("app", "s3cret")
+    client.send_message(msg)
+"""
+
+
+def test_an_app_started_with_ssl_cert_file_trusts_the_sink(mailproof_backend, mailbox):
+    addr = mailbox.address("app")
+    env = {**os.environ, "SSL_CERT_FILE": mailproof_backend.tls_ca_file}
+    subprocess.run([sys.executable, "-c", APP, mailproof_backend.smtp_host, str(mailproof_backend.smtp_port),
+                    addr], env=env, check=True, timeout=30)
+    assert mailbox.wait_for(to=addr, within=5).tls is True
+'''
+
+
+def test_sink_tls_and_auth_settings(pytester, monkeypatch):
+    monkeypatch.setenv("MAILPROOF_SINK_AUTH", "app:s3cret")  # the password stays out of the ini file
+    pytester.makeini("[pytest]\nmailproof_sink_tls = starttls-required\n")
+    pytester.makepyfile(test_tls=TLS_PROJECT)
+    run(pytester).assert_outcomes(passed=3)
+
+
+def test_sink_tls_and_auth_options_on_the_command_line(pytester):
+    pytester.makepyfile(test_tls=TLS_PROJECT)
+    run(pytester, "--sink-tls", "starttls-required", "--sink-auth", "app:s3cret",
+        "-k", "starttls_and_auth").assert_outcomes(passed=1, deselected=2)
+
+
+@pytest.mark.parametrize("ini, said", [
+    ("mailproof_sink_tls = ssl", "mailproof_sink_tls must be one of off, starttls, starttls-required"),
+    ("mailproof_sink_auth = hunter2", "mailproof_sink_auth must be USER:PASSWORD"),
+])
+def test_bad_tls_and_auth_settings_are_usage_errors(pytester, ini, said):
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile(test_any="def test_x(mailbox):\n    pass\n")
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = " ".join(result.stderr.lines)
+    assert said in text and "hunter2" not in text
+
+
+def test_sink_tls_without_trustme_says_pip_install_trustme(pytester):
+    pytester.makeconftest("import sys\nsys.modules['trustme'] = None  # as if not installed\n")
+    pytester.makeini("[pytest]\nmailproof_sink_tls = starttls\n")
+    pytester.makepyfile(test_any="def test_x(mailbox):\n    pass\n")
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*trustme*pip install trustme*"])

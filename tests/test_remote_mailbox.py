@@ -221,6 +221,56 @@ def test_token_protected_service():
             RemoteSink(sink.url).start()
 
 
+def test_launch_with_tls_and_auth_carries_the_session_into_each_message():
+    import asyncio
+    import ssl
+
+    import aiosmtplib
+
+    with RemoteSink.launch(tls="starttls", auth="app:pa55") as sink, Mailbox(sink.store) as mailbox:
+        assert (sink.tls_mode, sink.auth_required) == ("starttls", True)
+        assert Path(sink.tls_ca_file).read_text().startswith("-----BEGIN CERTIFICATE")
+        assert "pa55" not in " ".join(sink.process.command)  # in the environment, not in ps
+        trusting = ssl.create_default_context(cafile=sink.tls_ca_file)
+        secure = mailbox.address("aio")
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "app@example.test", secure, "Over TLS with AUTH"
+        msg.set_content("x\n")
+        asyncio.run(aiosmtplib.send(msg, hostname=sink.smtp_host, port=sink.smtp_port, tls_context=trusting,
+                                    username="app", password="pa55", timeout=10))
+        got = mailbox.wait_for(secure, within=10)
+        assert (got.tls, got.auth_user, got.source) == (True, "app", "sink-service")
+        clear = mailbox.address("clear")  # TLS is optional here, AUTH is not
+        with smtplib.SMTP(sink.smtp_host, sink.smtp_port, timeout=10) as smtp:
+            smtp.login("app", "pa55")
+            smtp.sendmail("app@example.test", [clear], make_raw(clear, "Clear"))
+        got = mailbox.wait_for(clear, within=10)
+        assert (got.tls, got.auth_user) == (False, "app")
+        ca_file = sink.tls_ca_file
+    assert not Path(ca_file).exists()  # the service removed its temporary CA at exit
+
+
+def test_plain_service_reports_no_tls(remote):
+    assert (remote.tls_mode, remote.tls_ca_file, remote.auth_required) == ("off", None, False)
+    with Mailbox(remote.store) as mailbox:
+        to = mailbox.address("plain")
+        send_all(remote, [(to, make_raw(to, "Plain"))])
+        got = mailbox.wait_for(to, within=10)
+        assert (got.tls, got.auth_user) == (False, None)
+
+
+def test_accept_sets_aside_what_this_process_does_not_want(service):
+    store = SignallingStore()
+    with RemoteSink(service.url, store=store, accept=lambda m: "keep" in m.rcpt_tos[0]) as sink, \
+            Mailbox(store) as mailbox:
+        keep, drop = mailbox.address("keep"), mailbox.address("drop")
+        send_all(sink, [(drop, make_raw(drop, "Not mine")), (keep, make_raw(keep, "Mine"))])
+        assert mailbox.wait_for(keep, within=10).subject == "Mine"  # the stream is past the dropped one
+        assert [m.rcpt_tos for m in mailbox.messages] == [(keep,)]
+        assert (sink.set_aside, sink.received) == (1, 1)
+        assert sink.last_seq == sink.health()["last_seq"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

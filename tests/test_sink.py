@@ -22,7 +22,11 @@ import aiosmtplib
 import pytest
 import trustme
 
-from mailproof.capture.smtp_sink import CapturedMail, SinkError, SmtpSink
+from mailproof.capture.embedded import EmbeddedSink
+from mailproof.capture.smtp_sink import CapturedMail, SinkError, SmtpSink, session_message
+from mailproof.capture.tls import SinkCA, TLSUnavailable, parse_auth, parse_tls_mode
+from mailproof.errors import MailproofError
+from mailproof.mailbox import Mailbox
 from mailproof.message import Message
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
@@ -432,3 +436,156 @@ def test_received_at_is_stamped_at_end_of_data(capture):
     assert code == 250
     mail = capture.get()
     assert connected <= data_started <= mail.received_at <= replied
+
+
+# -- STARTTLS and AUTH by option (EmbeddedSink(tls=..., auth=...), the plugin's sink) --------------
+
+
+def _trusting(backend) -> ssl.SSLContext:
+    """What the app under test does with ``tls_ca_file``: a verifying context that trusts it."""
+    return ssl.create_default_context(cafile=backend.tls_ca_file)
+
+
+def _message(to: str, subject: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "app@example.test", to, subject
+    msg.set_content("x\n")
+    return msg
+
+
+def test_tls_option_makes_a_ca_file_the_client_trusts_and_marks_the_message():
+    with EmbeddedSink(tls="starttls") as backend, Mailbox(backend.store) as mailbox:
+        ca_file = backend.tls_ca_file
+        assert ca_file and open(ca_file).read().startswith("-----BEGIN CERTIFICATE-----")
+        secure, clear = mailbox.address("secure"), mailbox.address("clear")
+        with smtplib.SMTP(backend.smtp_host, backend.smtp_port, timeout=10) as client:
+            client.starttls(context=_trusting(backend))  # verifies the chain and 127.0.0.1
+            client.sendmail("app@example.test", [secure], _raw(secure, "over TLS"))
+        with smtplib.SMTP(backend.smtp_host, backend.smtp_port, timeout=10) as client:
+            client.sendmail("app@example.test", [clear], _raw(clear, "in the clear"))  # optional TLS
+        assert mailbox.wait_for(secure, within=10).tls is True
+        plain = mailbox.wait_for(clear, within=10)
+        assert plain.tls is False and plain.auth_user is None
+    assert backend.tls_ca_file is None and not __import__("os").path.exists(ca_file)  # removed at stop
+
+
+def test_the_ca_is_not_trusted_by_default():
+    with EmbeddedSink(tls="starttls") as backend:
+        with smtplib.SMTP(backend.smtp_host, backend.smtp_port, timeout=10) as client:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                client.starttls(context=ssl.create_default_context())
+
+
+def test_starttls_required_refuses_mail_before_starttls_with_530():
+    with EmbeddedSink(tls="starttls-required") as backend:
+        with smtplib.SMTP(backend.smtp_host, backend.smtp_port, timeout=10) as client:
+            client.ehlo()
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                client.sendmail("app@example.test", ["x@example.test"], _raw("x@example.test"))
+            assert refused.value.smtp_code == 530 and b"STARTTLS" in refused.value.smtp_error
+        assert len(backend.store) == 0
+        # aiosmtplib upgrades by itself when the server offers STARTTLS, and then it goes through.
+        with Mailbox(backend.store) as mailbox:
+            to = mailbox.address("aio")
+            asyncio.run(aiosmtplib.send(_message(to, "aiosmtplib TLS"), hostname=backend.smtp_host,
+                                        port=backend.smtp_port, tls_context=_trusting(backend), timeout=10))
+            assert mailbox.wait_for(to, within=10).tls is True
+
+
+@pytest.fixture
+def auth_backend():
+    with EmbeddedSink(tls="starttls", auth="app:s3cret:with-colon") as backend:
+        yield backend
+
+
+def test_auth_option_refuses_mail_without_credentials_with_530(auth_backend):
+    with smtplib.SMTP(auth_backend.smtp_host, auth_backend.smtp_port, timeout=10) as client:
+        client.ehlo()
+        assert "PLAIN" in client.esmtp_features["auth"].upper()
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("app@example.test", ["x@example.test"], _raw("x@example.test"))
+        assert refused.value.smtp_code == 530
+    assert len(auth_backend.store) == 0
+
+
+def test_auth_option_refuses_a_wrong_password_with_535(auth_backend):
+    with smtplib.SMTP(auth_backend.smtp_host, auth_backend.smtp_port, timeout=10) as client:
+        client.starttls(context=_trusting(auth_backend))
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            client.login("app", "s3cret")  # the password is everything after the first colon
+        assert failed.value.smtp_code == 535
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError) as failed:
+        asyncio.run(aiosmtplib.send(_message("x@example.test", "nope"), hostname=auth_backend.smtp_host,
+                                    port=auth_backend.smtp_port, tls_context=_trusting(auth_backend),
+                                    username="app", password="wrong", timeout=10))
+    assert failed.value.code == 535
+    assert len(auth_backend.store) == 0
+
+
+def test_auth_option_with_the_right_credentials_sets_auth_user(auth_backend):
+    with Mailbox(auth_backend.store) as mailbox:
+        first, second = mailbox.address("smtplib"), mailbox.address("aiosmtplib")
+        with smtplib.SMTP(auth_backend.smtp_host, auth_backend.smtp_port, timeout=10) as client:
+            client.starttls(context=_trusting(auth_backend))
+            client.login("app", "s3cret:with-colon")
+            client.sendmail("app@example.test", [first], _raw(first, "authenticated"))
+        asyncio.run(aiosmtplib.send(_message(second, "aio authenticated"), hostname=auth_backend.smtp_host,
+                                    port=auth_backend.smtp_port, tls_context=_trusting(auth_backend),
+                                    username="app", password="s3cret:with-colon", timeout=10))
+        for to in (first, second):
+            msg = mailbox.wait_for(to, within=10)
+            assert (msg.tls, msg.auth_user) == (True, "app")
+    assert auth_backend.auth_required
+
+
+def test_tls_without_trustme_says_pip_install_trustme(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "trustme", None)  # an import of it now fails
+    with pytest.raises(TLSUnavailable, match="pip install trustme"):
+        SinkCA()
+    backend = EmbeddedSink(tls="starttls")
+    with pytest.raises(TLSUnavailable, match="pip install trustme"):
+        backend.start()
+    assert not backend.sink.running
+    with EmbeddedSink() as plain:  # TLS off never needs it
+        assert plain.tls_ca_file is None
+
+
+def test_ca_file_can_be_placed_and_stays(tmp_path):
+    target = tmp_path / "certs" / "sink-ca.pem"
+    ca = SinkCA(["localhost", "127.0.0.1", "sink.internal"], ca_file=target)
+    assert ca.ca_file == str(target) and target.read_bytes() == ca.ca_pem
+    ca.cleanup()
+    assert target.exists()  # the caller's file is the caller's
+    with pytest.raises(MailproofError, match="not a host name"):
+        SinkCA(["bad name"])
+
+
+def test_tls_and_auth_settings_are_checked_without_echoing_the_password():
+    assert [parse_tls_mode(v) for v in (None, "", "OFF", "starttls", "StartTLS-Required")] == \
+        ["off", "off", "off", "starttls", "starttls-required"]
+    with pytest.raises(MailproofError, match="off, starttls, starttls-required"):
+        parse_tls_mode("ssl")
+    assert parse_auth("u:p:q") == ("u", "p:q") and parse_auth("") is None and parse_auth(("u", "p")) == ("u", "p")
+    for bad in ("hunter2", ":hunter2", "user:"):
+        with pytest.raises(MailproofError, match="USER:PASSWORD") as failed:
+            parse_auth(bad)
+        assert "hunter2" not in str(failed.value)
+
+
+def test_session_message_gives_tls_and_auth_user_whatever_message_accepts():
+    msg = session_message(_raw("x@example.test"), mail_from="a@x", rcpt_tos=["x@example.test"],
+                          tls=True, auth_user="app")
+    assert (msg.tls, msg.auth_user, msg.rcpt_tos) == (True, "app", ("x@example.test",))
+
+
+def test_session_message_passes_tls_and_auth_user_to_a_message_that_takes_them(monkeypatch):
+    import mailproof.capture.smtp_sink as smtp_sink
+
+    class SessionMessage(Message):
+        def __init__(self, raw, *, tls=False, auth_user=None, **options):
+            super().__init__(raw, **options)
+            self.given = (tls, auth_user)
+
+    monkeypatch.setattr(smtp_sink, "Message", SessionMessage)
+    msg = smtp_sink.session_message(_raw("x@example.test"), tls=True, auth_user="app", source="sink")
+    assert isinstance(msg, SessionMessage) and msg.given == (True, "app")

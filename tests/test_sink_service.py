@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
 import smtplib
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,26 +43,27 @@ def make_raw(to: str, subject: str = "Hello", body: str = "Hi there.\n") -> byte
     msg.set_content(body)
     return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
 
-READY = re.compile(r"^READY (http://127\.0\.0\.1:(\d+)) smtp=127\.0\.0\.1:(\d+)$")
+READY = re.compile(r"^READY (http://127\.0\.0\.1:(\d+)) smtp=127\.0\.0\.1:(\d+)(?: ca=(\S+))?$")
 
 
 class Service:
     """A sink service process started through its CLI."""
 
-    def __init__(self, *args: str, token: Optional[str] = None) -> None:
+    def __init__(self, *args: str, token: Optional[str] = None, env: Optional[dict] = None) -> None:
         command = [sys.executable, "-m", "mailproof.capture.service", "--host", "127.0.0.1",
                    "--smtp-port", "0", "--http-port", "0", *args]
         if token:
             command += ["--token", token]
         self.token = token
         self.process = AppProcess(command, cwd=str(ROOT), ready_pattern=r"READY (http://\S+)",
-                                  name="sink service").start()
+                                  env=env, name="sink service").start()
         self.ready_line = next(line for line in self.process.output if line.startswith("READY"))
         found = READY.match(self.ready_line)
         assert found, f"unexpected READY line {self.ready_line!r}"
         self.url = found.group(1)
         self.http_port = int(found.group(2))
         self.smtp_port = int(found.group(3))
+        self.ca_file = found.group(4)  # with --tls only
         self.http = requests.Session()
         if token:
             self.http.headers["Authorization"] = f"Bearer {token}"
@@ -108,6 +111,8 @@ def test_ready_line_and_health(service):
     assert health["smtp"] == {"host": "127.0.0.1", "port": service.smtp_port}
     assert health["http"]["port"] == service.http_port
     assert health["token_required"] is False
+    assert health["tls"] == {"mode": "off", "ca_file": None} and health["auth_required"] is False
+    assert " ca=" not in service.ready_line
 
 
 def test_sent_mail_is_listed_parsed_on_request_and_raw_is_identical(service):
@@ -442,6 +447,103 @@ def test_with_a_token_every_endpoint_requires_it():
         assert svc.get("/wait?timeout=0").status_code == 408  # authorized: a real answer
     finally:
         assert svc.stop() == 0
+
+
+# -- STARTTLS and AUTH ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secure_service():
+    """--tls starttls-required, the credentials from the environment (kept out of ps)."""
+    svc = Service("--tls", "starttls-required", "--tls-hostname", "sink.internal",
+                  env={"MAILPROOF_SINK_AUTH": "app:s3cret"})
+    yield svc
+    assert svc.stop() == 0, svc.process.tail()
+    assert not Path(svc.ca_file).exists(), "the temporary CA file outlived the service"
+
+
+def test_tls_service_names_its_ca_on_the_ready_line_and_in_health(secure_service):
+    assert secure_service.ca_file and Path(secure_service.ca_file).read_text().startswith("-----BEGIN CERTIFICATE")
+    health = secure_service.json("/health")
+    assert health["tls"] == {"mode": "starttls-required", "ca_file": secure_service.ca_file}
+    assert health["auth_required"] is True
+    assert "s3cret" not in json.dumps(health)
+    assert "s3cret" not in " ".join(secure_service.process.command)
+
+
+def test_tls_service_refuses_mail_before_starttls_and_before_auth(secure_service):
+    trusting = ssl.create_default_context(cafile=secure_service.ca_file)
+    since = secure_service.last_seq()
+    with smtplib.SMTP("127.0.0.1", secure_service.smtp_port, timeout=10) as smtp:
+        smtp.ehlo()
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            smtp.sendmail("app@example.test", ["x@svc.test"], make_raw("x@svc.test"))
+        assert refused.value.smtp_code == 530  # STARTTLS first
+    with smtplib.SMTP("127.0.0.1", secure_service.smtp_port, timeout=10) as smtp:
+        smtp.starttls(context=trusting)
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            smtp.sendmail("app@example.test", ["x@svc.test"], make_raw("x@svc.test"))
+        assert refused.value.smtp_code == 530  # then AUTH
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            smtp.login("app", "wrong")
+        assert failed.value.smtp_code == 535
+    assert secure_service.last_seq() == since
+
+
+def test_tls_service_records_the_session_in_views_and_stream(secure_service):
+    to = addr("secure")
+    conn, response = open_stream(secure_service, "heartbeat=30")
+    try:
+        assert "hello" in read_event(response)
+        with smtplib.SMTP("localhost", secure_service.smtp_port, timeout=10) as smtp:
+            smtp.starttls(context=ssl.create_default_context(cafile=secure_service.ca_file))  # by name too
+            smtp.login("app", "s3cret")
+            smtp.sendmail("app@example.test", [to], make_raw(to, "Secure"))
+        event = read_event(response)
+        assert (event["tls"], event["auth_user"], event["rcpt_tos"]) == (True, "app", [to])
+    finally:
+        conn.close()
+    parsed = secure_service.json(f"/messages/{event['seq']}")
+    assert (parsed["tls"], parsed["auth_user"], parsed["subject"]) == (True, "app", "Secure")
+
+
+def test_plain_stream_lines_say_no_tls_and_no_auth(service):
+    to = addr("plainline")
+    conn, response = open_stream(service, "heartbeat=30")
+    try:
+        assert "hello" in read_event(response)
+        service.send([to], make_raw(to))
+        event = read_event(response)
+        assert (event["tls"], event["auth_user"]) == (False, None)
+    finally:
+        conn.close()
+
+
+def test_tls_ca_file_option_writes_where_told(tmp_path):
+    target = tmp_path / "ca" / "sink.pem"
+    svc = Service("--tls", "starttls", "--tls-ca-file", str(target))
+    try:
+        assert svc.ca_file == str(target) and target.exists()
+        with smtplib.SMTP("127.0.0.1", svc.smtp_port, timeout=10) as smtp:
+            smtp.starttls(context=ssl.create_default_context(cafile=str(target)))
+            assert smtp.sendmail("app@example.test", ["t@svc.test"], make_raw("t@svc.test")) == {}
+    finally:
+        assert svc.stop() == 0
+
+
+@pytest.mark.parametrize("args, env, said", [
+    (["--auth", "no-colon-hunter2"], {}, "USER:PASSWORD"),
+    ([], {"MAILPROOF_SINK_AUTH": "user:"}, "neither part empty"),
+    (["--tls-ca-file", "/tmp/x.pem"], {}, "need --tls"),
+    (["--tls", "ssl"], {}, "invalid choice"),
+])
+def test_bad_tls_and_auth_arguments_exit_2_before_listening(args, env, said):
+    done = subprocess.run([sys.executable, "-m", "mailproof.capture.service", "--smtp-port", "0",
+                           "--http-port", "0", *args], cwd=str(ROOT), capture_output=True, text=True,
+                          timeout=30, env={**os.environ, **env})
+    assert done.returncode == 2, done.stderr
+    assert "READY" not in done.stdout and said in done.stderr
+    assert "hunter2" not in done.stderr
 
 
 # -- fault_specs as a library --------------------------------------------------------------------

@@ -14,6 +14,17 @@ counted in ``missing``. If the service itself restarted (a new ``instance`` id; 
 again at 1), the reader takes everything the new run retains and counts the event in
 ``restarts``.
 
+STARTTLS and AUTH are the service's (``--tls``, ``--auth``; ``launch(tls=..., auth=...)``):
+``start()`` reads them from ``/health`` into ``tls_mode``, ``tls_ca_file`` (the CA certificate
+the app under test must trust: ``SSL_CERT_FILE=<tls_ca_file>`` for Python, ``NODE_EXTRA_CA_CERTS``
+for Node; see ``mailproof.capture.tls``) and ``auth_required``. Each streamed message carries its
+session's ``tls`` and ``auth_user`` into the ``Message``.
+
+``accept`` (a ``Message -> bool``, None: everything) sets aside what this process has no use for
+before it reaches the store; the pytest plugin's ``--mailbox=service`` uses it so that each xdist
+worker keeps the mail to its own addresses (and to addresses no mailproof run handed out), not
+its neighbours'. Set-aside messages are counted in ``set_aside``.
+
 Gevent-friendly on purpose: plain blocking sockets (``http.client``), ``threading`` looked up at
 call time, no asyncio. Under Locust's monkey-patching the reader thread is a greenlet and every
 read is cooperative.
@@ -31,9 +42,11 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from mailproof.capture.service import TOKEN_ENV
+from mailproof.capture.smtp_sink import session_message
+from mailproof.capture.tls import AUTH_ENV, Credentials, parse_auth, parse_tls_mode
 from mailproof.faults.specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
 from mailproof.faults import FaultRule
 from mailproof.servers.app_process import AppProcess
@@ -168,7 +181,7 @@ class RemoteSink:
 
     def __init__(self, url: str, token: Optional[str] = None, *, store: Optional[MailStore] = None,
                  replay: bool = False, heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = 10.0,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, accept: Optional[Callable[[Message], bool]] = None) -> None:
         """``replay=True`` also delivers what the service retained before ``start()``."""
         if heartbeat <= 0:
             raise ValueError("heartbeat must be a positive number of seconds")
@@ -180,12 +193,17 @@ class RemoteSink:
         self.connect_timeout = connect_timeout
         self._api = _Api(self.url, token, timeout)
         self.faults = RemoteFaults(self._api)
+        self.accept = accept
         self.smtp_host: Optional[str] = None
         self.smtp_port: Optional[int] = None
+        self.tls_mode = "off"  # the service's SMTP security, from /health at start()
+        self.tls_ca_file: Optional[str] = None
+        self.auth_required = False
         self.process: Optional[AppProcess] = None
         # Stream state, written by the reader thread only.
         self.last_seq = 0  # the service's seq of the last message delivered into the store
         self.received = 0  # messages delivered into the store from the stream
+        self.set_aside = 0  # messages the stream brought that ``accept`` turned down
         self.duplicates = 0  # stream lines at or below last_seq (skipped; never expected)
         self.missing = 0  # messages the service no longer had when the stream asked for them
         self.stream_connections = 0  # successful (re)connections of the stream
@@ -206,12 +224,15 @@ class RemoteSink:
     def launch(cls, *, host: str = "127.0.0.1", smtp_port: int = 0, http_port: int = 0,
                token: Optional[str] = None, max_messages: Optional[int] = None,
                chaos: Optional[str] = None, chaos_seed: Optional[int] = None,
-               extra_args: tuple[str, ...] = (), python: Optional[str] = None,
-               start_timeout: float = 20.0, **options: Any) -> "RemoteSink":
+               tls: Optional[str] = None, auth: Union[None, str, Credentials] = None,
+               tls_hostnames: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
+               python: Optional[str] = None, start_timeout: float = 20.0, **options: Any) -> "RemoteSink":
         """Start ``python -m mailproof.capture.service`` as its own process and connect to it (started).
 
-        The token travels in the environment, not on the command line (``ps`` shows argv).
-        ``stop()`` stops the process too.
+        ``tls`` (starttls | starttls-required) and ``auth`` (``"user:password"``) secure its SMTP
+        side; ``tls_ca_file`` then names the CA certificate. The token and the credentials travel
+        in the environment, not on the command line (``ps`` shows argv). ``stop()`` stops the
+        process too.
         """
         command = [python or sys.executable, "-m", "mailproof.capture.service", "--host", host,
                    "--smtp-port", str(smtp_port), "--http-port", str(http_port)]
@@ -221,8 +242,16 @@ class RemoteSink:
             command += ["--chaos", chaos]
         if chaos_seed is not None:
             command += ["--chaos-seed", str(chaos_seed)]
+        tls_mode = parse_tls_mode(tls, source="tls")
+        if tls_mode != "off":
+            command += ["--tls", tls_mode]
+        for name in tls_hostnames:
+            command += ["--tls-hostname", name]
         command += list(extra_args)
         env = {TOKEN_ENV: token} if token else {}
+        credentials = parse_auth(auth, source="auth")
+        if credentials is not None:
+            env[AUTH_ENV] = ":".join(credentials)
         process = AppProcess(command, env=env, ready_pattern=r"READY (http://\S+)",
                              start_timeout=start_timeout, name="sink service").start()
         sink = cls(process.url, token=token, **options)
@@ -244,6 +273,10 @@ class RemoteSink:
         smtp = health["smtp"]
         self.smtp_host = self._api.host if smtp["host"] in UNSPECIFIED else smtp["host"]
         self.smtp_port = int(smtp["port"])
+        tls = health.get("tls") or {}
+        self.tls_mode = tls.get("mode") or "off"
+        self.tls_ca_file = tls.get("ca_file")
+        self.auth_required = bool(health.get("auth_required"))
         self.last_seq = 0 if self.replay else int(health["last_seq"])
         self.instance = health.get("instance")
         self._stopping.clear()
@@ -363,6 +396,13 @@ class RemoteSink:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
 
+    def _accepts(self, msg: Message) -> bool:
+        try:
+            return bool(self.accept(msg))  # type: ignore[misc]
+        except Exception:  # a broken filter must not end the stream: keep the message
+            log.exception("the accept filter of the sink service stream failed; keeping the message")
+            return True
+
     def _handle_line(self, line: bytes) -> None:
         event = json.loads(line)
         seq = event.get("seq")
@@ -373,10 +413,14 @@ class RemoteSink:
             if seq != self.last_seq + 1:  # gap without a 'missing' notice: count it all the same
                 self.missing += seq - self.last_seq - 1
                 log.warning("sink service stream skipped seqs %d..%d (no longer retained)", self.last_seq + 1, seq - 1)
-            msg = Message(base64.b64decode(event["raw"]), mail_from=event.get("mail_from") or "",
-                          rcpt_tos=event.get("rcpt_tos") or (), received_at=event.get("received_at"),
-                          source="sink-service", extra={"service_seq": seq})
+            msg = session_message(base64.b64decode(event["raw"]), mail_from=event.get("mail_from") or "",
+                                  rcpt_tos=event.get("rcpt_tos") or (), received_at=event.get("received_at"),
+                                  source="sink-service", extra={"service_seq": seq},
+                                  tls=bool(event.get("tls")), auth_user=event.get("auth_user"))
             self.last_seq = seq
+            if self.accept is not None and not self._accepts(msg):
+                self.set_aside += 1
+                return
             self.received += 1
             self.store.deliver(msg)
         elif "heartbeat" in event:

@@ -3,6 +3,11 @@
 ``SinkApi(service).app()`` is the aiohttp application: token check, query-parameter checks (a
 malformed one is a 400 naming it), and one handler per endpoint over the service's store,
 sink and fault plan.
+
+Beyond what the package docstring lists: ``/health`` also answers ``"tls": {"mode", "ca_file"}``
+(``ca_file``: the CA certificate the app under test must trust, null with TLS off) and
+``"auth_required"``; every ``/stream`` message line also carries ``tls`` and ``auth_user`` (the
+SMTP session's STARTTLS and AUTH, see ``mailproof.capture.tls``).
 """
 
 from __future__ import annotations
@@ -119,6 +124,8 @@ class SinkApi:
             "http": {"host": service.host, "port": service.http_port},
             "last_seq": self.store.last_seq, "token_required": service.token is not None,
             "instance": service.instance, "pid": os.getpid(),
+            "tls": {"mode": service.tls_mode, "ca_file": service.tls_ca_file},
+            "auth_required": service.auth is not None,
         })
 
     async def list_messages(self, request: web.Request) -> web.Response:

@@ -1,4 +1,22 @@
-"""``python -m mailproof.capture.service``: the command line (arguments, safety checks, serving)."""
+"""``python -m mailproof.capture.service``: the command line (arguments, safety checks, serving).
+
+STARTTLS and AUTH on the SMTP side (``mailproof.capture.tls``)::
+
+    python -m mailproof.capture.service --smtp-port 2525 --tls starttls-required --auth app:secret
+
+``--tls starttls`` offers STARTTLS, ``starttls-required`` refuses mail before it (530). The
+certificate comes from a throwaway CA made at start (trustme: ``pip install trustme``); the CA
+certificate is written to a file (``--tls-ca-file PATH``, else a temporary file removed at exit)
+that the READY line names at its end, ``READY http://... smtp=HOST:PORT ca=PATH``, as does
+``/health`` (``tls.ca_file``). Start the application under test trusting it: ``SSL_CERT_FILE=PATH``
+for Python (and Go, Ruby, PHP), ``NODE_EXTRA_CA_CERTS=PATH`` for Node. ``--tls-hostname NAME``
+adds a name to the certificate when the app reaches the service by a name other than
+localhost, 127.0.0.1 or this machine's.
+
+``--auth USER:PASSWORD`` (better: the environment variable ``MAILPROOF_SINK_AUTH``, kept out of
+``ps``) offers AUTH PLAIN/LOGIN and requires it: MAIL before AUTH is refused with 530, a wrong
+password with 535. Each captured message records ``tls`` and ``auth_user``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +33,8 @@ from mailproof.capture.service import TOKEN_ENV, ServiceError
 from mailproof.capture.service.server import SinkService
 from mailproof.capture.service.store import DEFAULT_MAX_MESSAGES
 from mailproof.capture.smtp_sink import SinkError
+from mailproof.capture.tls import AUTH_ENV, TLS_MODES, parse_auth, trustme_available
+from mailproof.errors import MailproofError
 from mailproof.faults.specs import FaultError, parse_chaos_profile
 from mailproof.net import LOOPBACK, is_loopback
 
@@ -36,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fault rules to install at start, e.g. '5%%:rcpt:451,1%%:after_data:disconnect' "
                              "(see mailproof.faults.specs.parse_chaos_profile); scope 'chaos'")
     parser.add_argument("--chaos-seed", type=int, default=None, help="seed for --chaos (repeatable runs)")
+    parser.add_argument("--tls", choices=TLS_MODES, default="off",
+                        help="STARTTLS on the SMTP side: 'starttls' offers it, 'starttls-required' refuses "
+                             "mail before it (a throwaway CA; its certificate file is named by ca= on the "
+                             "READY line and in /health)")
+    parser.add_argument("--tls-ca-file", default=None, metavar="PATH",
+                        help="write the CA certificate here (default: a temporary file removed at exit)")
+    parser.add_argument("--tls-hostname", action="append", default=[], metavar="NAME",
+                        help="another name or address for the certificate (repeatable); localhost, "
+                             "127.0.0.1, ::1, --host and this machine's name are always in it")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help=f"require SMTP AUTH with these credentials (or set {AUTH_ENV})")
     return parser
 
 
@@ -50,6 +81,16 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
             "clients then send 'Authorization: Bearer TOKEN'. Or bind 127.0.0.1.")
     if args.max_messages < 1:
         parser.error("--max-messages must be at least 1")
+    try:
+        args.auth = parse_auth(args.auth or os.environ.get(AUTH_ENV) or None,
+                               source=f"--auth (or {AUTH_ENV})")
+    except MailproofError as exc:
+        parser.error(str(exc))
+    if args.tls != "off" and not trustme_available():
+        parser.error(f"--tls {args.tls} needs a throwaway CA, made with trustme, which is not installed: "
+                     "pip install trustme (or drop --tls)")
+    if (args.tls_ca_file or args.tls_hostname) and args.tls == "off":
+        parser.error("--tls-ca-file and --tls-hostname need --tls starttls or --tls starttls-required")
     if args.chaos:
         try:
             args.chaos_rules = parse_chaos_profile(args.chaos, seed=args.chaos_seed, scope="chaos")
@@ -62,12 +103,14 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
 
 async def _serve(args: argparse.Namespace) -> int:
     service = SinkService(host=args.host, smtp_port=args.smtp_port, http_port=args.http_port,
-                          token=args.token, max_messages=args.max_messages, smtp_timeout=args.smtp_timeout)
+                          token=args.token, max_messages=args.max_messages, smtp_timeout=args.smtp_timeout,
+                          tls=args.tls, auth=args.auth, tls_hostnames=tuple(args.tls_hostname),
+                          ca_file=args.tls_ca_file)
     for rule in args.chaos_rules:
         service.faults.add(rule)
     try:
         await service.start()
-    except (SinkError, ServiceError) as exc:
+    except (SinkError, ServiceError, MailproofError) as exc:
         print(f"sink service: {exc}", file=sys.stderr, flush=True)
         return 1
     stop = asyncio.Event()

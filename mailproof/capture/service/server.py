@@ -12,6 +12,7 @@ from mailproof.capture.service import ServiceError
 from mailproof.capture.service.api import SinkApi
 from mailproof.capture.service.store import DEFAULT_MAX_MESSAGES, CaptureStore
 from mailproof.capture.smtp_sink import SmtpSink
+from mailproof.capture.tls import Credentials, SinkCA, sink_security
 from mailproof.faults import FaultPlan
 from mailproof.net import LOOPBACK
 
@@ -20,14 +21,26 @@ class SinkService:
     """SMTP capture plus its HTTP API on the running event loop.
 
     >>> service = SinkService(); await service.start(); ...; await service.stop()
+
+    ``tls`` (off | starttls | starttls-required) and ``auth`` (``(user, password)``) secure the
+    SMTP side (``mailproof.capture.tls``): with TLS on, ``start()`` makes a throwaway CA and
+    writes its certificate to ``tls_ca_file`` (``ca_file``, else a temporary file that ``stop()``
+    removes); ``/health`` and the READY line (``ca=PATH``) name it for the app under test.
     """
 
     def __init__(self, *, host: str = LOOPBACK, smtp_port: int = 0, http_port: int = 0,
                  token: Optional[str] = None, max_messages: int = DEFAULT_MAX_MESSAGES,
-                 smtp_timeout: float = 60.0, data_size_limit: int = 64 * 1024 * 1024) -> None:
+                 smtp_timeout: float = 60.0, data_size_limit: int = 64 * 1024 * 1024,
+                 tls: str = "off", auth: Optional[Credentials] = None,
+                 tls_hostnames: tuple[str, ...] = (), ca_file: Optional[str] = None) -> None:
         self.host = host
         self.http_port = http_port
         self.token = token or None
+        self.tls_mode = tls
+        self.auth = auth
+        self.tls_hostnames = tuple(tls_hostnames)
+        self.ca_file_option = ca_file
+        self.ca: Optional[SinkCA] = None
         self.store = CaptureStore(max_messages)
         self.faults = FaultPlan()
         self.sink = SmtpSink(on_message=self.store.add, host=host, port=smtp_port, faults=self.faults,
@@ -47,12 +60,26 @@ class SinkService:
         return f"http://{host}:{self.http_port}"
 
     @property
+    def tls_ca_file(self) -> Optional[str]:
+        """The CA certificate (PEM) the app under test must trust; None with TLS off."""
+        return self.ca.ca_file if self.ca is not None else None
+
+    @property
     def ready_line(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"READY {self.url} smtp={host}:{self.smtp_port}"
+        line = f"READY {self.url} smtp={host}:{self.smtp_port}"
+        return line + (f" ca={self.tls_ca_file}" if self.tls_ca_file else "")
 
     async def start(self) -> "SinkService":
-        await self.sink.start_async()
+        self.ca, security = sink_security(self.tls_mode, self.auth, host=self.host,
+                                          hostnames=self.tls_hostnames, ca_file=self.ca_file_option)
+        for key, value in security.items():
+            setattr(self.sink, key, value)
+        try:
+            await self.sink.start_async()
+        except BaseException:
+            self._drop_ca()
+            raise
         app = SinkApi(self).app()
         app.on_shutdown.append(self._on_shutdown)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
@@ -63,6 +90,7 @@ class SinkService:
         except OSError as exc:
             await self._runner.cleanup()
             await self.sink.stop_async()
+            self._drop_ca()
             raise ServiceError(f"cannot listen for HTTP on {self.host}:{self.http_port}: {exc}. "
                                "Choose a free port (0 lets the OS pick one).") from exc
         self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
@@ -75,6 +103,12 @@ class SinkService:
             await self._runner.cleanup()
             self._runner = None
         await self.sink.stop_async()
+        self._drop_ca()
+
+    def _drop_ca(self) -> None:
+        ca, self.ca = self.ca, None
+        if ca is not None:
+            ca.cleanup()
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.store.close_clients()

@@ -43,9 +43,10 @@ def parsed_view(rec: Record) -> dict:
 
 
 def stream_line(rec: Record) -> bytes:
-    """One NDJSON line of ``/stream``: the envelope and the raw bytes, nothing parsed."""
+    """One NDJSON line of ``/stream``: the envelope, the SMTP session's ``tls`` and ``auth_user``,
+    and the raw bytes, nothing parsed."""
     return (json.dumps({"seq": rec[SEQ], "mail_from": rec[FROM], "rcpt_tos": list(rec[RCPTS]),
-                        "received_at": rec[AT],
+                        "received_at": rec[AT], "tls": rec[TLS], "auth_user": rec[AUTH_USER],
                         "raw": base64.b64encode(rec[DATA]).decode("ascii")}, separators=(",", ":"))
             + "\n").encode("ascii")
 
