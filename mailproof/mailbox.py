@@ -67,12 +67,6 @@ class Triggers:
         index = bisect.bisect_right(self._times, at)
         return self._times[index - 1] if index else None
 
-    def latency(self, received_at: Optional[float]) -> Optional[float]:
-        """Deprecated, the old rule (latest trigger before capture), kept only while the rehearsal
-        ledger moves to ``Mailbox.trigger_of``: do not use it for anything new."""
-        trigger = self.before(received_at)
-        return None if trigger is None or received_at is None else received_at - trigger
-
     def added_after(self, n: int) -> list[float]:
         """The triggers added after the first ``n``, in the order they were added."""
         return self._order[n:]
