@@ -416,7 +416,7 @@ class RemoteSink:
             msg = session_message(base64.b64decode(event["raw"]), mail_from=event.get("mail_from") or "",
                                   rcpt_tos=event.get("rcpt_tos") or (), received_at=event.get("received_at"),
                                   source="sink-service", extra={"service_seq": seq},
-                                  tls=bool(event.get("tls")), auth_user=event.get("auth_user"))
+                                  tls=event.get("tls"), auth_user=event.get("auth_user"))
             self.last_seq = seq
             if self.accept is not None and not self._accepts(msg):
                 self.set_aside += 1

@@ -69,15 +69,15 @@ def _parameters(cls: type) -> frozenset:
         return frozenset()
 
 
-def session_message(raw: bytes, *, tls: bool = False, auth_user: Optional[str] = None,
+def session_message(raw: bytes, *, tls: Optional[bool] = None, auth_user: Optional[str] = None,
                     **message_options: Any) -> Message:
-    """A ``Message`` that knows its SMTP session: ``msg.tls`` and ``msg.auth_user``.
+    """A ``Message`` that knows its SMTP session: ``msg.tls`` and ``msg.auth_user`` (None: unknown).
 
     They are passed to ``Message`` where its signature takes them, and set on the new message
     otherwise (so they are there, whichever version of ``Message`` runs).
     """
     accepted = _parameters(Message)
-    session = {"tls": bool(tls), "auth_user": auth_user}
+    session = {"tls": None if tls is None else bool(tls), "auth_user": auth_user}
     msg = Message(raw, **message_options, **{k: v for k, v in session.items() if k in accepted})
     for name, value in session.items():
         if name not in accepted:
@@ -89,7 +89,13 @@ def session_message(raw: bytes, *, tls: bool = False, auth_user: Optional[str] =
 
 
 def message_of_captured(captured: "CapturedMail", source: str = "sink") -> Message:
-    """The ``Message`` of one captured mail, with its envelope, arrival time and session."""
+    """The ``Message`` of one captured mail, with its envelope, arrival time and session.
+
+    ``Message.from_captured`` makes it where that exists (it knows every session fact Message has).
+    """
+    from_captured = getattr(Message, "from_captured", None)
+    if from_captured is not None:
+        return from_captured(captured, source=source)
     return session_message(captured.data, mail_from=captured.mail_from, rcpt_tos=captured.rcpt_tos,
                            received_at=captured.received_at, source=source,
                            tls=captured.tls, auth_user=captured.auth_user)
