@@ -21,6 +21,8 @@ EXTRAS = {
     "allure_commons": ("allure-pytest", "report"),
     "matplotlib": ("matplotlib", "report"),
     "jinja2": ("jinja2", "report"),
+    "nh3": ("nh3", "report"),
+    "tinycss2": ("tinycss2", "report"),
 }
 
 

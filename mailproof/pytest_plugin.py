@@ -80,6 +80,7 @@ class Settings:
     sink_token: Optional[str] = field(default=None, repr=False)
     sink_tls: str = "off"
     sink_auth: Optional[tuple[str, str]] = field(default=None, repr=False)
+    timeout: Optional[float] = None  # how long a wait waits for late mail (None: max(3*within, within+10))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -113,7 +114,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mailproof_sink_auth", f"USER:PASSWORD the capture sink requires (or env {AUTH_ENV})",
                   default="")
     parser.addini("mailproof_domain", "domain of the test addresses handed out", default="mailproof.test")
-    parser.addini("mailproof_within", "default seconds a wait_for waits", default="10")
+    parser.addini("mailproof_within", "default SLO of a wait_for: seconds from the trigger (later mail is MailLate)",
+                  default="10")
+    parser.addini("mailproof_timeout", "default seconds a wait_for waits for late mail "
+                  "(empty: max(3 * within, within + 10))", default="")
     for key, help_text in IMAP_SETTINGS.items():
         parser.addini(f"mailproof_imap_{key}", help_text, default="")
 
@@ -241,6 +245,7 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
             sink_port=int(_setting(pytestconfig, "sink_port", "MAILPROOF_SINK_PORT")),
             domain=pytestconfig.getini("mailproof_domain"),
             within=float(pytestconfig.getini("mailproof_within")),
+            timeout=float(pytestconfig.getini("mailproof_timeout")) if pytestconfig.getini("mailproof_timeout") else None,
             imap={key: os.environ.get(f"MAILPROOF_IMAP_{key.upper()}") or pytestconfig.getini(f"mailproof_imap_{key}")
                   for key in IMAP_SETTINGS},
             sink_url=_setting(pytestconfig, "sink_url", "MAILPROOF_SINK_URL") or "",
@@ -249,7 +254,7 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
             sink_auth=parse_auth(_setting(pytestconfig, "sink_auth", AUTH_ENV)),
         )
     except ValueError as exc:
-        raise MailproofError(f"invalid mailproof setting: {exc}. Check --sink-port and mailproof_within.") from exc
+        raise MailproofError(f"invalid mailproof setting: {exc}. Check --sink-port, mailproof_within and mailproof_timeout.") from exc
     if settings.backend not in BACKENDS:
         raise MailproofError(f"unknown mailbox backend {settings.backend!r}: use one of {', '.join(BACKENDS)}")
     # Checked in pytest_configure already, except inside xdist workers (and for direct callers).
@@ -340,7 +345,7 @@ def mailproof_address_book(mailproof_backend, mailproof_settings: Settings) -> A
 def mailbox(mailproof_backend, mailproof_address_book, mailproof_settings):
     """A clean view for this test: only mail captured from now on, addresses unique to the run."""
     with Mailbox(mailproof_backend.store, mailproof_address_book,
-                 default_within=mailproof_settings.within) as view:
+                 default_within=mailproof_settings.within, default_timeout=mailproof_settings.timeout) as view:
         yield view
 
 

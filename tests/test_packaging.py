@@ -18,9 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL = ("locust", "gevent", "matplotlib", "imap_tools", "allure", "allure_commons", "allure_pytest",
-            "hdrh", "jinja2")
+            "hdrh", "jinja2", "nh3", "tinycss2")
 # Distributions only an extra may pull in.
-EXTRA_ONLY = {"locust", "gevent", "matplotlib", "imap-tools", "allure-pytest", "hdrhistogram", "jinja2"}
+EXTRA_ONLY = {"locust", "gevent", "matplotlib", "imap-tools", "allure-pytest", "hdrhistogram", "jinja2", "nh3",
+              "tinycss2"}
 
 
 @pytest.fixture(scope="module")

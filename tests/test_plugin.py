@@ -50,7 +50,7 @@ def free_port() -> int:
 
 
 def test_mailbox_fixture_sends_and_waits(pytester):
-    pytester.makeini("[pytest]\nmailproof_domain = qa.test\nmailproof_within = 0.3\n")
+    pytester.makeini("[pytest]\nmailproof_domain = qa.test\nmailproof_within = 0.3\nmailproof_timeout = 0.6\n")
     pytester.makepyfile(test_mail=SEND_HELPER + '''
 
 def test_roundtrip(mailbox, mailproof_backend):
@@ -71,10 +71,12 @@ def test_next_view_starts_clean(mailbox):
 
 
 def test_never_comes(mailbox):
-    mailbox.wait_for(to=mailbox.address("ghost"), subject="Never")  # ini: within 0.3 s
+    mailbox.wait_for(to=mailbox.address("ghost"), subject="Never")  # ini: within 0.3 s, timeout 0.6 s
 ''')
-    result = run(pytester, "-rA")
+    result = run(pytester, "-rA", "--durations=0", "--durations-min=0")
     result.assert_outcomes(passed=3, failed=1)
+    # The ini's timeout reaches the Mailbox: the wait gave up after 0.6 s, not the 10.3 s default.
+    result.stdout.fnmatch_lines(["*waited 0.6 s*"])
     result.stdout.fnmatch_lines([
         "*MailNotDelivered: no mail to ghost+*@qa.test subject containing 'Never' within 0.3 s",
         "*no other mail arrived in that window*",
