@@ -234,6 +234,17 @@ def test_delay_slows_the_stage_then_proceeds(mailbox, sink_faults, send):
     assert (rule.fired, rule.acted) == (1, 0)  # slower, but the outcome did not change
 
 
+def test_a_delay_at_data_counts_in_the_latency_from_the_trigger(mailbox, sink_faults, send):
+    # A slow relay accepts the mail only after the delay: the latency the flow sees includes it.
+    to = mailbox.address("slow-data")
+    sink_faults.rule("data", Delay(0.5), to=to)
+    trigger = mailbox.mark()
+    send(to)
+    msg = mailbox.wait_for(to=to, within=5)
+    assert msg.received_at - trigger >= 0.5
+    assert msg.latency >= 0.5
+
+
 def test_delay_then_reply(mailbox, sink_faults, client):
     to = mailbox.address("delay")
     rule = sink_faults.rule("rcpt", Delay(0.3, then="451 4.4.5 slow and refusing"), to=to)

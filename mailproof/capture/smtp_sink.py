@@ -52,7 +52,7 @@ class CapturedMail:
     mail_from: str
     rcpt_tos: tuple[str, ...]
     data: bytes
-    received_at: float  # time.time() when the end of DATA was read, before the 250 reply
+    received_at: float  # time.time() when the sink accepted the DATA (after any data-stage fault), before the 250
     peer: Optional[tuple] = None
     helo: Optional[str] = None
     smtputf8: bool = False
@@ -133,11 +133,12 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session: Session, envelope: Envelope):
-        received_at = time.time()
         reply = await self.sink._fault("data", server, session, envelope)
         if reply:
             return reply
-        captured = self.sink._record(session, envelope, received_at)
+        # Stamped after a data-stage fault (a slow relay's Delay): the mail is accepted now, and
+        # latency from the trigger must include the delay the test injected.
+        captured = self.sink._record(session, envelope, time.time())
         reply = await self.sink._fault("after_data", server, session, envelope, captured=captured)
         return reply or f"250 2.0.0 OK queued as {captured.seq}"
 
