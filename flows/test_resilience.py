@@ -1,10 +1,11 @@
 from flows import resilience
 
-# 200 signups through a relay that takes 50 recipients a second (451 past that): about 7 s, with
-# dozens to hundreds of refusals. The demo app peaks at 100 to 130 sends a second inside pytest (the
-# sink shares its process with the 16 client threads); at 100/s the throttle sometimes never bit.
-# benchmarks/burst_under_throttle.py runs the same flow at 20/s and prints the numbers.
-BURST_SIGNUPS, BURST_RATE = 200, 50.0
+# 30 signups through a relay that takes 5 recipients a second (451 past that): about 6 s. The limit
+# sits far below what the app offers even on a loaded machine (the demo peaks at 100 to 130 sends a
+# second inside pytest; 200 signups took 7.5 s, about 26 a second, with both cores busy): at 50/s
+# the throttle sometimes never bit and the test failed for the machine's speed, not the app's.
+# benchmarks/burst_under_throttle.py runs the same flow at larger sizes and prints the numbers.
+BURST_SIGNUPS, BURST_RATE = 30, 5.0
 
 
 def test_greylisted_confirmation_arrives_once_later(run_flow, sink_faults):
