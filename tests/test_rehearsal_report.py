@@ -19,7 +19,7 @@ import pytest
 from mailproof.report import rehearsal as rehearsal_report
 from mailproof.load.gates import DEFAULT_GATES, Gate
 from mailproof.load.latency import LatencyHistograms
-from mailproof.load.ledger import Expectation, Ledger
+from mailproof.load.ledger import Arrival, Expectation, Ledger
 from mailproof.load.results import (FaultRecord, FlowRuns, Harness, RehearsalResults, RequestCounts,
                                     ResultsError, RunInfo, Sample, SinkSnapshot, StreamCounters)
 
@@ -39,23 +39,24 @@ def make_results(latencies: dict[str, list[float]], lost: dict[str, int] = {}, l
             trigger = T0 + i * 0.5
             address = f"{flow}+{n:06d}@mailproof.test"
             n += 1
-            ledger.expectations[address] = Expectation(flow, 1, late_within, [trigger])
-            ledger.arrivals[address].append(trigger + latency)
+            ledger.expectations[address] = Expectation(flow=flow, count=1, within=late_within, trigger=trigger)
+            arrivals = [Arrival(key=f"{address}#1", t=trigger + latency, subject=f"{flow} mail")]
             if duplicates and i < duplicates:
-                ledger.arrivals[address].append(trigger + latency + 0.01)
+                arrivals.append(Arrival(key=f"{address}#2", t=trigger + latency + 0.01, subject=f"{flow} mail"))
+            ledger.recover(address, arrivals)
             histograms.record(flow, latency)
     for flow, count in lost.items():
         for j in range(count):
             address = f"{flow}+lost{j:03d}@mailproof.test"
-            ledger.expectations[address] = Expectation(flow, 1, late_within, [T0 + j])
+            ledger.expectations[address] = Expectation(flow=flow, count=1, within=late_within, trigger=T0 + j)
     for k in range(unexpected):
-        ledger.arrivals[f"stranger+{k}@mailproof.test"].append(T0 + k)
+        ledger.recover(f"stranger+{k}@mailproof.test", [Arrival(key=f"stray{k}", t=T0 + k, subject="hello")])
     sinks = [SinkSnapshot(url=SINK, fetched_at=T0 + 60, received=n + duplicates + unexpected, retained=n,
                           evicted=0, cleared=0, smtp_connections=n, faults=list(faults))] if faults else []
     results = RehearsalResults(
         run=RunInfo(started_at=T0, finished_at=T0 + 60, host="http://127.0.0.1:8000", mode="local",
                     workers_expected=0, missing_workers=[], grace=10.0, chaos_profile=chaos[0], chaos_seed=chaos[1]),
-        ledger=ledger.reconcile(), latency=histograms.summary(),
+        ledger=ledger.reconcile(), latency=ledger.latency_histograms().summary(),
         http=RequestCounts(requests=200, failures=1), locust=RequestCounts(requests=300, failures=1),
         flows=FlowRuns(runs={f: len(latencies.get(f, ())) + lost.get(f, 0) for f in sorted({*latencies, *lost})},
                        failures={f: c for f, c in lost.items() if c},
@@ -135,9 +136,12 @@ def test_report_shows_gate_verdicts_ledger_and_exact_percentiles():
     cells = parse(page)
 
     assert cells.verdict == "FAIL"
-    # Failed gates first: the lost receipts and signup's p95 above 100 ms.
+    # Failed gates first: the lost and the late receipt, the failed receipt runs, signup's p95 above 100 ms.
     failed = [row for row in cells.gate_rows if "failed" in row]
-    assert len(failed) == 2 and cells.gate_rows[:2] == failed
+    assert len(failed) == 4 and cells.gate_rows[:4] == failed
+    assert sorted((g.gate, g.subject) for g in results.gates if not g.passed) == [
+        ("*:late==0", "order_receipt"), ("*:lost==0", "order_receipt"),
+        ("flows:failure_rate<=0%", "order_receipt"), ("signup_confirms_account:p95<100ms", "signup_confirms_account")]
     assert "order_receipt: lost 2 == 0: missed by 2" in page
     assert re.search(r"signup_confirms_account: p95 0\.13\d s &lt; 0\.100 s: missed by", page)
 
@@ -294,26 +298,39 @@ def test_unreadable_results_stop_with_a_clear_message(tmp_path):
 
 # A complete file as docs/results.md describes it, written by hand (not by the code under test).
 HAND_WRITTEN = {
-    "schema": "mailproof.rehearsal-results", "schema_version": 1,
+    "schema": "mailproof.rehearsal-results", "schema_version": 2,
     "run": {"started_at": 1800000000.0, "finished_at": 1800000075.5, "host": "http://127.0.0.1:8000",
             "mode": "distributed", "workers_expected": 2, "missing_workers": ["w2"], "grace": 10.0,
-            "chaos_profile": "5%:rcpt:451", "chaos_seed": 7},
-    "ledger": {"flows": {"order_receipt": {"expected": 3, "delivered": 2, "late": 1, "lost": 1, "duplicated": 0,
+            "chaos_profile": "5%:rcpt:451", "chaos_seed": 7, "users": 10, "spawn_rate": 5.0, "run_time": 60.0,
+            "shape": None, "peak_users": 10, "flows_source": "examples/flask_shop/loadflows.py"},
+    "ledger": {"flows": {"order_receipt": {"expected": 3, "delivered": 2, "late": 1, "lost": 1, "unverified": 0,
+                                           "duplicated": 0, "unexpected": 0, "interrupted": 1, "unawaited": 0,
                                            "negative_checks": 0}},
-               "unexpected": 1, "unexpected_addresses": {"stranger@mailproof.test": 1}, "handed_out": 3},
+               "unexpected": 1, "unexpected_addresses": {"stranger@mailproof.test": 1},
+               "duplicated_addresses": {},
+               "lost_emails": [{"flow": "order_receipt", "address": "order+3@mailproof.test", "trigger": 1800000001.5,
+                                "within": 5.0, "run": "failed",
+                                "reply": {"method": "POST", "path": "/orders", "status": 202,
+                                          "body": "{\"order_id\": \"FS-00003\"}"},
+                                "sink": "the sink service captured no message to this address (checked)"}],
+               "unexpected_emails": [{"address": "stranger@mailproof.test", "flow": None, "t": 1800000003.0,
+                                      "subject": "Hello", "why": "no flow handed out this address"}],
+               "handed_out": 3},
     "latency": {"order_receipt": {"count": 2, "p50": 0.25, "p90": 6.5, "p95": 6.5, "p99": 6.5, "max": 6.5,
                                   "mean": 3.375}},
     "http": {"requests": 10, "failures": 0},
     "locust": {"requests": 15, "failures": 2},
-    "flows": {"runs": {"order_receipt": 3}, "failures": {"order_receipt": 1},
-              "failure_samples": {"order_receipt": "MailNotDelivered: no mail"}},
+    "flows": {"runs": {"order_receipt": 4}, "failures": {"order_receipt": 1}, "interrupted": {"order_receipt": 1},
+              "failure_samples": {"order_receipt": "MailNotDelivered: no mail"},
+              "failure_kinds": {"order_receipt": {"MailNotDelivered": 1}}, "harness_errors": {}},
     "timeline": {"sends": [[1800000000, 3]], "deliveries": [[1800000000, 1], [1800000006, 1]],
                  "samples": [{"t": 1800000000.25, "latency": 0.25, "flow": "order_receipt",
                               "address": "order+1@mailproof.test", "hops": None},
                              {"t": 1800000006.5, "latency": 6.5, "flow": "order_receipt",
                               "address": "order+2@mailproof.test", "hops": {"smtp": 0.5}}]},
     "workers": {"w1": {"flows": {"order_receipt": {"expected": 3, "delivered": 2, "late": 1, "lost": 1,
-                                                   "duplicated": 0, "negative_checks": 0}},
+                                                   "unverified": 0, "duplicated": 0, "unexpected": 0,
+                                                   "interrupted": 1, "unawaited": 0, "negative_checks": 0}},
                        "stream": {"received": 3, "duplicates": 0, "missing": 1, "reconnects": 2, "restarts": 0,
                                   "evicted": 0}}},
     "harness": {"stream": {"received": 3, "duplicates": 0, "missing": 1, "reconnects": 2, "restarts": 0, "evicted": 0},
@@ -323,7 +340,9 @@ HAND_WRITTEN = {
                                        "match": {}, "action": {"chaos": {"p": 0.05, "seed": 7,
                                                                          "action": {"reply": "451 4.3.0 later"}}},
                                        "fired": 5, "acted": 1}]}],
-                "notes": ["worker w2 never reported"]},
+                "notes": ["worker w2 never reported"],
+                "errors": [{"kind": "stream_gap", "count": 1, "detail": "the event stream skipped 1 message(s)"}],
+                "recovered": 0},
     "gates": [{"gate": "*:lost==0", "subject": "order_receipt", "actual": 1.0, "passed": False,
                "detail": "order_receipt: lost 1 == 0: missed by 1"}],
     "passed": False,
@@ -337,6 +356,9 @@ def test_a_hand_written_file_reads_into_the_types_and_writes_back_unchanged(tmp_
     assert results.run.chaos_profile == "5%:rcpt:451" and results.run.chaos_seed == 7
     assert results.run.missing_workers == ["w2"]
     assert results.ledger.flows["order_receipt"].lost == 1
+    assert results.ledger.lost_emails[0].reply.status == 202 and results.ledger.unexpected_emails[0].flow is None
+    assert results.flows.failure_rate("order_receipt") == 1 / 3  # the interrupted run is left out
+    assert results.harness.error_count == 1
     assert results.latency["order_receipt"].p50 == 0.25
     assert results.timeline.sends == [(1800000000, 3)]
     assert results.timeline.samples[1].hops == {"smtp": 0.5}
@@ -362,7 +384,9 @@ def test_round_trip_of_built_results_keeps_every_value(tmp_path):
     assert back.ledger.flows["signup_confirms_account"].late == 1  # 6 s > the 5 s allowed
     assert back.ledger.flows["order_receipt"].lost == 1
     assert back.run.chaos_seed is None and back.harness.sinks[0].faults[0].match == {"to": "a@b"}
-    assert [g.gate for g in back.gates if not g.passed] == ["*:lost==0"]
+    assert [(g.gate, g.subject) for g in back.gates if not g.passed] == [
+        ("*:lost==0", "order_receipt"), ("*:late==0", "signup_confirms_account"),
+        ("flows:failure_rate<=0%", "order_receipt")]
 
 
 def _broken(edit) -> dict:
@@ -372,7 +396,7 @@ def _broken(edit) -> dict:
 
 
 @pytest.mark.parametrize("edit, where, problem", [
-    (lambda d: d.update(schema_version=2), "schema_version", "version 2, but this mailproof reads version 1 only"),
+    (lambda d: d.update(schema_version=1), "schema_version", "version 1, but this mailproof reads version 2 only"),
     (lambda d: d.pop("schema_version"), "schema_version", "missing"),
     (lambda d: d.update(schema="something-else"), "schema", "schema 'something-else'"),
     (lambda d: d["ledger"]["flows"]["order_receipt"].update(lost="1"),
@@ -429,8 +453,9 @@ def test_docs_describe_every_field_of_the_schema():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
     records = [schema.RehearsalResults, schema.RunInfo, schema.LedgerCounts, schema.FlowCounts,
+               schema.LostEmail, schema.HttpReply, schema.StrayEmail,
                schema.LatencySummary, schema.RequestCounts, schema.FlowRuns, schema.Timeline, schema.Sample,
-               schema.WorkerAccount, schema.Harness, schema.StreamCounters, schema.SinkSnapshot,
+               schema.WorkerAccount, schema.Harness, schema.HarnessError, schema.StreamCounters, schema.SinkSnapshot,
                schema.FaultRecord, schema.Verdict]
     undocumented = [f"{cls.__name__}.{f.name}" for cls in records for f in dataclasses.fields(cls)
                     if f"`{f.name}`" not in doc]

@@ -1,49 +1,133 @@
 """The ledger: an account of every email a rehearsal expected, and of every email that came.
 
-Every address a flow hands out is an expectation (how many messages, within how many seconds of
-the trigger). Every captured message is an arrival. At the end, per flow:
+An expectation is what a flow run waited for (or armed with ``expect_no_mail``):
+``Mailbox.expected``, lower-cased address -> (emails expected, seconds allowed). An address a run
+handed out but never awaited is no expectation. Every captured message is an arrival, per
+recipient. At the end, per flow:
 
-    expected   = delivered + lost            (always reconciles)
-    late       = delivered after the allowed seconds (a subset of delivered)
-    duplicated = arrivals beyond what an address expected
-    unexpected = arrivals at addresses nobody handed out (per run, not per flow)
+    expected    = delivered + lost + unverified
+    delivered   emails that arrived for an expectation (a wait returned it, or it came later,
+                after the trigger, up to the end of the grace period)
+    late        delivered after the seconds their wait allowed (a subset of delivered)
+    lost        never arrived, and the harness saw everything the sink captured
+    unverified  never seen, while the harness had gaps of its own (harness errors, not losses)
+    duplicated  extra copies of an expected email (same Message-ID or Subject at that address)
+    unexpected  other extra mail at the flow's addresses: at an address that expected none
+                (count 0), one handed out but never awaited, or a different email
+    interrupted mail to a run stopped by the end of the run (or the load shape) before it
+                awaited it: never lost, never unexpected
+    unawaited   mail to a run that failed, caused after its last wait and never awaited
 
-Addresses are unique per expectation, so the ledger needs no message content: only recipients
-and arrival times. Snapshots merge (distributed runs: one ledger per Locust worker).
+Mail to an address no flow handed out is unexpected for the run as a whole.
 
-Latency is not computed here: each expectation keeps its flow run's ``Triggers`` (the Mailbox's),
-and an arrival's latency is ``Triggers.latency``, the very number the Mailbox stamped on the
-message when a wait returned it (``Message.latency``). Arrivals no wait returned (mail that came
-after its flow gave up) are measured with the same object.
+Latency. Each expectation keeps the trigger of its email, ``Mailbox.trigger_of(address)`` taken
+when the run is recorded. A delivery a wait returned keeps ``Message.latency``, the number the
+flow saw; any other delivery is measured ``received_at - trigger``. Every delivery is in the
+latency percentiles (an email that came after its wait gave up included).
+
+A run that is stopped (killed) in the middle is recorded like any other (``FlowUser`` records
+it in ``finally``): what it had armed after a trigger is still awaited through the grace period.
+
+Snapshots merge (distributed runs: one ledger per Locust worker, every worker streams all of
+the sink's mail); arrivals are keyed by the sink service's seq, so one email seen by several
+workers counts once.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
-from mailproof.load.results import FlowCounts, LedgerCounts, Sample, Timeline
-from mailproof.mailbox import Mailbox, Triggers
+from mailproof.load.results import (FlowCounts, HttpReply, LedgerCounts, LostEmail, Sample, StrayEmail,
+                                    Timeline, decode_record, encode_record)
 from mailproof.message import Message
 
-UNEXPECTED_ADDRESSES_KEPT = 50
+ADDRESSES_KEPT = 50
+QUIET = 1.0  # after every expectation is met, seconds without an arrival before the ledger stops listening
+STRAYS_KEPT = 200
+PASSED, FAILED, INTERRUPTED = "passed", "failed", "interrupted"
+OUTCOMES = (PASSED, FAILED, INTERRUPTED)
+
+
+@dataclass(kw_only=True)
+class Claim:
+    """An email a wait of the flow returned."""
+
+    key: str
+    t: Optional[float]
+    latency: Optional[float]  # Message.latency, as the flow saw it
+    late: bool  # the wait said so (MailLate)
+    subject: str = ""
+    message_id: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class Arrival:
+    key: str  # the sink service's seq when known, else the capture time
+    t: float
+    subject: str = ""
+    message_id: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class Expectation:
+    flow: str
+    count: int  # emails expected (0: the flow asserted none must come)
+    within: float  # seconds allowed from the trigger
+    trigger: Optional[float]  # Mailbox.trigger_of(address)
+    run: str = PASSED  # the run's outcome: passed, failed, interrupted
+    last_trigger: Optional[float] = None  # the run's latest trigger
+    claims: list[Claim] = field(default_factory=list)
+    reply: Optional[HttpReply] = None  # the app's answer to the triggering request
+
+
+@dataclass(kw_only=True)
+class HandedOut:
+    """An address a run handed out and never awaited."""
+
+    flow: str
+    run: str
+
+
+@dataclass(kw_only=True)
+class LedgerSnapshot:
+    expectations: dict[str, Expectation] = field(default_factory=dict)
+    handed: dict[str, HandedOut] = field(default_factory=dict)
+    arrivals: dict[str, list[Arrival]] = field(default_factory=dict)
+    unparsed: int = 0
 
 
 @dataclass
-class Expectation:
+class Delivery:
     flow: str
-    count: int  # messages expected (0: the flow asserted none must come)
-    within: float  # seconds allowed from the trigger
-    triggers: Triggers = field(default_factory=Triggers)
+    address: str
+    t: Optional[float]
+    latency: Optional[float]
+    late: bool
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.triggers, Triggers):
-            self.triggers = Triggers(self.triggers)
 
-    def latency(self, received_at: float) -> Optional[float]:
-        return self.triggers.latency(received_at)
+def arrival_key(msg: Message) -> Optional[str]:
+    seq = (msg.extra or {}).get("service_seq") if hasattr(msg, "extra") else None
+    if seq is not None:
+        return f"s{seq}"
+    return None if msg.received_at is None else f"t{msg.received_at!r}"
+
+
+def trigger_of(mailbox: Any, address: str) -> Optional[float]:
+    """``Mailbox.trigger_of(address)``: the trigger of that address's expected email."""
+    return mailbox.trigger_of(address)
+
+
+@dataclass
+class _Account:
+    """One address worked out: what it delivered, lost, and what was extra (and why)."""
+
+    deliveries: list[Delivery] = field(default_factory=list)
+    outstanding: int = 0
+    extras: list[tuple[Arrival, str]] = field(default_factory=list)  # (arrival, category)
 
 
 class Ledger:
@@ -53,97 +137,293 @@ class Ledger:
         self.grace = grace
         self._lock = threading.Condition()
         self.expectations: dict[str, Expectation] = {}
-        self.arrivals: dict[str, list[float]] = defaultdict(list)
+        self.handed: dict[str, HandedOut] = {}
+        self.arrivals: dict[str, list[Arrival]] = defaultdict(list)
+        self.unparsed = 0  # messages without a capture time or a recipient: a harness error
+        self._keys: dict[str, set[str]] = defaultdict(set)
         self._outstanding: set[str] = set()
+        self._last_arrival = time.monotonic()
 
     # -- feeding -----------------------------------------------------------------------------
 
     def on_arrival(self, msg: Message) -> None:
-        if msg.received_at is None:
-            return
+        try:
+            recipients = msg.recipients
+            key = arrival_key(msg)
+            subject = msg.subject or "" if recipients else ""
+            message_id = msg.message_id if recipients else None
+        except Exception:  # a message the harness cannot read must not end the stream
+            recipients, key = frozenset(), None
         with self._lock:
-            for rcpt in msg.recipients:
-                self.arrivals[rcpt].append(msg.received_at)
+            self._last_arrival = time.monotonic()
+            self._lock.notify_all()
+            if msg.received_at is None or key is None or not recipients:
+                self.unparsed += 1
+                return
+            arrival = Arrival(key=key, t=float(msg.received_at), subject=str(subject or ""),
+                              message_id=message_id)
+            for rcpt in recipients:
+                self._add(rcpt, arrival)
                 if rcpt in self._outstanding and self._satisfied(rcpt):
                     self._outstanding.discard(rcpt)
             if not self._outstanding:
                 self._lock.notify_all()
 
-    def record_flow(self, flow_name: str, mailbox: Mailbox) -> None:
-        """Take a finished flow run's addresses and what it expected of them."""
-        triggers = Triggers(mailbox.triggers)  # a copy: the flow run is over
+    def _add(self, address: str, arrival: Arrival) -> bool:
+        if arrival.key in self._keys[address]:
+            return False
+        self._keys[address].add(arrival.key)
+        self.arrivals[address].append(arrival)
+        return True
+
+    def record_flow(self, flow_name: str, mailbox: Any, *, outcome: str = PASSED,
+                    claims: Iterable[tuple[str, Claim]] = (),
+                    replies: Optional[dict[float, HttpReply]] = None) -> None:
+        """Take a finished (or stopped) flow run: what it expected of which address, from which trigger.
+
+        ``claims``: (address, Claim) for each email a wait returned; ``replies``: the app's
+        answers by trigger time (the request each trigger marked).
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, not {outcome!r}")
+        replies = replies or {}
+        times = list(mailbox.triggers)
+        last = max(times) if times else None
+        by_address: dict[str, list[Claim]] = defaultdict(list)
+        for address, claim in claims:
+            by_address[address.lower()].append(claim)
+        expected = dict(mailbox.expected)
+        triggers = {key: trigger_of(mailbox, key) for key in expected}
         with self._lock:
+            for key, (count, within) in expected.items():
+                trigger = triggers[key]
+                exp = Expectation(flow=flow_name, count=int(count), within=float(within), trigger=trigger,
+                                  run=outcome, last_trigger=last, claims=by_address.get(key, []),
+                                  reply=replies.get(trigger) if trigger is not None else None)
+                self.expectations[key] = exp
+                self.handed.pop(key, None)
+                if self._awaited(exp) and not self._satisfied(key):
+                    self._outstanding.add(key)
             for address in mailbox.handed_out:
                 key = address.lower()
-                count, within = mailbox.expected.get(key, (1, mailbox.default_within))
-                self.expectations[key] = Expectation(flow_name, count, within, triggers)
-                if not self._satisfied(key):
-                    self._outstanding.add(key)
+                if key not in expected:
+                    self.handed[key] = HandedOut(flow=flow_name, run=outcome)
 
-    def settle(self, timeout: Optional[float] = None) -> bool:
-        """Wait (woken by arrivals) until every expectation is met, at most ``grace`` seconds."""
+    @staticmethod
+    def _awaited(exp: Expectation) -> bool:
+        """Whether the expectation's emails are owed: armed after a trigger (or by a run that finished)."""
+        return exp.count > 0 and (exp.trigger is not None or exp.run != INTERRUPTED)
+
+    def settle(self, timeout: Optional[float] = None, quiet: float = QUIET) -> bool:
+        """Wait (woken by arrivals) until every expectation is met, then until no mail has come for
+        ``quiet`` seconds (an app's retries and strays still in flight are counted too); at most
+        ``timeout`` (``grace``) seconds in all. True when every expectation was met."""
         timeout = self.grace if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         with self._lock:
-            return self._lock.wait_for(lambda: not self._outstanding, timeout=timeout)
+            met = self._lock.wait_for(lambda: not self._outstanding, timeout=timeout)
+            while met:
+                left = deadline - time.monotonic()
+                silent = time.monotonic() - self._last_arrival
+                if left <= 0 or silent >= quiet:
+                    break
+                self._lock.wait(min(left, quiet - silent))
+            return met
+
+    @property
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._outstanding)
 
     def _satisfied(self, address: str) -> bool:
-        expectation = self.expectations.get(address)
-        return expectation is None or len(self.arrivals.get(address, ())) >= expectation.count
+        exp = self.expectations.get(address)
+        if exp is None or not self._awaited(exp):
+            return True
+        return self._account(address, exp).outstanding == 0
+
+    # -- working out one address --------------------------------------------------------------
+
+    def _account(self, address: str, exp: Expectation) -> _Account:
+        account = _Account()
+        claimed = {c.key for c in exp.claims}
+        for claim in exp.claims[: max(exp.count, 0)]:
+            late = claim.late or (claim.latency is not None and claim.latency > exp.within)
+            account.deliveries.append(Delivery(exp.flow, address, claim.t, claim.latency, late))
+        copies = {c.message_id for c in exp.claims if c.message_id} | {c.subject for c in exp.claims if c.subject}
+        awaited = self._awaited(exp)
+        account.outstanding = max(exp.count - len(account.deliveries), 0) if awaited else 0
+        for arrival in sorted(self.arrivals.get(address, ()), key=lambda a: (a.t, a.key)):
+            if arrival.key in claimed:
+                continue
+            after_trigger = exp.trigger is None or arrival.t >= exp.trigger
+            if account.outstanding and after_trigger:
+                latency = arrival.t - exp.trigger if exp.trigger is not None else None
+                account.deliveries.append(Delivery(exp.flow, address, arrival.t, latency,
+                                                   latency is not None and latency > exp.within))
+                account.outstanding -= 1
+                copies |= {x for x in (arrival.message_id, arrival.subject) if x}
+                continue
+            account.extras.append((arrival, self._extra_kind(exp, arrival, copies)))
+        return account
+
+    @staticmethod
+    def _extra_kind(exp: Expectation, arrival: Arrival, copies: set) -> str:
+        if exp.run == INTERRUPTED and exp.trigger is None:
+            return "interrupted"  # stopped before its trigger: whatever came is the run's unfinished business
+        caused_later = (exp.last_trigger is not None and arrival.t >= exp.last_trigger
+                        and (exp.trigger is None or exp.last_trigger > exp.trigger))
+        if exp.run != PASSED and caused_later:
+            return "interrupted" if exp.run == INTERRUPTED else "unawaited"
+        if exp.count and ((arrival.message_id and arrival.message_id in copies)
+                          or (arrival.subject and arrival.subject in copies)):
+            return "duplicated"
+        return "unexpected"
 
     # -- results -----------------------------------------------------------------------------
 
-    def _delivered(self, exp: Expectation, address: str) -> list[float]:
-        """Arrival times that count as the expected deliveries (the first ``count``), in order."""
-        return sorted(self.arrivals.get(address, ()))[: max(exp.count, 0)]
+    def recover(self, address: str, arrivals: Iterable[Arrival]) -> int:
+        """Add arrivals found elsewhere (the sink service's own records); how many were new."""
+        with self._lock:
+            return sum(1 for arrival in arrivals if self._add(address.lower(), arrival))
 
-    def reconcile(self) -> LedgerCounts:
+    def owes(self, address: str) -> bool:
+        """Whether ``address`` is still owed an email."""
+        with self._lock:
+            exp = self.expectations.get(address.lower())
+            return exp is not None and self._awaited(exp) and self._account(address.lower(), exp).outstanding > 0
+
+    def lost_addresses(self) -> list[str]:
+        """Addresses still owed an email, by trigger time."""
+        with self._lock:
+            owed = [(exp.trigger or 0.0, a) for a, exp in self.expectations.items()
+                    if self._awaited(exp) and self._account(a, exp).outstanding]
+        return [a for _, a in sorted(owed)]
+
+    def reconcile(self, *, unverified: Iterable[str] = (), sink_notes: Optional[dict[str, str]] = None,
+                  foreign: Optional[Callable[[str], bool]] = None) -> LedgerCounts:
+        """The account of the run. ``unverified``: owed addresses the harness cannot vouch for
+        (its own gaps): their missing emails are ``unverified``, not ``lost``. ``sink_notes``:
+        what the sink service said of an owed address. ``foreign(address)``: True for an address
+        of a Locust worker whose ledger never reached the master (its mail is left out, not
+        called unexpected; see ``count_foreign``)."""
+        unverified = set(unverified)
+        sink_notes = sink_notes or {}
         with self._lock:
             flows: dict[str, FlowCounts] = defaultdict(FlowCounts)
+            lost: list[LostEmail] = []
+            strays: list[StrayEmail] = []
+            duplicated: Counter = Counter()
+            unexpected: Counter = Counter()
             for address, exp in self.expectations.items():
-                account = flows[exp.flow]
-                arrived = len(self.arrivals.get(address, ()))
+                row = flows[exp.flow]
+                account = self._account(address, exp)
                 if exp.count == 0:
-                    account.negative_checks += 1
-                account.expected += exp.count
-                delivered = self._delivered(exp, address)
-                account.delivered += len(delivered)
-                account.lost += exp.count - len(delivered)
-                account.duplicated += max(0, arrived - exp.count)
-                for received_at in delivered:
-                    latency = exp.latency(received_at)
-                    if latency is not None and latency > exp.within:
-                        account.late += 1
-            unexpected = {a: len(t) for a, t in self.arrivals.items() if a not in self.expectations}
+                    row.negative_checks += 1
+                if self._awaited(exp):
+                    row.expected += exp.count
+                    row.delivered += len(account.deliveries)
+                    row.late += sum(1 for d in account.deliveries if d.late)
+                    if address in unverified:
+                        row.unverified += account.outstanding
+                    else:
+                        row.lost += account.outstanding
+                        for _ in range(account.outstanding):
+                            lost.append(LostEmail(flow=exp.flow, address=address, trigger=exp.trigger,
+                                                  within=exp.within, run=exp.run, reply=exp.reply,
+                                                  sink=sink_notes.get(address, "not checked")))
+                for arrival, kind in account.extras:
+                    setattr(row, kind, getattr(row, kind) + 1)
+                    if kind == "duplicated":
+                        duplicated[address] += 1
+                    elif kind == "unexpected":
+                        unexpected[address] += 1
+                        why = ("the address expected no mail" if not exp.count else
+                               f"an email beyond the {exp.count} expected, and no copy of one")
+                        strays.append(StrayEmail(address=address, flow=exp.flow, t=arrival.t,
+                                                 subject=arrival.subject, why=why))
+            for address, arrivals in self.arrivals.items():
+                if address in self.expectations:
+                    continue
+                owner = self.handed.get(address)
+                if owner is None and foreign is not None and foreign(address):
+                    continue
+                for arrival in arrivals:
+                    if owner is not None and owner.run != PASSED:
+                        row = flows[owner.flow]
+                        if owner.run == INTERRUPTED:
+                            row.interrupted += 1
+                        else:
+                            row.unawaited += 1
+                        continue
+                    unexpected[address] += 1
+                    if owner is not None:
+                        flows[owner.flow].unexpected += 1
+                    strays.append(StrayEmail(
+                        address=address, flow=owner.flow if owner else None, t=arrival.t, subject=arrival.subject,
+                        why="handed out by the flow, which never awaited mail there" if owner
+                        else "no flow handed out this address"))
+            lost.sort(key=lambda e: (e.trigger or 0.0, e.address))
+            strays.sort(key=lambda s: (s.t, s.address))
             return LedgerCounts(
                 flows=dict(sorted(flows.items())),
                 unexpected=sum(unexpected.values()),
-                unexpected_addresses=dict(sorted(unexpected.items())[:UNEXPECTED_ADDRESSES_KEPT]),
-                handed_out=len(self.expectations),
+                unexpected_addresses=dict(sorted(unexpected.items())[:ADDRESSES_KEPT]),
+                duplicated_addresses=dict(sorted(duplicated.items())[:ADDRESSES_KEPT]),
+                lost_emails=lost,
+                unexpected_emails=strays[:STRAYS_KEPT],
+                handed_out=len(self.expectations) + len(self.handed),
             )
 
-    def latencies(self, address: str) -> list[float]:
-        """Latency of each expected delivery to ``address``, in arrival order (seconds)."""
+    def count_foreign(self, foreign: Callable[[str], bool]) -> int:
+        """Emails to addresses nobody in this ledger handed out for which ``foreign`` is True."""
         with self._lock:
-            exp = self.expectations.get(address.lower())
+            return sum(len(arrivals) for address, arrivals in self.arrivals.items()
+                       if address not in self.expectations and address not in self.handed and foreign(address))
+
+    def deliveries(self) -> list[Delivery]:
+        with self._lock:
+            return [d for a, exp in self.expectations.items() if self._awaited(exp)
+                    for d in self._account(a, exp).deliveries]
+
+    def latencies(self, address: str) -> list[float]:
+        """Latency of each delivery to ``address``, in order (seconds)."""
+        with self._lock:
+            key = address.lower()
+            exp = self.expectations.get(key)
             if exp is None:
                 return []
-            return [lat for t in self._delivered(exp, address.lower())
-                    if (lat := exp.latency(t)) is not None]
+            return [d.latency for d in self._account(key, exp).deliveries if d.latency is not None]
+
+    def latency_histograms(self):
+        """Every delivery's latency, per flow, in HdrHistograms (mailproof.load.latency)."""
+        from mailproof.load.latency import LatencyHistograms
+
+        histograms = LatencyHistograms()
+        for delivery in self.deliveries():
+            if delivery.latency is not None:
+                histograms.record(delivery.flow, max(delivery.latency, 0.0))
+        return histograms
 
     def timeline(self) -> Timeline:
-        """Per-second sends (first trigger per address) and deliveries, and one sample per delivery."""
+        """Per-second sends (each email's trigger) and deliveries, and one sample per delivery."""
         sends: Counter = Counter()
         deliveries: Counter = Counter()
         samples: list[Sample] = []
         with self._lock:
             for address, exp in self.expectations.items():
-                if exp.triggers and exp.count:
-                    sends[int(exp.triggers.times[0])] += exp.count
-                for received_at in self._delivered(exp, address):
-                    deliveries[int(received_at)] += 1
-                    latency = exp.latency(received_at)
-                    if latency is not None:
-                        samples.append(Sample(t=received_at, latency=latency, flow=exp.flow, address=address))
+                if not self._awaited(exp):
+                    continue
+                account = self._account(address, exp)
+                for d in account.deliveries:
+                    trigger = (d.t - d.latency) if d.t is not None and d.latency is not None else exp.trigger
+                    if trigger is not None:
+                        sends[int(trigger)] += 1
+                    if d.t is not None:
+                        deliveries[int(d.t)] += 1
+                    if d.t is not None and d.latency is not None:
+                        samples.append(Sample(t=d.t, latency=d.latency, flow=exp.flow, address=address))
+                if exp.trigger is not None and account.outstanding:
+                    sends[int(exp.trigger)] += account.outstanding
         samples.sort(key=lambda s: (s.t, s.address))
         return Timeline(sends=sorted(sends.items()), deliveries=sorted(deliveries.items()), samples=samples)
 
@@ -151,20 +431,24 @@ class Ledger:
 
     def snapshot(self) -> dict:
         """A JSON-able copy; arrivals are included for every address so the master can tell
-        foreign (another worker's) mail from unexpected mail."""
+        another worker's mail from unexpected mail."""
         with self._lock:
-            return {
-                "expectations": {a: [e.flow, e.count, e.within, e.triggers.times]
-                                 for a, e in self.expectations.items()},
-                "arrivals": {a: list(t) for a, t in self.arrivals.items()},
-            }
+            return encode_record(LedgerSnapshot(expectations=dict(self.expectations), handed=dict(self.handed),
+                                                arrivals={a: list(t) for a, t in self.arrivals.items()},
+                                                unparsed=self.unparsed))
 
-    def merge(self, snapshot: dict) -> None:
-        """Add a worker's snapshot. Arrivals seen by several workers (one sink per machine,
-        every worker streams all of it) are counted once, keyed by their arrival time."""
+    def merge(self, snapshot: Any, source: str = "ledger snapshot") -> None:
+        """Add a worker's snapshot. Arrivals seen by several workers (every worker streams the
+        whole sink) are counted once, by their key; so are unparsed messages (the largest count)."""
+        data = decode_record(LedgerSnapshot, snapshot, source)
         with self._lock:
-            for address, (flow, count, within, triggers) in snapshot["expectations"].items():
-                self.expectations[address] = Expectation(flow, count, within, Triggers(triggers))
-            for address, times in snapshot["arrivals"].items():
-                known = set(self.arrivals.get(address, ()))
-                self.arrivals[address].extend(t for t in times if t not in known)
+            self.expectations.update(data.expectations)
+            for address, owner in data.handed.items():
+                if address not in self.expectations:
+                    self.handed[address] = owner
+            for address in data.expectations:
+                self.handed.pop(address, None)
+            for address, arrivals in data.arrivals.items():
+                for arrival in arrivals:
+                    self._add(address, arrival)
+            self.unparsed = max(self.unparsed, data.unparsed)

@@ -5,10 +5,17 @@ once, when a locustfile imports ``mailproof.load.user`` (``from mailproof.load i
 The init listener creates a ``Rehearsal`` for the environment Locust made and attaches it to it;
 users and listeners reach it with ``Rehearsal.of(environment)``. Nothing is process-wide.
 
-A ``Rehearsal`` holds the connection to the sink service, the ledger, the latency histograms and
-the flow counters. In distributed mode each worker settles its ledger when the test stops and
-sends a ``WorkerReport``; the master merges the reports, applies the SLO gates and writes
-results.json (``mailproof.load.results``).
+A ``Rehearsal`` holds the connection to the sink service, the ledger (mailproof.load.ledger) and
+the flow counters. When the load stops, a local run (or each worker) waits out the grace period
+for outstanding mail, lets the event stream catch up with what the sink service captured, and
+reads the service's counters. In distributed mode each worker then sends a ``WorkerReport``; the
+master merges the reports, applies the SLO gates and writes results.json
+(``mailproof.load.results``).
+
+The harness never blames the application for its own gaps: when the stream skipped messages, fell
+behind, or could not read one, every email still owed is looked up in the sink service's own
+records; found, it is delivered (``harness.recovered``); not found while the service itself
+dropped messages, it is ``unverified`` (a harness error), not lost.
 
 Locust is imported only inside the listeners (they run under Locust): this module, and the merge
 it does, can be used and tested without monkey-patching the process.
@@ -16,20 +23,24 @@ it does, can be used and tested without monkey-patching the process.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
-from collections import Counter
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from mailproof.addresses import AddressBook
+from mailproof.addresses import TOKEN, AddressBook
 from mailproof.load.gates import DEFAULT_GATES, Gate, GateError
-from mailproof.load.latency import LatencyHistograms
-from mailproof.load.ledger import Ledger
-from mailproof.load.results import (FaultRecord, FlowRuns, Harness, RehearsalResults, RequestCounts, RunInfo,
-                                    SinkSnapshot, StreamCounters, WorkerAccount, decode_record, encode_record)
+from mailproof.load.ledger import FAILED, INTERRUPTED, PASSED, Arrival, Claim, Ledger
+from mailproof.load.results import (FaultRecord, FlowRuns, Harness, HarnessError, HttpReply, RehearsalResults,
+                                    RequestCounts, RunInfo, SinkSnapshot, StreamCounters, WorkerAccount,
+                                    decode_record, encode_record)
 from mailproof.mailbox import Mailbox
 
 log = logging.getLogger("mailproof.load.rehearsal")
@@ -37,6 +48,9 @@ FINISH, REPORT = "mailproof_finish", "mailproof_report"
 ATTRIBUTE = "mailproof_rehearsal"  # where the rehearsal hangs on its Locust environment
 FAILURE_SAMPLE_CHARS = 2000
 DEFAULT_RESULTS = "reports/rehearsal/results.json"
+CATCH_UP_SECONDS = 10.0  # how long the stream may take to deliver what the sink had captured at the end
+LOOKUPS = 200  # owed addresses looked up in the sink service's records at most (each scans what it retains)
+LOOKUPS_WITHOUT_GAPS = 20  # ... when the harness had no gap: the ones the summary lists
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,12 @@ class RehearsalOptions:
     chaos_profile: Optional[str] = None
     chaos_seed: Optional[int] = None
     host: Optional[str] = None
+    quiet: bool = False  # do not print the summary (the `mailproof` command prints it)
+    users: Optional[int] = None
+    spawn_rate: Optional[float] = None
+    run_time: Optional[float] = None
+    shape: Optional[str] = None
+    flows_source: Optional[str] = None
 
     @classmethod
     def from_parsed(cls, parsed: Any, host: Optional[str] = None) -> "RehearsalOptions":
@@ -60,12 +80,35 @@ class RehearsalOptions:
             gates = tuple(Gate.parse(text) for text in texts)
         except GateError as exc:
             raise SystemExit(f"mailproof: --mailproof-gate: {exc}") from None
+        shape = os.environ.get("MAILPROOF_SHAPE") or get("shape", None) or None
+        shape_kind, shape_peak, shape_duration = _shape_facts(shape, get)
+        run_time = get("run_time", None)
+        spawn_rate = get("spawn_rate", None)
         return cls(sink_url=get("mailproof_sink_url", "") or os.environ.get("MAILPROOF_SINK_URL", ""),
                    token=os.environ.get("MAILPROOF_SINK_TOKEN") or None,
                    domain=get("mailproof_domain", cls.domain), grace=float(get("mailproof_grace", cls.grace)),
                    gates=gates, results_path=get("mailproof_results", DEFAULT_RESULTS) or DEFAULT_RESULTS,
                    chaos_profile=get("mailproof_chaos", None) or None, chaos_seed=get("mailproof_chaos_seed", None),
-                   host=host if host is not None else get("host", None))
+                   host=host if host is not None else get("host", None),
+                   quiet=bool(get("mailproof_quiet", False)),
+                   users=shape_peak if shape_kind else get("num_users", None),
+                   spawn_rate=None if shape_kind or spawn_rate is None else float(spawn_rate),
+                   run_time=shape_duration if shape_kind else (float(run_time) if run_time else None),
+                   shape=shape_kind,
+                   flows_source=os.environ.get("MAILPROOF_FLOWS") or None)
+
+
+def _shape_facts(shape: Optional[str], get: Callable) -> tuple[Optional[str], Optional[int], Optional[float]]:
+    """(kind, peak users, duration) of the load shape, from MAILPROOF_SHAPE or the shape options."""
+    if not shape:
+        return None, None, None
+    if ":" in shape:  # MAILPROOF_SHAPE, mailproof.load.shapes.ShapeConfig.encode
+        from mailproof.load.shapes_config import ShapeConfig
+
+        config = ShapeConfig.decode(shape)
+        return config.kind, config.peak_users, config.duration
+    peak, duration = get("peak_users", None), get("duration", None)
+    return shape, int(peak) if peak is not None else None, float(duration) if duration is not None else None
 
 
 @dataclass(kw_only=True)
@@ -73,11 +116,16 @@ class WorkerReport:
     """What a worker sends the master when the test stops (encoded with the results codec)."""
 
     ledger: Any  # Ledger.snapshot()
-    latency: dict[str, str]  # LatencyHistograms.encode()
     flow_runs: dict[str, int]
     flow_failures: dict[str, int]
+    flow_interrupted: dict[str, int]
     failure_samples: dict[str, str]
+    failure_kinds: dict[str, dict[str, int]]
     stream: Optional[StreamCounters]
+    harness_flow_errors: dict[str, int] = field(default_factory=dict)
+    harness_samples: dict[str, str] = field(default_factory=dict)
+    behind: int = 0  # messages the sink had captured that the stream had not delivered at the end
+    run_id: str = ""  # the worker's AddressBook run id (its addresses carry it)
     sinks: list[SinkSnapshot] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -93,11 +141,16 @@ class Rehearsal:
         self.backend: Any = None  # RemoteSink, on local runs and workers
         self.address_book = AddressBook(domain=options.domain)
         self.ledger = Ledger(grace=options.grace)
-        self.latency = LatencyHistograms()
         self.flow_runs: Counter = Counter()
         self.flow_failures: Counter = Counter()
+        self.flow_interrupted: Counter = Counter()
         self.failure_samples: dict[str, str] = {}
+        self.failure_kinds: dict[str, Counter] = defaultdict(Counter)
+        self.harness_flow_errors: Counter = Counter()
+        self.harness_samples: dict[str, str] = {}
         self.started_at: Optional[float] = None
+        self.peak_users = 0
+        self.behind = 0
         # Distributed runs, on the master.
         self.reports: dict[str, WorkerReport] = {}
         self.reports_done = threading.Event()  # looked up now: gevent's under Locust
@@ -105,6 +158,8 @@ class Rehearsal:
         self.workers_expected = 0
         self.missing_workers: list[str] = []
         self.worker_streams: list[StreamCounters] = []
+        self.worker_behind: list[int] = []
+        self.run_ids: set[str] = {self.address_book.run_id}
         self.sinks: dict[str, SinkSnapshot] = {}
         self.notes: list[str] = []
         self._lock = threading.Lock()
@@ -128,7 +183,7 @@ class Rehearsal:
         from mailproof.capture.remote import RemoteSink  # gevent-friendly stream client
 
         if not self.options.sink_url:
-            raise SystemExit("mailproof: no sink service URL. Start one with `python -m mailproof.capture.service` "
+            raise SystemExit("mailproof: no sink service URL. Start one with `mailproof sink` "
                              "and pass --mailproof-sink-url or set MAILPROOF_SINK_URL.")
         self.backend = RemoteSink(self.options.sink_url, token=self.options.token).start()
         self.backend.store.add_listener(self.ledger.on_arrival)
@@ -138,13 +193,30 @@ class Rehearsal:
             raise RuntimeError("mailproof: the rehearsal is not connected to a sink service (a master runs no users)")
         return Mailbox(self.backend.store, self.address_book, default_within=within)
 
-    def record_flow_run(self, name: str, mailbox: Mailbox, error: Optional[BaseException]) -> None:
+    def record_flow_run(self, name: str, mailbox: Mailbox, error: Optional[BaseException], *,
+                        interrupted: bool = False, harness: bool = False,
+                        claims: Iterable[tuple[str, Claim]] = (),
+                        replies: Optional[dict[float, HttpReply]] = None) -> None:
+        """One flow run ended: passed (no error), failed (``error``) or ``interrupted`` (stopped by
+        the end of the run or the load shape; never a failure). ``harness``: ``error`` is the
+        harness's (a MailproofError): counted as a harness error, not as the flow failing."""
+        outcome = INTERRUPTED if interrupted else FAILED if error is not None else PASSED
         with self._lock:
             self.flow_runs[name] += 1
-            if error is not None:
+            if interrupted:
+                self.flow_interrupted[name] += 1
+            elif harness and error is not None:
+                self.harness_flow_errors[name] += 1
+                self.harness_samples.setdefault(name, f"{type(error).__name__}: {error}"[:FAILURE_SAMPLE_CHARS])
+            elif error is not None:
                 self.flow_failures[name] += 1
+                self.failure_kinds[name][type(error).__name__] += 1
                 self.failure_samples.setdefault(name, f"{type(error).__name__}: {error}"[:FAILURE_SAMPLE_CHARS])
-        self.ledger.record_flow(name, mailbox)
+        self.ledger.record_flow(name, mailbox, outcome=outcome, claims=claims, replies=replies)
+
+    def note_users(self, count: Optional[int]) -> None:
+        if count is not None:
+            self.peak_users = max(self.peak_users, int(count))
 
     def stream_counters(self) -> Optional[StreamCounters]:
         sink = self.backend
@@ -153,6 +225,28 @@ class Rehearsal:
         return StreamCounters(received=sink.received, duplicates=sink.duplicates, missing=sink.missing,
                               reconnects=max(sink.stream_connections - 1, 0), restarts=sink.restarts,
                               evicted=sink.store.evicted)
+
+    def finish_load(self) -> None:
+        """The load stopped: wait out the grace period, let the stream catch up, read the sink."""
+        self.ledger.settle()
+        self.catch_up()
+        self.snapshot_sink()
+
+    def catch_up(self, timeout: float = CATCH_UP_SECONDS) -> None:
+        """Wait until the stream has delivered what the sink service had captured when asked; what it
+        still has not delivered after ``timeout`` is counted in ``behind`` (a harness error)."""
+        sink = self.backend
+        if sink is None:
+            return
+        try:
+            target = int(sink.health()["last_seq"])
+        except Exception as exc:
+            self.notes.append(f"sink service {self.options.sink_url}: could not check that the stream caught up: {exc}")
+            return
+        deadline = time.monotonic() + timeout
+        while sink.last_seq < target and time.monotonic() < deadline:
+            time.sleep(0.05)  # gevent's sleep under Locust: the stream greenlet runs meanwhile
+        self.behind = max(target - sink.last_seq, 0)
 
     def snapshot_sink(self) -> None:
         """Read the sink service's counters and fault rules (after the ledger settled)."""
@@ -186,6 +280,25 @@ class Rehearsal:
         if known is None or snapshot.fetched_at >= known.fetched_at:
             self.sinks[snapshot.url] = snapshot
 
+    def lookup(self, address: str) -> Optional[list[Arrival]]:
+        """The sink service's own records of mail to ``address`` (None: it could not be asked)."""
+        url = self.options.sink_url
+        if not url:
+            return None
+        query = urllib.parse.urlencode({"to": address, "since": 0, "limit": 1000})
+        request = urllib.request.Request(f"{url.rstrip('/')}/messages?{query}", headers={"Accept": "application/json"})
+        if self.options.token:
+            request.add_header("Authorization", f"Bearer {self.options.token}")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=10) as answer:
+                found = json.loads(answer.read())["messages"]
+        except (OSError, ValueError, KeyError, urllib.error.URLError) as exc:
+            log.warning("mailproof: cannot look up %s at the sink service: %s", address, exc)
+            return None
+        return [Arrival(key=f"s{m['seq']}", t=float(m["received_at"]), subject=m.get("subject") or "")
+                for m in found if m.get("received_at") is not None]
+
     def stop(self) -> None:
         if self.backend is not None:
             self.backend.stop()
@@ -196,10 +309,16 @@ class Rehearsal:
     def report(self) -> dict:
         """A worker's report for the master (JSON-able; Locust sends it with msgpack)."""
         with self._lock:
-            report = WorkerReport(ledger=self.ledger.snapshot(), latency=self.latency.encode(),
-                                  flow_runs=dict(self.flow_runs), flow_failures=dict(self.flow_failures),
-                                  failure_samples=dict(self.failure_samples), stream=self.stream_counters(),
-                                  sinks=list(self.sinks.values()), notes=list(self.notes))
+            report = WorkerReport(ledger=self.ledger.snapshot(), flow_runs=dict(self.flow_runs),
+                                  flow_failures=dict(self.flow_failures),
+                                  flow_interrupted=dict(self.flow_interrupted),
+                                  failure_samples=dict(self.failure_samples),
+                                  failure_kinds={k: dict(v) for k, v in self.failure_kinds.items()},
+                                  harness_flow_errors=dict(self.harness_flow_errors),
+                                  harness_samples=dict(self.harness_samples),
+                                  stream=self.stream_counters(), behind=self.behind,
+                                  run_id=self.address_book.run_id, sinks=list(self.sinks.values()),
+                                  notes=list(self.notes))
         return encode_record(report)
 
     def add_report(self, worker_id: str, data: Any, expected: set[str]) -> bool:
@@ -211,53 +330,144 @@ class Rehearsal:
         return False
 
     def merge_reports(self, expected: set[str]) -> None:
-        """Fold every report received into this (the master's) ledger, histograms and counters."""
+        """Fold every report received into this (the master's) ledger and counters."""
         self.workers_expected = max(self.workers_expected, len(expected))
         self.missing_workers = sorted(set(expected) - set(self.reports) - set(self.workers))
         reports, self.reports = self.reports, {}  # each report is merged once
         for worker_id, report in sorted(reports.items()):
-            self.ledger.merge(report.ledger)
+            self.ledger.merge(report.ledger, f"ledger of worker {worker_id}")
             own = Ledger()
-            own.merge(report.ledger)
+            own.merge(report.ledger, f"ledger of worker {worker_id}")
             self.workers[worker_id] = WorkerAccount(flows=own.reconcile().flows, stream=report.stream)
             if report.stream is not None:
                 self.worker_streams.append(report.stream)
-            self.latency.merge(report.latency)
+            self.worker_behind.append(report.behind)
+            if report.run_id:
+                self.run_ids.add(report.run_id)
             self.flow_runs.update(report.flow_runs)
             self.flow_failures.update(report.flow_failures)
+            self.flow_interrupted.update(report.flow_interrupted)
+            for name, kinds in report.failure_kinds.items():
+                self.failure_kinds[name].update(kinds)
             for name, sample in report.failure_samples.items():
                 self.failure_samples.setdefault(name, sample)
+            self.harness_flow_errors.update(report.harness_flow_errors)
+            for name, sample in report.harness_samples.items():
+                self.harness_samples.setdefault(name, sample)
             for snapshot in report.sinks:
                 self._keep_sink(snapshot)
             self.notes.extend(f"worker {worker_id}: {note}" for note in report.notes)
 
     # -- the results -----------------------------------------------------------------------------
 
-    def results(self, *, http: RequestCounts, locust: RequestCounts,
-                finished_at: Optional[float] = None) -> RehearsalResults:
-        finished_at = time.time() if finished_at is None else finished_at
+    def _streams(self) -> tuple[Optional[StreamCounters], int, int]:
+        """(summed stream counters, worst gap, worst lag) over the processes that streamed."""
         if self.role == "master":
-            stream = None
-            if self.worker_streams:
-                stream = StreamCounters()
-                for counters in self.worker_streams:
-                    stream.add(counters)
-        else:
-            stream = self.stream_counters()
+            if not self.worker_streams:
+                return None, 0, max(self.worker_behind, default=0)
+            total = StreamCounters()
+            for counters in self.worker_streams:
+                total.add(counters)
+            return total, max(c.missing for c in self.worker_streams), max(self.worker_behind, default=0)
+        stream = self.stream_counters()
+        return stream, stream.missing if stream else 0, self.behind
+
+    def _foreign(self, address: str) -> bool:
+        found = TOKEN.search(address)
+        return bool(found) and found.group(1) not in self.run_ids
+
+    def results(self, *, http: RequestCounts, locust: RequestCounts, finished_at: Optional[float] = None,
+                lookup: Optional[Callable[[str], Optional[list[Arrival]]]] = None) -> RehearsalResults:
+        """The run's results, judged by the gates. ``lookup`` (default: ask the sink service) finds
+        the service's own records of an address still owed an email."""
+        finished_at = time.time() if finished_at is None else finished_at
+        stream, gap, behind = self._streams()
+        errors: list[HarnessError] = []
+        if gap:
+            errors.append(HarnessError(kind="stream_gap", count=gap, detail=(
+                f"the event stream skipped {gap} message(s) the sink service no longer held when asked: the "
+                "harness never saw them (raise the service's --max-messages)")))
+        if behind:
+            errors.append(HarnessError(kind="stream_behind", count=behind, detail=(
+                f"{behind} message(s) the sink service had captured never reached the harness's stream within "
+                f"{CATCH_UP_SECONDS:g} s of the end")))
+        if self.ledger.unparsed:
+            errors.append(HarnessError(kind="unparsed", count=self.ledger.unparsed, detail=(
+                f"{self.ledger.unparsed} captured message(s) had no capture time or no recipient the ledger "
+                "could read")))
+        if self.harness_flow_errors:
+            count = sum(self.harness_flow_errors.values())
+            first = next(iter(sorted(self.harness_samples.items())), ("", ""))
+            errors.append(HarnessError(kind="flow_harness_error", count=count, detail=(
+                f"{count} flow run(s) stopped on an error of the harness or of the flow's own criteria, not a verdict "
+                f"on the app (they are left out of the failure rate): {first[0]}: {first[1][:300]}")))
+        foreign = self._foreign if self.missing_workers else None
+        if foreign is not None:
+            strays = self.ledger.count_foreign(foreign)
+            errors.append(HarnessError(kind="unreported_worker", count=len(self.missing_workers), detail=(
+                f"worker(s) {', '.join(self.missing_workers)} never sent their ledger: their flows are not in "
+                f"these numbers, and {strays} email(s) to addresses of theirs are left out")))
+        gaps = bool(gap or behind or self.ledger.unparsed)
+
+        # Emails still owed: ask the sink service's own records before calling any of them lost.
+        lookup = lookup if lookup is not None else (self.lookup if self.options.sink_url else None)
+        sink_complete = all(s.evicted == 0 and s.cleared == 0 for s in self.sinks.values())
+        owed = self.ledger.lost_addresses()
+        unverified: set[str] = set()
+        sink_notes: dict[str, str] = {}
+        recovered = 0
+        limit = LOOKUPS if gaps else LOOKUPS_WITHOUT_GAPS
+        for index, address in enumerate(owed):
+            found = lookup(address) if lookup is not None and index < limit else None
+            if found is None:
+                if gaps:
+                    unverified.add(address)
+                    sink_notes[address] = "not looked up at the sink service, while the harness had gaps"
+                else:
+                    sink_notes[address] = ("the harness saw every message the sink service captured (no stream "
+                                           "gap); not looked up one by one")
+                continue
+            recovered += self.ledger.recover(address, found)
+            if not self.ledger.owes(address):
+                continue
+            if found:
+                subjects = ", ".join(sorted({a.subject for a in found}))[:200]
+                sink_notes[address] = f"the sink service holds {len(found)} other message(s) to it: {subjects}"
+            elif gaps and not sink_complete:
+                unverified.add(address)
+                sink_notes[address] = ("not at the sink service, which dropped messages (evicted or cleared): "
+                                       "cannot tell an app loss from a harness gap")
+            else:
+                sink_notes[address] = "the sink service captured no message to this address (checked)"
+        if recovered:
+            self.notes.append(f"{recovered} expected email(s) the stream had not delivered were found in the sink "
+                              "service's records and counted as delivered")
+        ledger = self.ledger.reconcile(unverified=unverified, sink_notes=sink_notes, foreign=foreign)
+        unverified_count = sum(row.unverified for row in ledger.flows.values())
+        if unverified_count:
+            errors.append(HarnessError(kind="unverified", count=unverified_count, detail=(
+                f"{unverified_count} expected email(s) never reached the harness, which had gaps of its own: "
+                "they may have been sent; not counted as lost")))
+
         options = self.options
         results = RehearsalResults(
             run=RunInfo(started_at=self.started_at if self.started_at is not None else finished_at,
                         finished_at=finished_at, host=options.host,
                         mode="distributed" if self.role == "master" else "local",
                         workers_expected=self.workers_expected, missing_workers=list(self.missing_workers),
-                        grace=options.grace, chaos_profile=options.chaos_profile, chaos_seed=options.chaos_seed),
-            ledger=self.ledger.reconcile(), latency=self.latency.summary(), http=http, locust=locust,
+                        grace=options.grace, chaos_profile=options.chaos_profile, chaos_seed=options.chaos_seed,
+                        users=options.users, spawn_rate=options.spawn_rate, run_time=options.run_time,
+                        shape=options.shape, peak_users=self.peak_users, flows_source=options.flows_source),
+            ledger=ledger, latency=self.ledger.latency_histograms().summary(), http=http, locust=locust,
             flows=FlowRuns(runs=dict(sorted(self.flow_runs.items())),
                            failures=dict(sorted(self.flow_failures.items())),
-                           failure_samples=dict(sorted(self.failure_samples.items()))),
+                           interrupted=dict(sorted(self.flow_interrupted.items())),
+                           harness_errors=dict(sorted(self.harness_flow_errors.items())),
+                           failure_samples=dict(sorted(self.failure_samples.items())),
+                           failure_kinds={k: dict(sorted(v.items())) for k, v in sorted(self.failure_kinds.items())}),
             timeline=self.ledger.timeline(), workers=dict(sorted(self.workers.items())),
             harness=Harness(stream=stream, sinks=[self.sinks[url] for url in sorted(self.sinks)],
-                            notes=list(self.notes)),
+                            notes=list(self.notes), errors=errors, recovered=recovered),
         )
         return results.judge(list(options.gates))
 
@@ -275,6 +485,7 @@ def install(events: Any) -> None:
     events.init_command_line_parser.add_listener(_options)
     events.init.add_listener(_on_init)
     events.test_start.add_listener(_on_test_start)
+    events.test_stopping.add_listener(_on_test_stopping)
     events.test_stop.add_listener(_on_test_stop)
     events.quitting.add_listener(_on_quitting)
 
@@ -282,17 +493,20 @@ def install(events: Any) -> None:
 def _options(parser: Any) -> None:
     group = parser.add_argument_group("mailproof")
     group.add_argument("--mailproof-sink-url", default="", env_var="MAILPROOF_SINK_URL",
-                       help="URL of the sink service (python -m mailproof.capture.service)")
+                       help="URL of the sink service (mailproof sink)")
     group.add_argument("--mailproof-domain", default="mailproof.test", help="domain of test addresses")
     group.add_argument("--mailproof-grace", type=float, default=10.0,
                        help="seconds to wait for outstanding mail after the load stops before calling it lost")
     group.add_argument("--mailproof-gate", action="append", default=[],
-                       help="an SLO gate, e.g. 'signup_confirms_account:p95<5s' (repeatable)")
+                       help="an SLO gate, e.g. 'signup_confirms_account:p95<5s' (repeatable; added to the defaults "
+                            + ", ".join(DEFAULT_GATES).replace("%", "%%") + ")")
     group.add_argument("--mailproof-results", default=DEFAULT_RESULTS,
                        help="where the master (or a local run) writes results.json (docs/results.md)")
     group.add_argument("--mailproof-chaos", default="",
                        help="the fault profile the sink service was started with (recorded in the results)")
     group.add_argument("--mailproof-chaos-seed", type=int, default=None, help="its seed (recorded in the results)")
+    group.add_argument("--mailproof-quiet", action="store_true", default=False,
+                       help="do not print the summary at the end (the mailproof command prints it)")
 
 
 def _role(runner: Any) -> str:
@@ -310,6 +524,8 @@ def _on_init(environment: Any, **_kw: Any) -> None:
     role = _role(runner)
     rehearsal = Rehearsal(RehearsalOptions.from_parsed(environment.parsed_options, host=environment.host),
                           role=role).attach(environment)
+    # spawning_complete names no environment: this one's listener is bound to its rehearsal.
+    environment.events.spawning_complete.add_listener(lambda user_count, **_kw: rehearsal.note_users(user_count))
     if role == "master":
         runner.register_message(REPORT, _on_worker_report)
         return
@@ -324,12 +540,17 @@ def _on_test_start(environment: Any, **_kw: Any) -> None:
         rehearsal.started_at = time.time()
 
 
+def _on_test_stopping(environment: Any, **_kw: Any) -> None:
+    rehearsal = Rehearsal.of(environment)
+    if environment.runner is not None:
+        rehearsal.note_users(environment.runner.user_count)
+
+
 def _on_finish_request(environment: Any, msg: Any, **_kw: Any) -> None:
     """Worker: stop the users gracefully, let late mail land, then report everything once."""
     rehearsal = Rehearsal.of(environment)
     environment.runner.stop()
-    rehearsal.ledger.settle()
-    rehearsal.snapshot_sink()
+    rehearsal.finish_load()
     environment.runner.send_message(REPORT, rehearsal.report())
 
 
@@ -342,14 +563,13 @@ def _on_test_stop(environment: Any, **_kw: Any) -> None:
     if rehearsal.role == "worker":
         return
     if rehearsal.role == "local":
-        rehearsal.ledger.settle()
-        rehearsal.snapshot_sink()
+        rehearsal.finish_load()
         return
     runner = environment.runner
     expected = _expected_workers(runner)
     rehearsal.reports_done.clear()
     runner.send_message(FINISH)
-    timeout = (environment.stop_timeout or 0) + rehearsal.options.grace + 30
+    timeout = (environment.stop_timeout or 0) + rehearsal.options.grace + CATCH_UP_SECONDS + 30
     if not rehearsal.reports_done.wait(timeout):
         log.error("mailproof: no ledger from workers %s within %.0f s; results cover the rest",
                   sorted(expected - set(rehearsal.reports)), timeout)
@@ -366,8 +586,9 @@ def _on_quitting(environment: Any, **_kw: Any) -> None:
         return
     results = rehearsal.results(**request_counts(environment))
     path = results.write(rehearsal.options.results_path)
-    print(render_summary(results), flush=True)
-    print(f"mailproof: results written to {path}", flush=True)
+    if not rehearsal.options.quiet:
+        print(render_summary(results), flush=True)
+        print(f"mailproof: results written to {path}", flush=True)
     if not results.passed:
         environment.process_exit_code = 3
     rehearsal.stop()

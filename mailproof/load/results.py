@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 from mailproof.load.gates import Verdict
 
 SCHEMA = "mailproof.rehearsal-results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ResultsError(ValueError):
@@ -45,21 +45,62 @@ class ResultsError(ValueError):
 
 @dataclass(kw_only=True)
 class FlowCounts:
-    """The ledger's account of one flow's emails (expected = delivered + lost)."""
+    """The ledger's account of one flow's emails (expected = delivered + lost + unverified)."""
 
-    expected: int = 0
+    expected: int = 0  # emails the flow's waits expected after a trigger
     delivered: int = 0
-    late: int = 0
-    lost: int = 0
-    duplicated: int = 0
+    late: int = 0  # delivered after the seconds allowed (a subset of delivered)
+    lost: int = 0  # never arrived, and the harness saw everything the sink captured
+    unverified: int = 0  # never seen by the harness, which had gaps: a harness error, not a loss
+    duplicated: int = 0  # extra copies of an expected email
+    unexpected: int = 0  # other mail at the flow's addresses (also in LedgerCounts.unexpected)
+    interrupted: int = 0  # mail of runs stopped by the end of the run before they awaited it
+    unawaited: int = 0  # mail of failed runs, caused after the run's last wait, never awaited
     negative_checks: int = 0
+
+
+@dataclass(kw_only=True)
+class HttpReply:
+    """The application's answer to the request that triggered an email."""
+
+    method: str
+    path: str  # the request's route (ids templated), as in Locust's statistics
+    status: int  # 0: no HTTP answer (connection error)
+    body: str  # the first 300 characters of the answer
+
+
+@dataclass(kw_only=True)
+class LostEmail:
+    """One expected email that never arrived, with what is known of it."""
+
+    flow: str
+    address: str
+    trigger: Optional[float]  # epoch seconds of the request it was expected from
+    within: float  # seconds its wait allowed
+    run: str  # the flow run's outcome: "passed", "failed" or "interrupted" (stopped by the end of the run)
+    reply: Optional[HttpReply]  # the app's answer to the triggering request, when it came
+    sink: str  # what the sink service knows of it, e.g. "no message to this address (checked)"
+
+
+@dataclass(kw_only=True)
+class StrayEmail:
+    """An email the ledger did not expect: to an address nobody handed out, or beyond what it expected."""
+
+    address: str
+    flow: Optional[str]  # the flow whose address it was; null for an address no flow handed out
+    t: float  # capture time, epoch seconds
+    subject: str
+    why: str
 
 
 @dataclass(kw_only=True)
 class LedgerCounts:
     flows: dict[str, FlowCounts] = field(default_factory=dict)
-    unexpected: int = 0
+    unexpected: int = 0  # every unexpected email of the run (flows' own and strangers')
     unexpected_addresses: dict[str, int] = field(default_factory=dict)  # the first 50, sorted
+    duplicated_addresses: dict[str, int] = field(default_factory=dict)  # the first 50, sorted: extra copies
+    lost_emails: list[LostEmail] = field(default_factory=list)  # every lost email, by trigger time
+    unexpected_emails: list[StrayEmail] = field(default_factory=list)  # the first 200, by capture time
     handed_out: int = 0
 
 
@@ -88,9 +129,21 @@ class RequestCounts:
 
 @dataclass(kw_only=True)
 class FlowRuns:
-    runs: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)  # runs that ended, interrupted ones included
     failures: dict[str, int] = field(default_factory=dict)
+    interrupted: dict[str, int] = field(default_factory=dict)  # stopped by the end of the run (or the shape)
     failure_samples: dict[str, str] = field(default_factory=dict)  # first failure per flow
+    failure_kinds: dict[str, dict[str, int]] = field(default_factory=dict)  # flow -> exception type -> runs
+    harness_errors: dict[str, int] = field(default_factory=dict)  # runs stopped by a MailproofError (the harness's)
+
+    def finished(self, flow: str) -> int:
+        """Runs that ran to their end with a verdict on the app (not interrupted, no harness error)."""
+        return self.runs.get(flow, 0) - self.interrupted.get(flow, 0) - self.harness_errors.get(flow, 0)
+
+    def failure_rate(self, flow: str) -> float:
+        """Failed runs / runs that ran to their end with a verdict (interrupted runs are neither)."""
+        finished = self.finished(flow)
+        return self.failures.get(flow, 0) / finished if finished > 0 else 0.0
 
 
 @dataclass(kw_only=True)
@@ -164,10 +217,25 @@ class WorkerAccount:
 
 
 @dataclass(kw_only=True)
+class HarnessError:
+    """Something the harness itself missed: the verdict cannot vouch for the emails it concerns."""
+
+    kind: str  # stream_gap, stream_behind, unparsed, unverified, unreported_worker
+    count: int
+    detail: str
+
+
+@dataclass(kw_only=True)
 class Harness:
     stream: Optional[StreamCounters] = None  # None: no process of the run reported a stream
     sinks: list[SinkSnapshot] = field(default_factory=list)  # one per sink service URL
     notes: list[str] = field(default_factory=list)  # what could not be measured, and why
+    errors: list[HarnessError] = field(default_factory=list)  # the harness's own gaps (gated: harness:errors)
+    recovered: int = 0  # expected emails the stream missed and the sink service still held (counted delivered)
+
+    @property
+    def error_count(self) -> int:
+        return sum(e.count for e in self.errors)
 
     @property
     def faults(self) -> list[tuple[str, FaultRecord]]:
@@ -185,6 +253,12 @@ class RunInfo:
     grace: float  # seconds allowed for late mail after the load stopped
     chaos_profile: Optional[str]  # the sink fault profile the run was started with
     chaos_seed: Optional[int]
+    users: Optional[int] = None  # users asked for (-u, or the shape's peak); null when unknown
+    spawn_rate: Optional[float] = None  # -r
+    run_time: Optional[float] = None  # -t, or the shape's duration, seconds
+    shape: Optional[str] = None  # burst, ramp or constant; null without a shape (-u/-r/-t)
+    peak_users: int = 0  # the most users Locust ran at once
+    flows_source: Optional[str] = None  # FLOWS (-f) of `mailproof rehearse`; null from a hand-written locustfile
 
 
 @dataclass(kw_only=True)

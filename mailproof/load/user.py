@@ -8,11 +8,18 @@ Import this only in a locustfile (importing Locust monkey-patches the process). 
     class Shopper(FlowUser):
         flows = {signup_confirms_account: 3, order_receipt: 1}
 
-- ``flow.http`` is the Locust user's client, so the app's requests show in Locust's statistics.
-- Every awaited email is a Locust request event (``request_type="MAIL"``, response time = delivery
-  latency from the trigger, ``Message.latency`` as the Mailbox stamped it); a missing or late
-  email is a failure, not a crash.
-- Exact latencies go into per-flow HdrHistograms; the ledger counts delivered/late/lost/duplicated.
+(``mailproof rehearse -f FLOWS`` writes none: it runs ``mailproof/load/locustfile.py``.)
+
+- ``flow.http`` is the Locust user's client, so the app's requests show in Locust's statistics,
+  one row per route (ids templated). An answer of 400 or above is a failure there unless the flow
+  says it expects it: ``flow.http.post("/reset", json=..., expect=400)`` (or ``expect=(400, 422)``).
+- Every awaited email is a Locust request event (``request_type="MAIL"``, name
+  ``"<flow>: <step>"``, response time = delivery latency from the trigger, ``Message.latency``);
+  a missing or late email is a failure, not a crash.
+- Each flow run is a ``FLOW`` event; a run stopped by the end of the run (or the load shape) is
+  interrupted, neither passed nor failed. The ledger (mailproof.load.ledger) gets every run: what
+  it expected of which address, the emails its waits returned and the app's answers to the
+  requests that triggered them.
 - The state of the run is the environment's ``Rehearsal`` (mailproof.load.rehearsal), whose
   listeners this import installs; distributed runs merge the workers' reports on the master.
 """
@@ -22,41 +29,63 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 from urllib.parse import urlsplit
 
 import gevent
 from locust import HttpUser, between, events
 
 from mailproof.criteria import Criteria
-from mailproof.errors import MailLate, MailNotDelivered, UnexpectedMail
+from mailproof.errors import MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 from mailproof.flow import Flow, flow_info, run
+from mailproof.load.ledger import Claim, arrival_key
 from mailproof.load.rehearsal import Rehearsal, install
+from mailproof.load.results import HttpReply
+from mailproof.mailbox import Mailbox
 from mailproof.message import Message
 
 install(events)
 _ID_SEGMENT = re.compile(r"(@|%40|\d)")
+REPLY_BODY_CHARS = 300
+DEFAULT_STEP = "mail"  # the MAIL row of a wait outside any flow.step
 
 
 class LocustReporter:
-    """Turns flow outcomes into Locust request events and exact latency samples."""
+    """Turns flow outcomes into Locust request events; keeps what the ledger needs of the run."""
 
-    def __init__(self, environment: Any, rehearsal: Rehearsal, flow_name: str) -> None:
+    def __init__(self, environment: Any, rehearsal: Rehearsal, flow_name: str,
+                 mailbox: Optional[Mailbox] = None) -> None:
         self.environment = environment
         self.rehearsal = rehearsal
         self.flow_name = flow_name
+        self.mailbox = mailbox
+        self.claims: list[tuple[str, Claim]] = []  # (address, the email a wait returned)
+        self.replies: dict[float, HttpReply] = {}  # trigger time -> the app's answer to that request
 
     def step(self, name: str):
         return contextlib.nullcontext()
 
     def http(self, method: str, url: str, response: Any, seconds: float) -> None:
-        pass  # Locust's client already records it
+        """After each triggering request (Locust's client already recorded it): keep its answer
+        under the trigger it marked, the run's latest (flows run their requests one by one)."""
+        if self.mailbox is None or not len(self.mailbox.triggers):
+            return
+        trigger = self.mailbox.triggers.times[-1]
+        status = getattr(response, "status_code", 0) or 0
+        try:
+            body = (getattr(response, "text", "") or "")[:REPLY_BODY_CHARS]
+        except Exception:  # undecodable body: the status is what matters
+            body = ""
+        self.replies[trigger] = HttpReply(method=method, path=_route(url), status=int(status), body=body)
 
     def mail(self, event: str, msg: Optional[Message], criteria: Criteria,
              error: Optional[Exception], step: str) -> None:
-        name = f"{self.flow_name}: {step or criteria.describe()}"
-        if msg is not None and msg.latency is not None and event in ("delivered", "late"):
-            self.rehearsal.latency.record(self.flow_name, msg.latency)
+        name = f"{self.flow_name}: {step or DEFAULT_STEP}"  # one row per step, never per address
+        if msg is not None and event in ("delivered", "late") and criteria.recipient:
+            key = arrival_key(msg) or f"m{msg.seq}"
+            self.claims.append((criteria.recipient, Claim(key=key, t=msg.received_at, latency=msg.latency,
+                                                           late=event == "late", subject=_safe_subject(msg),
+                                                           message_id=_safe_message_id(msg))))
         # A missing email has no latency: it shows as a failure with response time 0.
         response_time = (msg.latency or 0.0) * 1000 if msg is not None else 0.0
         self.environment.events.request.fire(
@@ -65,11 +94,40 @@ class LocustReporter:
         )
 
 
+def _safe_subject(msg: Message) -> str:
+    try:
+        return msg.subject or ""
+    except Exception:
+        return ""
+
+
+def _safe_message_id(msg: Message) -> Optional[str]:
+    try:
+        return msg.message_id
+    except Exception:
+        return None
+
+
+Expect = Union[int, Iterable[int], None]
+
+
+def _expected_statuses(expect: Expect) -> frozenset[int]:
+    if expect is None:
+        return frozenset()
+    if isinstance(expect, bool) or not isinstance(expect, (int, tuple, list, set, frozenset, range)):
+        raise TypeError(f"expect= takes an HTTP status or several (expect=400, expect=(400, 422)), not {expect!r}")
+    statuses = frozenset([expect]) if isinstance(expect, int) else frozenset(expect)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in statuses):
+        raise TypeError(f"expect= takes HTTP statuses (100..599), not {expect!r}")
+    return statuses
+
+
 class _NamedClient:
     """Locust's client, naming requests by their path with ids templated (one stats row per route).
 
-    A 4xx answer is a success at the HTTP level here: flows assert on status codes themselves
-    (a refused reuse of a reset code is the expected 400); 5xx and connection errors fail.
+    An answer of 400 or above (or no answer) is a failure in Locust's statistics, unless the flow
+    lists its status in ``expect=``: ``flow.http.post(url, json=..., expect=(400, 422))``. The flow
+    still checks the answer itself.
     """
 
     def __init__(self, client: Any) -> None:
@@ -80,15 +138,19 @@ class _NamedClient:
         if name not in ("get", "post", "put", "patch", "delete", "head", "options", "request"):
             return attr
 
-        def call(*args: Any, **kwargs: Any) -> Any:
+        def call(*args: Any, expect: Expect = None, **kwargs: Any) -> Any:
+            allowed = _expected_statuses(expect)
             url = args[1] if name == "request" and len(args) > 1 else (args[0] if args else kwargs.get("url", ""))
             kwargs.setdefault("name", _route(str(url)))
             kwargs["catch_response"] = True
             with attr(*args, **kwargs) as response:
-                if response.status_code and response.status_code < 500:
+                status = response.status_code or 0
+                if status in allowed or 0 < status < 400:
                     response.success()
+                elif status:
+                    response.failure(f"HTTP {status}: {(response.text or '')[:200]}")
                 else:
-                    response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                    response.failure(f"no HTTP answer: {getattr(response, 'error', None) or 'connection failed'}")
             return response
 
         return call
@@ -120,15 +182,21 @@ class FlowUser(HttpUser):
         info = flow_info(fn)
         rehearsal = self.rehearsal
         mailbox = rehearsal.mailbox(self.within or 10.0)
-        flow = Flow(http=_NamedClient(self.client), mailbox=mailbox,
-                    reporter=LocustReporter(self.environment, rehearsal, info.name), name=info.name)
+        reporter = LocustReporter(self.environment, rehearsal, info.name, mailbox)
+        flow = Flow(http=_NamedClient(self.client), mailbox=mailbox, reporter=reporter, name=info.name)
         started = time.perf_counter()
         error: Optional[BaseException] = None
+        interrupted = harness = False
         try:
             run(fn, flow)
         except (MailNotDelivered, MailLate, UnexpectedMail) as exc:
             error = exc  # already reported as a MAIL event
+            self._fire_flow(info.name, started, exc)
+        except MailproofError as exc:  # the harness (or the flow's own criteria) broke: no verdict on the app
+            error, harness = exc, True
+            self._fire_flow(info.name, started, exc)
         except gevent.GreenletExit:
+            interrupted = True  # stopped by the end of the run (or the shape): neither passed nor failed
             raise
         except Exception as exc:  # the flow's own assertion or an app error: a failure, not a crash
             error = exc
@@ -136,7 +204,8 @@ class FlowUser(HttpUser):
         else:
             self._fire_flow(info.name, started, None)
         finally:
-            rehearsal.record_flow_run(info.name, mailbox, error)
+            rehearsal.record_flow_run(info.name, mailbox, error, interrupted=interrupted, harness=harness,
+                                      claims=reporter.claims, replies=reporter.replies)
             mailbox.close()
 
     def _fire_flow(self, name: str, started: float, error: Optional[BaseException]) -> None:

@@ -47,7 +47,9 @@ from mailproof.load.results import RehearsalResults, ResultsError
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "rehearsal.html.j2"
 PERCENTILES = ("p50", "p90", "p95", "p99", "max")
-COUNTS = ("expected", "delivered", "late", "lost", "duplicated")
+COUNTS = ("expected", "delivered", "late", "lost", "unverified", "duplicated", "unexpected", "interrupted")
+BAD_COUNTS = ("late", "lost", "unverified", "duplicated", "unexpected")  # more is worse; interrupted is not
+LOST_SHOWN = 500  # lost emails listed in the page (all of them are in results.json)
 SLOWEST = 10
 STREAM_COUNTERS = (("received", "messages the stream delivered"), ("missing", "missing (no longer retained: gaps)"),
                    ("duplicates", "duplicate stream lines (skipped)"), ("reconnects", "stream reconnects"),
@@ -127,13 +129,16 @@ def _ledger_rows(results: RehearsalResults, previous: Optional[RehearsalResults]
         for key in COUNTS:
             value = getattr(row, key) if row else None
             totals[key] += value or 0
-            worse_when_higher = key in ("late", "lost", "duplicated")
+            worse_when_higher = key in BAD_COUNTS
             cells.append({"key": key, "value": value, "bad": worse_when_higher and (value or 0) > 0,
                           "delta": _delta(value, getattr(prev_row, key) if prev_row else None)
                           if previous and worse_when_higher else None})
         rows.append({"flow": name, "color": colors[name], "cells": cells,
                      "negative_checks": row.negative_checks if row else 0,
+                     "unawaited": row.unawaited if row else 0,
                      "runs": runs.get(name, 0), "failures": failures.get(name, 0),
+                     "interrupted_runs": results.flows.interrupted.get(name, 0),
+                     "failure_kinds": ", ".join(f"{k} ×{n}" for k, n in results.flows.failure_kinds.get(name, {}).items()),
                      "failures_delta": _delta(failures.get(name, 0), previous.flows.failures.get(name, 0))
                      if previous else None})
     return rows, totals
@@ -181,6 +186,23 @@ def _stream_rows(results: RehearsalResults, previous: Optional[RehearsalResults]
                      "delta": _delta(value, getattr(before, key)) if before is not None and key != "received"
                      else None})
     return rows
+
+
+def _lost_rows(results: RehearsalResults, t0: Optional[float]) -> list[dict]:
+    rows = []
+    for email in results.ledger.lost_emails[:LOST_SHOWN]:
+        reply = email.reply
+        rows.append({"flow": email.flow, "address": email.address, "when": _when(email.trigger),
+                     "offset": email.trigger - t0 if email.trigger is not None and t0 is not None else None,
+                     "within": email.within, "run": email.run,
+                     "reply": f"{reply.method} {reply.path} → HTTP {reply.status}" if reply else "",
+                     "reply_body": reply.body if reply else "", "sink": email.sink})
+    return rows
+
+
+def _stray_rows(results: RehearsalResults, t0: Optional[float]) -> list[dict]:
+    return [{"address": s.address, "flow": s.flow or "", "subject": s.subject, "why": s.why,
+             "offset": s.t - t0 if t0 is not None else None} for s in results.ledger.unexpected_emails]
 
 
 def _fault_rows(results: RehearsalResults) -> list[dict]:
@@ -231,9 +253,18 @@ def build_context(results: RehearsalResults, previous: Optional[RehearsalResults
         "previous_started": _when(previous.run.started_at) if previous else "",
         "started": _when(run.started_at),
         "duration": (t1 - t0) if t0 is not None and t1 is not None else None,
-        "peak_users": max((u for _, u in users), default=None),
+        "peak_users": max((u for _, u in users), default=None) or (results.run.peak_users or None),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "lost_emails": _lost_rows(results, t0),
+        "lost_total": len(results.ledger.lost_emails),
+        "strays": _stray_rows(results, t0),
+        "duplicated_addresses": ledger.duplicated_addresses,
+        "harness_errors": results.harness.errors,
+        "harness_error_count": results.harness.error_count,
+        "recovered": results.harness.recovered,
         "run": {"mode": run.mode, "host": run.host, "workers_expected": run.workers_expected,
+                "users": run.users, "spawn_rate": run.spawn_rate, "run_time": run.run_time, "shape": run.shape,
+                "peak_users_run": run.peak_users, "flows_source": run.flows_source,
                 "workers_reported": len(results.workers), "missing_workers": run.missing_workers,
                 "grace": run.grace, "chaos_profile": run.chaos_profile, "chaos_seed": run.chaos_seed,
                 "started": _when(run.started_at), "finished": _when(run.finished_at),
@@ -255,6 +286,7 @@ def build_context(results: RehearsalResults, previous: Optional[RehearsalResults
         "workers": results.workers,
         "stream_counters": STREAM_COUNTERS,
         "failure_samples": results.flows.failure_samples,
+        "counts": COUNTS,
         "faults": _fault_rows(results),
         "faults_many_sinks": len(results.harness.sinks) > 1,
         "stream": _stream_rows(results, previous),
