@@ -1,7 +1,8 @@
-"""The nightly rehearsal: the flows of flows/ as Locust tasks against the demo app.
+"""The demo's launch-day locustfile, for running Locust by hand (e.g. distributed over machines).
 
-Run through `make rehearsal` (loadtests/rehearse.py starts the sink service and the app). By hand:
-    locust -f loadtests/locustfile.py --headless --host URL --mailproof-sink-url URL --stop-timeout 30
+`make rehearsal` does not need it: it runs `mailproof rehearse -f loadtests/flows.py`. By hand:
+    locust -f loadtests/locustfile.py --headless --host URL --mailproof-sink-url URL --stop-timeout 30 \
+        [--shape burst --peak-users 20 --duration 60] [--flow-mix 'signup_confirms_account=3,...']
 """
 
 from __future__ import annotations
@@ -13,18 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # flows/ and lo
 
 from locust import constant_pacing, events  # noqa: E402
 
-from flows import accounts, newsletter, orders  # noqa: E402
+from loadtests import flows as demo  # noqa: E402
 from loadtests.shapes import RehearsalShape, add_options  # noqa: E402,F401  (Locust picks up the shape)
 from mailproof.load import FlowUser, tasks_for  # noqa: E402
+from mailproof.load.flows import FlowsError, load_flows  # noqa: E402
 
-# Launch-day mix: mostly signups, then receipts and resets; newsletters are rare per user.
-DEFAULT_MIX = {
-    accounts.signup_confirms_account: 6,
-    orders.order_receipt: 3,
-    accounts.password_reset_code_works_once: 2,
-    newsletter.newsletter_one_click_unsubscribe: 1,
-}
-FLOWS_BY_NAME = {fn.__name__: fn for fn in DEFAULT_MIX}
+LOADED = load_flows(demo.__name__)
+DEFAULT_MIX = LOADED.mix()
 
 
 class LaunchDayUser(FlowUser):
@@ -42,12 +38,8 @@ def _shape_options(parser) -> None:
 @events.test_start.add_listener
 def _apply_mix(environment, **_kw) -> None:
     text = environment.parsed_options.flow_mix if environment.parsed_options else ""
-    if not text:
-        return
-    mix = {}
-    for part in text.split(","):
-        name, _, weight = part.partition("=")
-        if name.strip() not in FLOWS_BY_NAME:
-            raise SystemExit(f"unknown flow {name.strip()!r} in --flow-mix; choose from {', '.join(FLOWS_BY_NAME)}")
-        mix[FLOWS_BY_NAME[name.strip()]] = int(weight or 1)
-    LaunchDayUser.tasks = tasks_for(mix)
+    if text:
+        try:
+            LaunchDayUser.tasks = tasks_for(LOADED.mix(text))
+        except FlowsError as exc:
+            raise SystemExit(f"mailproof: {exc}") from None
