@@ -45,13 +45,17 @@ test: system-deps $(STAMP)
 clean:
 	rm -rf $(VENV) $(ALLURE_RESULTS) reports/allure-report .pytest_cache
 
-# A short headless launch-day rehearsal against the demo app; exits by the SLO gates.
-# Options go through REHEARSAL_ARGS, e.g. REHEARSAL_ARGS="--workers 2 --peak-users 40".
+# A short headless launch-day rehearsal against the demo app: `mailproof rehearse` on the demo's
+# load flows (loadtests/flows.py), with the demo app and its validation fake (loadtests/demo.py).
+# reports/rehearsal/ gets results.json, Locust's CSV/HTML/log and report.html. mailproof exits 0
+# when every SLO gate passed, 3 when one failed, 2 on a setup error; make itself returns 2 for any
+# failure, so a CI job that needs the difference runs `.venv/bin/mailproof rehearse ...` directly.
+# E.g. make rehearsal REHEARSAL_ARGS="--workers 2" REHEARSAL_LOAD="-u 100 -r 100 -t 20s"
+REHEARSAL_LOAD ?= --shape burst --peak-users 20 --duration 60
 REHEARSAL_ARGS ?=
 rehearsal: $(STAMP)
-	$(PY) -m loadtests.rehearse $(REHEARSAL_ARGS); code=$$?; \
-	test ! -f reports/rehearsal/results.json || $(PY) -m mailproof.report.rehearsal reports/rehearsal/results.json --keep-previous -o reports/rehearsal/report.html; \
-	exit $$code
+	$(VENV)/bin/mailproof rehearse -f loadtests/flows.py --app '$(PY) -m loadtests.demo' \
+	    --app-ready 'READY (http://\S+)' --out reports/rehearsal $(REHEARSAL_LOAD) $(REHEARSAL_ARGS)
 
 # QA's Allure 3 report, one file that opens from disk (needs node and npm; Allure 3 is pinned in
 # mailproof/report/allure/package-lock.json and installed by npm ci into ~/.cache/mailproof).

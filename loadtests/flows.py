@@ -9,8 +9,8 @@ them need a load-friendly version here:
   negative check (``outbox_drained``), which never happens while other users keep sending: here
   the app's own count of queued mail and a short window after the remaining reader's copy do.
 
-Weights (``__mailproof_weight__`` until ``@flow(weight=N)`` exists): mostly signups, then
-receipts and resets; newsletters are rare per user.
+Weights (``@flow(weight=N)``): mostly signups, then receipts and resets; newsletters are rare
+per user.
 """
 
 from __future__ import annotations
@@ -24,19 +24,19 @@ from mailproof import flow
 _ANGLE_URLS = re.compile(r"<([^>]+)>")
 
 
-@flow(feature="Accounts", story="Signup confirmation", severity="critical")
+@flow(feature="Accounts", story="Signup confirmation", severity="critical", weight=6)
 def signup_confirms_account(flow) -> None:
     """A new user signs up, receives a confirmation link, and following it confirms the account."""
     accounts.signup_confirms_account(flow)
 
 
-@flow(feature="Orders", story="Order receipt", severity="critical")
+@flow(feature="Orders", story="Order receipt", severity="critical", weight=3)
 def order_receipt(flow) -> None:
     """An order is placed; the receipt lists every line and the total, with a CSV attachment."""
     orders.order_receipt(flow)
 
 
-@flow(feature="Accounts", story="Password reset code", severity="critical")
+@flow(feature="Accounts", story="Password reset code", severity="critical", weight=2)
 def password_reset_code_works_once(flow) -> None:
     """A registered user gets a 6-digit reset code; it changes the password once, then never again."""
     address = accounts.signup_confirms_account(flow)
@@ -56,7 +56,7 @@ def password_reset_code_works_once(flow) -> None:
         assert "already used" in response.json()["error"]
 
 
-@flow(feature="Newsletter", story="One-click unsubscribe", severity="normal")
+@flow(feature="Newsletter", story="One-click unsubscribe", severity="normal", weight=1)
 def newsletter_one_click_unsubscribe(flow) -> None:
     """Two subscribers get the newsletter with List-Unsubscribe headers; after a one-click
     unsubscribe, the next issue is queued for, and reaches, only the one who stayed."""
@@ -85,8 +85,3 @@ def newsletter_one_click_unsubscribe(flow) -> None:
         flow.mailbox.wait_for(to=staying, subject="Day two", within=slo.BULK)
         flow.mailbox.expect_no_mail(to=leaving, within=0.5)
 
-
-signup_confirms_account.__mailproof_weight__ = 6
-order_receipt.__mailproof_weight__ = 3
-password_reset_code_works_once.__mailproof_weight__ = 2
-newsletter_one_click_unsubscribe.__mailproof_weight__ = 1

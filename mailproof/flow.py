@@ -27,11 +27,15 @@ class FlowInfo:
     story: str
     severity: str = "normal"
     description: str = ""
+    weight: int = 1  # how often mailproof rehearse picks this flow, relative to the others
 
 
 def flow(fn: Optional[Callable] = None, *, feature: Optional[str] = None, story: Optional[str] = None,
-         severity: str = "normal") -> Callable:
-    """Mark a function as a flow: ``@flow(feature="Accounts", story="Signup confirmation")``."""
+         severity: str = "normal", weight: int = 1) -> Callable:
+    """Mark a function as a flow: ``@flow(feature="Accounts", story="Signup confirmation", weight=3)``.
+
+    ``weight`` is the flow's share of a rehearsal's tasks (``mailproof rehearse``); pytest ignores it.
+    """
 
     def decorate(func: Callable) -> Callable:
         func.__mailproof_flow__ = FlowInfo(  # type: ignore[attr-defined]
@@ -40,6 +44,7 @@ def flow(fn: Optional[Callable] = None, *, feature: Optional[str] = None, story:
             story=story or func.__name__.replace("_", " "),
             severity=severity,
             description=(func.__doc__ or "").strip(),
+            weight=weight,
         )
         return func
 

@@ -229,15 +229,13 @@ def test_flows_of_a_module_weights_and_what_cannot_run_under_load(tmp_path):
         def signup(flow, name="Ada"):
             helper_flow(flow)
 
-        @flow
+        @flow(weight=3)
         def order(flow):
             pass
 
         @flow
         def with_faults(flow, faults):
             pass
-
-        order.__mailproof_weight__ = 3
     '''))
     loaded = load_flows(str(package / "load.py"))
     assert loaded.module == "shopflows.load"

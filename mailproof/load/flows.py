@@ -52,11 +52,8 @@ class LoadedFlows:
 
 
 def weight_of(fn: Callable) -> int:
-    """The flow's task weight: a ``__mailproof_weight__`` attribute, else ``@flow(weight=N)``
-    (FlowInfo.weight), else 1."""
-    weight = getattr(fn, "__mailproof_weight__", None)
-    if weight is None:
-        weight = getattr(flow_info(fn), "weight", 1)
+    """The flow's task weight: ``@flow(weight=N)`` (FlowInfo.weight), 1 for an undecorated function."""
+    weight = flow_info(fn).weight
     if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
         raise FlowsError(f"flow {flow_info(fn).name}: weight must be a whole number of at least 0, not {weight!r}")
     return weight
