@@ -471,37 +471,53 @@ T0 = 1_800_000_000.0
 
 
 def synthetic_results(p95_ms: float, lost: int) -> dict:
-    samples = [[T0 + i * 0.5, round(0.05 + (i % 7) * 0.01, 4), "signup_confirms_account"] for i in range(40)]
-    samples += [[T0 + i * 0.7, round(0.08 + (i % 5) * 0.02, 4), "order_receipt"] for i in range(20)]
-    samples.append([T0 + 12.3, 2.75, "order_receipt", {"app_queue": 2.5, "smtp": 0.2, "sink": 0.05}])
-    sends = [[int(T0) + s, 3] for s in range(20)]
-    deliveries = [[int(T0) + s, 3] for s in range(20)]
-    return {
-        "ledger": {"flows": {
-            "signup_confirms_account": {"expected": 40, "delivered": 40 - lost, "late": 0, "lost": lost,
-                                        "duplicated": 0, "negative_checks": 0},
-            "order_receipt": {"expected": 21, "delivered": 21, "late": 1, "lost": 0, "duplicated": 0,
-                              "negative_checks": 0}},
-            "unexpected": 0, "unexpected_addresses": {}, "handed_out": 61},
-        "latency": {
-            "signup_confirms_account": {"count": 40 - lost, "p50": 0.08, "p90": 0.105, "p95": p95_ms / 1000,
-                                        "p99": 0.111, "max": 0.111, "mean": 0.0805},
-            "order_receipt": {"count": 21, "p50": 0.12, "p90": 0.16, "p95": 0.161, "p99": 2.75, "max": 2.75,
-                              "mean": 0.25}},
-        "http": {"requests": 400, "failures": 2},
-        "flows": {"runs": {"signup_confirms_account": 40, "order_receipt": 21},
-                  "failures": {"signup_confirms_account": lost}, "failure_samples": {}},
-        "timeline": {"sends": sends, "deliveries": deliveries, "samples": samples},
-        "locust": {"requests": 461, "failures": 2}, "workers": {},
-        "gates": [
-            {"gate": "*:lost==0", "subject": "signup_confirms_account", "actual": float(lost), "passed": lost == 0,
-             "detail": f"signup_confirms_account: lost {lost} == 0" + (f": missed by {lost}" if lost else "")},
-            {"gate": "signup_confirms_account:p95<100ms", "subject": "signup_confirms_account", "actual": p95_ms / 1000,
-             "passed": p95_ms < 100, "detail": f"signup_confirms_account: p95 {p95_ms / 1000:.3f} s < 0.100 s"},
+    """A rehearsal's results built through the schema's own types (what the master writes)."""
+    from mailproof.load.gates import Verdict
+    from mailproof.load.results import (FaultRecord, FlowCounts, FlowRuns, Harness, LatencySummary,
+                                        LedgerCounts, RehearsalResults, RequestCounts, RunInfo, Sample,
+                                        SinkSnapshot, Timeline)
+
+    samples = [Sample(t=T0 + i * 0.5, latency=round(0.05 + (i % 7) * 0.01, 4), flow="signup_confirms_account",
+                      address=f"signup+{i}@mailproof.test") for i in range(40)]
+    samples += [Sample(t=T0 + i * 0.7, latency=round(0.08 + (i % 5) * 0.02, 4), flow="order_receipt",
+                       address=f"order+{i}@mailproof.test") for i in range(20)]
+    samples.append(Sample(t=T0 + 12.3, latency=2.75, flow="order_receipt", address="order+late@mailproof.test",
+                          hops={"app_queue": 2.5, "smtp": 0.2, "sink": 0.05}))
+    samples.sort(key=lambda s: s.t)
+    results = RehearsalResults(
+        run=RunInfo(started_at=T0, finished_at=T0 + 25, host="http://127.0.0.1:8000", mode="local",
+                    workers_expected=0, missing_workers=[], grace=10.0, chaos_profile="5%:rcpt:451",
+                    chaos_seed=1, peak_users=12),
+        ledger=LedgerCounts(flows={
+            "signup_confirms_account": FlowCounts(expected=40, delivered=40 - lost, lost=lost),
+            "order_receipt": FlowCounts(expected=21, delivered=21, late=1)}, handed_out=61),
+        latency={
+            "signup_confirms_account": LatencySummary(count=40 - lost, p50=0.08, p90=0.105, p95=p95_ms / 1000,
+                                                      p99=0.111, max=0.111, mean=0.0805),
+            "order_receipt": LatencySummary(count=21, p50=0.12, p90=0.16, p95=0.161, p99=2.75, max=2.75,
+                                            mean=0.25)},
+        http=RequestCounts(requests=400, failures=2),
+        locust=RequestCounts(requests=461, failures=2),
+        flows=FlowRuns(runs={"signup_confirms_account": 40, "order_receipt": 21},
+                       failures={"signup_confirms_account": lost}),
+        timeline=Timeline(sends=[(int(T0) + s, 3) for s in range(20)],
+                          deliveries=[(int(T0) + s, 3) for s in range(20)], samples=samples),
+        harness=Harness(sinks=[SinkSnapshot(
+            url="http://127.0.0.1:9000", fetched_at=T0 + 25, received=61, retained=61, evicted=0, cleared=0,
+            smtp_connections=64, faults=[FaultRecord(id=1, name="chaos", stage="rcpt", scope="chaos", match={},
+                                                     action={"chaos": {"p": 0.05, "seed": 1,
+                                                                       "action": "451 4.3.0 try later"}},
+                                                     fired=64, acted=3)])]),
+        gates=[
+            Verdict(gate="*:lost==0", subject="signup_confirms_account", actual=float(lost), passed=lost == 0,
+                    detail=f"signup_confirms_account: lost {lost} == 0" + (f": missed by {lost}" if lost else "")),
+            Verdict(gate="signup_confirms_account:p95<100ms", subject="signup_confirms_account",
+                    actual=p95_ms / 1000, passed=p95_ms < 100,
+                    detail=f"signup_confirms_account: p95 {p95_ms / 1000:.3f} s < 0.100 s"),
         ],
-        "passed": lost == 0 and p95_ms < 100,
-        "faults": [{"stage": "rcpt", "action": "451 4.3.0 try later", "rate": "5%"}],
-    }
+        passed=lost == 0 and p95_ms < 100,
+    )
+    return results.to_dict()
 
 
 def test_rehearsal_report_shows_verdicts_numbers_and_plots(tmp_path, browser):
