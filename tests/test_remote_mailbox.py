@@ -199,6 +199,8 @@ def test_faults_through_remote_plan_with_scoped_faults(remote):
                 codes.append(exc.recipients[to][0])
         assert codes == [451, 451, 250]
         assert mailbox.wait_for(to, within=10).subject == "Flaky"
+        # The rule the test holds reads its counts from the service, as a FaultPlan's rule is live.
+        assert (rule.fired, rule.acted) == (3, 2)
         [live] = scoped.rules
         assert (live.id, live.fired, live.acted, live.to) == (rule.id, 3, 2, to)
         assert isinstance(live.action, Script)
@@ -207,6 +209,7 @@ def test_faults_through_remote_plan_with_scoped_faults(remote):
         assert [r.id for r in remote.faults.rules] == [other.id]
         remote.faults.remove(other)
         assert remote.faults.rules == []
+        assert (rule.fired, rule.acted) == (3, 2)  # removed: the last known counts, not an error
         with pytest.raises(FaultError):
             remote.faults.rule("helo", "451 4.3.0 x")  # rejected locally, as FaultPlan does
 

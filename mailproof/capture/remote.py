@@ -121,6 +121,48 @@ class _Api:
         return decoded
 
 
+class RemoteRule(FaultRule):
+    """A rule installed on a sink service: ``fired`` and ``acted`` are read from the service.
+
+    A test asserts on ``rule.fired`` right after the mail went through; with a FaultPlan that is
+    the live count, and it must be here too (a stale 0 would fail a flow that worked, or pass one
+    whose fault never fired).
+    """
+
+    @classmethod
+    def bind(cls, rule: FaultRule, faults: "RemoteFaults") -> "RemoteRule":
+        live = cls.__new__(cls)
+        live.__dict__.update(rule.__dict__)
+        live.__dict__["_remote"] = faults
+        return live
+
+    def _count(self, name: str) -> int:
+        remote = self.__dict__.get("_remote")
+        if remote is None:
+            return self.__dict__.get(f"_{name}", 0)
+        for spec in remote._api.call("GET", "/faults")["faults"]:
+            if spec["id"] == self.id:
+                self.__dict__[f"_{name}"] = int(spec.get(name, 0))
+                break
+        return self.__dict__.get(f"_{name}", 0)  # once removed from the service: the last count seen
+
+    @property
+    def fired(self) -> int:  # type: ignore[override]
+        return self._count("fired")
+
+    @fired.setter
+    def fired(self, value: int) -> None:
+        self.__dict__["_fired"] = value
+
+    @property
+    def acted(self) -> int:  # type: ignore[override]
+        return self._count("acted")
+
+    @acted.setter
+    def acted(self, value: int) -> None:
+        self.__dict__["_acted"] = value
+
+
 class RemoteFaults:
     """The FaultPlan API (``rule``, ``add``, ``remove``, ``clear``, ``rules``) on the service.
 
@@ -142,7 +184,7 @@ class RemoteFaults:
                 raise FaultError(str(exc)) from None
             raise
         rule.id = answer["id"]
-        return rule
+        return RemoteRule.bind(rule, self)
 
     def rule(self, stage: str, action: Any, **match: Any) -> FaultRule:
         return self.add(FaultRule(stage=stage, action=action, **match))
