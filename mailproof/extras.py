@@ -23,6 +23,7 @@ EXTRAS = {
     "jinja2": ("jinja2", "report"),
     "nh3": ("nh3", "report"),
     "tinycss2": ("tinycss2", "report"),
+    "trustme": ("trustme", "tls"),
 }
 
 

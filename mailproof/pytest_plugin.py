@@ -231,7 +231,7 @@ def _configuration_problem(config: pytest.Config) -> Optional[str]:
         return str(exc)
     if tls != "off" and not trustme_available():
         return (f"mailproof_sink_tls = {tls} needs a throwaway CA, made with trustme, which is not "
-                "installed: pip install trustme (or set mailproof_sink_tls = off)")
+                "installed: pip install 'mailproof[tls]' (or set mailproof_sink_tls = off)")
     return None
 
 

@@ -57,7 +57,7 @@ def test_core_requirements_leave_load_imap_and_reports_to_extras(wheel):
     assert core == {"pytest", "aiosmtpd", "aiohttp", "requests"}, core
     assert not core & EXTRA_ONLY
     extras = {r.split("extra ==")[1].strip().strip('"') for r in requires if "extra ==" in r}
-    assert {"imap", "load", "report", "all"} <= extras
+    assert {"imap", "load", "report", "tls", "all"} <= extras
 
 
 BLOCKER = textwrap.dedent(f"""

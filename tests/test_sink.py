@@ -540,10 +540,10 @@ def test_auth_option_with_the_right_credentials_sets_auth_user(auth_backend):
 
 def test_tls_without_trustme_says_pip_install_trustme(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "trustme", None)  # an import of it now fails
-    with pytest.raises(TLSUnavailable, match="pip install trustme"):
+    with pytest.raises(TLSUnavailable, match=r"pip install .mailproof\[tls\]."):
         SinkCA()
     backend = EmbeddedSink(tls="starttls")
-    with pytest.raises(TLSUnavailable, match="pip install trustme"):
+    with pytest.raises(TLSUnavailable, match=r"pip install .mailproof\[tls\]."):
         backend.start()
     assert not backend.sink.running
     with EmbeddedSink() as plain:  # TLS off never needs it

@@ -37,7 +37,7 @@ Why trustme: mailproof is a test harness, and trustme is the test tool made for 
 CA and leaf certificates with the extensions strict verifiers want, in memory, in a few lines).
 Its only dependency is ``cryptography``; writing the X.509 details by hand with ``cryptography``
 would be ours to keep right for every client's verifier. It is imported only when TLS is asked
-for; without it, starting a TLS sink fails and says ``pip install trustme``.
+for; without it, starting a TLS sink fails and says ``pip install 'mailproof[tls]'``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _trustme():
     except ImportError as exc:
         raise TLSUnavailable(
             "STARTTLS on the capture sink needs a throwaway CA, made with trustme, which is not "
-            f"installed ({exc}): pip install trustme (or switch TLS off)") from None
+            f"installed ({exc}): pip install 'mailproof[tls]' (or switch TLS off)") from None
 
 
 def default_hostnames(host: Optional[str] = None) -> list[str]:

@@ -5,7 +5,7 @@ STARTTLS and AUTH on the SMTP side (``mailproof.capture.tls``)::
     python -m mailproof.capture.service --smtp-port 2525 --tls starttls-required --auth app:secret
 
 ``--tls starttls`` offers STARTTLS, ``starttls-required`` refuses mail before it (530). The
-certificate comes from a throwaway CA made at start (trustme: ``pip install trustme``); the CA
+certificate comes from a throwaway CA made at start (trustme: ``pip install 'mailproof[tls]'``); the CA
 certificate is written to a file (``--tls-ca-file PATH``, else a temporary file removed at exit)
 that the READY line names at its end, ``READY http://... smtp=HOST:PORT ca=PATH``, as does
 ``/health`` (``tls.ca_file``). Start the application under test trusting it: ``SSL_CERT_FILE=PATH``
@@ -88,7 +88,7 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.tls != "off" and not trustme_available():
         parser.error(f"--tls {args.tls} needs a throwaway CA, made with trustme, which is not installed: "
-                     "pip install trustme (or drop --tls)")
+                     "pip install 'mailproof[tls]' (or drop --tls)")
     if (args.tls_ca_file or args.tls_hostname) and args.tls == "off":
         parser.error("--tls-ca-file and --tls-hostname need --tls starttls or --tls starttls-required")
     if args.chaos:
