@@ -2,46 +2,64 @@
 
 Capture stores raw bytes only; every parsed attribute is computed on first access and cached.
 Headers (subject, addresses, ``recipients`` without an envelope) need only the header section,
-which is parsed alone until something asks for the body. Parsing never raises on malformed input:
-a broken header or MIME part is kept as best it can be decoded and listed in ``defects``.
+which is parsed alone until something asks for the body, and a header is decoded only when it is
+asked for. ``parts`` is every leaf MIME part; ``text`` and ``html`` are the bodies the email
+package's ``get_body`` picks; ``attachments`` is every other part (a calendar invite, a CSV
+without a filename, a second text/plain, a bounce's delivery status, an attached mail...);
+``body_contains`` searches every text part.
+
+No accessor raises on any input except the ``LookupError`` of the find methods
+(``link``, ``code``, ``attachment``): what cannot be read is read as best it can be and listed in
+``defects``. The work a hostile message can cause is bounded (``mailproof.message_parts``:
+MAX_PARTS, MAX_DEPTH, MAX_PARAMETERS; ``mailproof.message_text``: HEADER_PARSE_*).
 """
 
 from __future__ import annotations
 
-import email
-import email.policy
-from email import errors
-from email.parser import BytesParser
 import re
-from dataclasses import dataclass
-from email.message import EmailMessage
+from dataclasses import dataclass, field
 from email.utils import getaddresses, parsedate_to_datetime
 from functools import cached_property
-from html.parser import HTMLParser
 from typing import Iterable, Optional, Pattern, Union
+
+from mailproof.message_html import HtmlReading
+from mailproof.message_parts import Entity, Part, Tree, describe_defect, parse, read_part
+from mailproof.message_text import decode_bytes, display_header, header_plan
+
+__all__ = ["Attachment", "Link", "Message", "Part", "DEFAULT_CODE_PATTERN"]
 
 DEFAULT_CODE_PATTERN = re.compile(r"(?<![\w-])(\d{6})(?![\w-])")
 _URL_IN_TEXT = re.compile(r"""https?://[^\s<>"'\)\]]+""", re.IGNORECASE)
 # A line break followed by another one is an empty line, whichever of CRLF, LF or CR they are:
 # the header section ends at the first one (or earlier, at a line that is no header at all).
 _EMPTY_LINE = re.compile(rb"\n\n|\n\r|\r\r")
-_HEADER_PARSER = BytesParser(policy=email.policy.default)
+_ADDRESS = re.compile(r"[^\s<>,;:\"()\[\]]+@[^\s<>,;:\"()\[\]]+")
+# Parts that are text for body_contains besides text/*: a bounce's delivery status fields.
+_TEXTUAL = ("message/delivery-status", "message/disposition-notification")
 
 
 @dataclass(frozen=True)
 class Attachment:
+    """A part that is not the chosen text or HTML body."""
+
     filename: Optional[str]
     content_type: str
-    data: bytes
+    data: bytes  # transfer-decoded bytes
     content_id: Optional[str] = None
     inline: bool = False
+    # The declared charset of a text/* part, for text(); not compared, so an Attachment written
+    # out in a test with the five fields above still equals the one read.
+    charset: Optional[str] = field(default=None, compare=False)
 
     @property
     def size(self) -> int:
         return len(self.data)
 
-    def text(self, encoding: str = "utf-8") -> str:
-        return self.data.decode(encoding, "replace")
+    def text(self, encoding: Optional[str] = None) -> str:
+        """The data as text: in ``encoding`` if given, else in the declared charset (UTF-8 if none)."""
+        if encoding is not None:
+            return self.data.decode(encoding, "replace")
+        return decode_bytes(self.data, self.charset, default="utf-8")[0]
 
 
 @dataclass(frozen=True)
@@ -52,7 +70,11 @@ class Link:
 
 
 class Message:
-    """One captured email. Construct from raw bytes; everything else is derived lazily."""
+    """One captured email. Construct from raw bytes; everything else is derived lazily.
+
+    The SMTP envelope facts ``tls``, ``smtputf8``, ``eight_bit_mime`` (BODY=8BITMIME), ``helo`` and
+    ``auth_user`` are None when the backend does not know them (IMAP, a remote sink).
+    """
 
     def __init__(
         self,
@@ -64,6 +86,11 @@ class Message:
         seq: int = 0,
         source: str = "sink",
         extra: Optional[dict] = None,
+        helo: Optional[str] = None,
+        tls: Optional[bool] = None,
+        smtputf8: Optional[bool] = None,
+        eight_bit_mime: Optional[bool] = None,
+        auth_user: Optional[str] = None,
     ) -> None:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
@@ -74,7 +101,26 @@ class Message:
         self.seq = seq
         self.source = source
         self.extra = dict(extra or {})
+        self.helo = helo
+        self.tls = tls
+        self.smtputf8 = smtputf8
+        self.eight_bit_mime = eight_bit_mime
+        self.auth_user = auth_user
         self.triggered_at: Optional[float] = None  # set when a Mailbox claims the message
+
+    @classmethod
+    def from_captured(cls, captured, source: str = "sink") -> "Message":
+        """A message from the in-process sink's ``mailproof.capture.smtp_sink.CapturedMail``."""
+        options = tuple(getattr(captured, "mail_options", None) or ())
+        return cls(
+            captured.data, mail_from=captured.mail_from, rcpt_tos=captured.rcpt_tos,
+            received_at=captured.received_at, seq=captured.seq, source=source,
+            helo=getattr(captured, "helo", None), tls=getattr(captured, "tls", None),
+            smtputf8=getattr(captured, "smtputf8", None),
+            eight_bit_mime=any(str(o).strip().upper() == "BODY=8BITMIME" for o in options),
+            auth_user=getattr(captured, "auth_user", None),
+            extra={"peer": getattr(captured, "peer", None), "mail_options": options},
+        )
 
     # -- envelope and timing -----------------------------------------------------------------
 
@@ -86,8 +132,8 @@ class Message:
     def recipients(self) -> frozenset[str]:
         """Lower-cased envelope recipients, or To/Cc/Delivered-To where no envelope is known (IMAP)."""
         if self.rcpt_tos:
-            return frozenset(r.lower() for r in self.rcpt_tos)
-        found = set(self.to) | set(self.cc) | set(self.header_all("Delivered-To"))
+            return frozenset(str(r).lower() for r in self.rcpt_tos)
+        found = set(self.to) | set(self.cc) | set(self._addresses("Delivered-To"))
         return frozenset(r.lower() for r in found)
 
     @property
@@ -95,21 +141,20 @@ class Message:
         """Seconds from the trigger (the flow's HTTP request or mark) to capture."""
         if self.triggered_at is None or self.received_at is None:
             return None
-        return self.received_at - self.triggered_at
+        try:
+            return self.received_at - self.triggered_at
+        except TypeError:
+            return None
 
     # -- parsing -----------------------------------------------------------------------------
 
     @cached_property
-    def parsed(self) -> EmailMessage:
-        try:
-            return email.message_from_bytes(self.raw, policy=email.policy.default)
-        except RecursionError:  # absurdly deep nesting: keep the headers, give up on the body
-            msg = _HEADER_PARSER.parsebytes(self.raw, headersonly=True)
-            msg.defects.append(errors.MessageDefect("MIME nesting too deep to parse; body not parsed"))
-            return msg
+    def parsed(self) -> Entity:
+        """The email package's MIME tree (an ``email.message.Message``; header values stay raw strings)."""
+        return parse(self.raw)
 
     @cached_property
-    def _head(self) -> EmailMessage:
+    def _head(self) -> Entity:
         """The header section: the whole parse if there already is one, else the headers alone.
 
         The bytes up to the first empty line hold every header line (the parser ends the headers
@@ -120,29 +165,73 @@ class Message:
         if parsed is not None:
             return parsed
         end = _EMPTY_LINE.search(self.raw)
-        head = self.raw if end is None else self.raw[:end.end()]
-        return _HEADER_PARSER.parsebytes(head, headersonly=True)
+        return parse(self.raw if end is None else self.raw[:end.end()], headersonly=True)
+
+    @cached_property
+    def _reading(self) -> "_Reading":
+        """The parts read once: the walked tree, every part, what went wrong, which are the bodies."""
+        return _Reading(self.parsed, "\r\n" if b"\r\n" in self.raw else "\n")
+
+    @property
+    def parts(self) -> list[Part]:
+        """Every leaf MIME part in order (up to ``message_parts.MAX_PARTS``), decoded."""
+        return self._reading.parts
 
     @cached_property
     def defects(self) -> list[str]:
-        found = [type(d).__name__ for d in self.parsed.defects]
-        for part in self.parsed.walk():
-            if part is not self.parsed:
-                found.extend(type(d).__name__ for d in part.defects)
+        """What is wrong with the message, one readable line each, naming the part (``parts`` index)."""
+        reading = self._reading
+        tree = reading.tree
+        found = []
+        for entity in tree.order:
+            label = tree.label(entity)
+            found.extend(f"{label}: {describe_defect(d)}" for d in entity.defects)
+            found.extend(f"{label}: {note}" for note in reading.notes.get(id(entity), ()))
+        found.extend(f"message: {note}" for note in tree.notes)
         return found
+
+    # -- headers -----------------------------------------------------------------------------
+
+    @cached_property
+    def _header_items(self) -> list[tuple[str, str]]:
+        try:
+            return [(str(name), str(value)) for name, value in self._head._headers]
+        except Exception:
+            return []
+
+    @cached_property
+    def _header_index(self) -> dict[str, list[int]]:
+        index: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(self._header_items):
+            index.setdefault(name.lower(), []).append(i)
+        return index
+
+    @cached_property
+    def _header_plan(self) -> list[bool]:
+        return header_plan(self._header_items)
+
+    @cached_property
+    def _decoded(self) -> dict[int, str]:
+        return {}
+
+    def _header_value(self, i: int) -> str:
+        value = self._decoded.get(i)
+        if value is None:
+            name, raw = self._header_items[i]
+            value = self._decoded[i] = display_header(name, raw, self._header_plan[i])
+        return value
 
     @cached_property
     def headers(self) -> list[tuple[str, str]]:
         """All headers in order, values decoded (RFC 2047) and unfolded."""
-        return [(name, self._header_text(name, value)) for name, value in self._raw_header_items()]
+        return [(name, self._header_value(i)) for i, (name, _) in enumerate(self._header_items)]
 
     def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.header_all(name)
         return values[0] if values else default
 
     def header_all(self, name: str) -> list[str]:
-        key = name.lower()
-        return [value for hname, value in self.headers if hname.lower() == key]
+        return [self._header_value(i) for i in self._header_index.get(str(name).lower(), ())]
 
     @property
     def subject(self) -> str:
@@ -169,8 +258,23 @@ class Message:
         value = self.header("Date")
         try:
             return parsedate_to_datetime(value) if value else None
-        except (TypeError, ValueError):
+        except Exception:  # TypeError, ValueError, OverflowError on nonsense dates
             return None
+
+    def _addresses(self, name: str) -> list[str]:
+        found = []
+        for value in self.header_all(name):
+            try:
+                found.extend(addr for _, addr in getaddresses([value]) if addr)
+            except Exception:  # getaddresses recurses on some hostile values
+                found.extend(_ADDRESS.findall(value))
+        return found
+
+    # -- bodies and attachments --------------------------------------------------------------
+
+    def _body(self, kind: str) -> Optional[str]:
+        index = self._reading.bodies[kind]
+        return None if index is None else self.parts[index].content
 
     @cached_property
     def text(self) -> Optional[str]:
@@ -183,47 +287,25 @@ class Message:
         return self._body("html")
 
     @cached_property
+    def _html_reading(self) -> Optional[HtmlReading]:
+        return HtmlReading(self.html) if self.html else None
+
+    @cached_property
     def html_as_text(self) -> str:
-        if not self.html:
-            return ""
-        parser = _TextExtractor()
-        parser.feed(self.html)
-        parser.close()
-        return parser.text()
+        return self._html_reading.text() if self._html_reading else ""
 
     @cached_property
     def attachments(self) -> list[Attachment]:
-        found = []
-        inside_attached_mail: set[int] = set()
-        for part in self.parsed.walk():
-            if id(part) in inside_attached_mail:
-                continue
-            if part.get_content_type() == "message/rfc822":  # a forwarded mail: one attachment
-                inner = part.get_payload()
-                inner = inner[0] if isinstance(inner, list) and inner else inner
-                for sub in inner.walk() if hasattr(inner, "walk") else ():
-                    inside_attached_mail.add(id(sub))
-                data = _safe_bytes(inner)
-                found.append(Attachment(filename=_safe(part.get_filename) or "attached.eml",
-                                        content_type="message/rfc822", data=data,
-                                        inline=(part.get_content_disposition() or "") == "inline"))
-                continue
-            if part.is_multipart() or part in self._body_parts:
-                continue
-            disposition = (part.get_content_disposition() or "").lower()
-            filename = _safe(part.get_filename)
-            if disposition in ("attachment", "inline") or filename or not part.get_content_maintype() == "text":
-                payload = part.get_payload(decode=True)
-                found.append(
-                    Attachment(
-                        filename=filename,
-                        content_type=part.get_content_type(),
-                        data=payload if isinstance(payload, bytes) else b"",
-                        content_id=_safe(lambda: part.get("Content-ID")),
-                        inline=disposition == "inline",
-                    )
-                )
-        return found
+        """Every part that is not the chosen text or HTML body, in order."""
+        bodies = {i for i in self._reading.bodies.values() if i is not None}
+        return [
+            Attachment(
+                filename=part.filename or ("attached.eml" if part.content_type == "message/rfc822" else None),
+                content_type=part.content_type, data=part.data, content_id=part.content_id,
+                inline=part.disposition == "inline", charset=part.charset,
+            )
+            for part in self.parts if part.index not in bodies
+        ]
 
     def attachment(self, filename: str) -> Attachment:
         for att in self.attachments:
@@ -233,18 +315,36 @@ class Message:
         raise LookupError(f"no attachment named {filename!r} in {self.describe()}; attachments: {names}")
 
     @cached_property
+    def _searched_texts(self) -> tuple[str, ...]:
+        """What ``body_contains`` searches: every text part, HTML also as its visible text."""
+        texts = []
+        for part in self.parts:
+            if part.is_text:
+                texts.append(part.content)
+                if part.content_type == "text/html":
+                    texts.append(HtmlReading(part.content).text())
+            elif part.content_type in _TEXTUAL:
+                texts.append(decode_bytes(part.data, None, default="utf-8")[0].replace("\r\n", "\n"))
+        return tuple(texts)
+
+    def body_contains(self, needle: Union[str, Pattern[str]]) -> bool:
+        """Whether any text part (text/* and a bounce's delivery status; HTML also as visible text)
+        contains ``needle`` (a pattern: has a match). An attached mail (message/rfc822) is not searched."""
+        if isinstance(needle, re.Pattern):
+            return any(needle.search(h) for h in self._searched_texts)
+        return any(needle in h for h in self._searched_texts)
+
+    # -- links and codes ---------------------------------------------------------------------
+
+    @cached_property
     def links(self) -> list[Link]:
         """Links from HTML hrefs (with anchor text) and from URLs in the text body, deduplicated."""
         found: list[Link] = []
         seen: set[str] = set()
-        if self.html:
-            parser = _LinkExtractor()
-            parser.feed(self.html)
-            parser.close()
-            for url, text in parser.links:
-                if url not in seen:
-                    seen.add(url)
-                    found.append(Link(url=url, text=text, source="html"))
+        for url, text in self._html_reading.links if self._html_reading else ():
+            if url not in seen:
+                seen.add(url)
+                found.append(Link(url=url, text=text, source="html"))
         for url in _URL_IN_TEXT.findall(self.text or ""):
             url = url.rstrip(".,;:!?")
             if url not in seen:
@@ -278,133 +378,24 @@ class Message:
                 return found.group(1) if regex.groups else found.group(0)
         raise LookupError(f"no code matching {regex.pattern!r} in {self.describe()}")
 
-    def body_contains(self, needle: Union[str, Pattern[str]]) -> bool:
-        haystacks = (self.text or "", self.html or "", self.html_as_text)
-        if isinstance(needle, re.Pattern):
-            return any(needle.search(h) for h in haystacks)
-        return any(needle in h for h in haystacks)
-
     def describe(self) -> str:
-        rcpts = ", ".join(self.rcpt_tos) or ", ".join(self.to) or "?"
+        rcpts = ", ".join(map(str, self.rcpt_tos)) or ", ".join(self.to) or "?"
         return f"mail #{self.seq} to {rcpts} subject {self.subject!r}"
 
     def __repr__(self) -> str:
         return f"<Message #{self.seq} from={self.mail_from!r} to={list(self.rcpt_tos)} subject={self.subject!r} {self.size} B>"
 
-    # -- helpers -----------------------------------------------------------------------------
 
-    def _raw_header_items(self) -> list[tuple[str, object]]:
-        try:
-            return list(self._head.items())
-        except Exception:  # a header the policy cannot parse at all: fall back to raw strings
-            return list(self._head._headers)  # type: ignore[attr-defined]
+class _Reading:
+    """A message's parts, read once from one parsed tree."""
 
-    @staticmethod
-    def _header_text(name: str, value: object) -> str:
-        try:
-            text = str(value)
-        except Exception:
-            text = repr(value)
-        return " ".join(text.split()) if "\n" in text or "\r" in text else text
-
-    def _addresses(self, name: str) -> list[str]:
-        values = self.header_all(name)
-        return [addr for _, addr in getaddresses(values) if addr]
-
-    @cached_property
-    def _body_parts(self) -> list:
-        parts = []
-        for kind in ("plain", "html"):
-            part = self._find_body_part(kind)
-            if part is not None:
-                parts.append(part)
-        return parts
-
-    def _find_body_part(self, kind: str):
-        try:
-            part = self.parsed.get_body(preferencelist=(kind,))
-        except Exception:
-            part = None
-        if part is None and not self.parsed.is_multipart() and self.parsed.get_content_type() == f"text/{kind}":
-            part = self.parsed
-        return part
-
-    def _body(self, kind: str) -> Optional[str]:
-        part = self._find_body_part(kind)
-        if part is None:
-            return None
-        try:
-            text = part.get_content()
-        except Exception:  # unknown charset or broken transfer encoding: decode leniently
-            payload = part.get_payload(decode=True) or b""
-            charset = part.get_content_charset() or "utf-8"
-            try:
-                text = payload.decode(charset, "replace")
-            except LookupError:
-                text = payload.decode("utf-8", "replace")
-        # SMTP carries CRLF; assertions are written with Python's "\n".
-        return text.replace("\r\n", "\n")
-
-
-def _safe_bytes(msg) -> bytes:
-    try:
-        return msg.as_bytes()
-    except Exception:
-        try:
-            return str(msg).encode("utf-8", "replace")
-        except Exception:
-            return b""
-
-
-def _safe(getter):
-    try:
-        value = getter()
-    except Exception:
-        return None
-    return str(value) if value is not None else None
-
-
-class _LinkExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.links: list[tuple[str, str]] = []
-        self._href: Optional[str] = None
-        self._text: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            self._href = dict(attrs).get("href")
-            self._text = []
-
-    def handle_data(self, data):
-        if self._href is not None:
-            self._text.append(data)
-
-    def handle_endtag(self, tag):
-        if tag == "a" and self._href is not None:
-            self.links.append((self._href.strip(), " ".join("".join(self._text).split())))
-            self._href = None
-
-
-class _TextExtractor(HTMLParser):
-    _SKIP = {"script", "style", "head", "title"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self._chunks: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self._SKIP:
-            self._skip += 1
-
-    def handle_endtag(self, tag):
-        if tag in self._SKIP and self._skip:
-            self._skip -= 1
-
-    def handle_data(self, data):
-        if not self._skip:
-            self._chunks.append(data)
-
-    def text(self) -> str:
-        return " ".join(" ".join(self._chunks).split())
+    def __init__(self, root: Entity, linesep: str) -> None:
+        self.tree = Tree(root)
+        self.parts: list[Part] = []
+        self.notes: dict[int, list[str]] = {}
+        for index, entity in enumerate(self.tree.leaves):
+            part, notes = read_part(index, entity, linesep)
+            self.parts.append(part)
+            self.notes[id(entity)] = notes
+        # Which parts are the text and the HTML body: as the email package's get_body picks them.
+        self.bodies = {kind: self.tree.body(kind) for kind in ("plain", "html")}

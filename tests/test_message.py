@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import datetime
 import email
+import email.charset
+import email.policy
 import os
+import queue
+import smtplib
 import pathlib
 import random
 import re
 import sys
 from email.message import EmailMessage
+from email.message import Message as Compat32Message
+from email.mime.base import MIMEBase
+from email.mime.message import MIMEMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 
 import pytest
 
+from mailproof.capture.smtp_sink import CapturedMail, SmtpSink
 from mailproof.criteria import Criteria
 from mailproof.mailbox import Mailbox, MailStore
-from mailproof.message import Attachment, Link, Message
+from mailproof.message import Attachment, Link, Message, Part
 
 CRLF = EmailMessage().policy.clone(linesep="\r\n")
 
@@ -166,6 +176,239 @@ def test_attached_email_is_listed_as_attachment():
     names = [(a.filename, a.content_type) for a in msg.attachments]
     assert names == [("fwd.eml", "message/rfc822")]
     assert b"the forwarded one" in msg.attachment("fwd.eml").data
+    assert Message(msg.attachment("fwd.eml").data).text == "inner text\n"
+    assert [p.content_type for p in msg.parts] == ["text/plain", "message/rfc822"]
+    assert not msg.body_contains("inner text")  # the attached mail is not this message's text
+
+
+# -- every part ----------------------------------------------------------------------------
+#
+# Each message below is made by the email package (or byte for byte as a framework's mailer makes
+# it), and what Message reads is checked against the email package's own reading of the bytes.
+
+ICS = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//app.test//EN\r\nMETHOD:REQUEST\r\nBEGIN:VEVENT\r\n"
+       "UID:kickoff-1@app.test\r\nDTSTART:20240610T090000Z\r\nSUMMARY:Kick-off café\r\n"
+       "ORGANIZER:mailto:boss@app.test\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+
+
+def email_leaves(top: EmailMessage) -> list:
+    """The leaf parts as the email package walks them (an attached message/* is one leaf)."""
+    def leaves(part):
+        if part.get_content_maintype() == "multipart" and part.is_multipart():
+            for sub in part.iter_parts():
+                yield from leaves(sub)
+        else:
+            yield part
+    return list(leaves(top))
+
+
+def assert_parts_match_email_package(raw: bytes) -> Message:
+    msg = Message(raw)
+    top = email.message_from_bytes(raw, policy=email.policy.default)
+    theirs = email_leaves(top)
+    assert len(msg.parts) == len(theirs)
+    for index, (part, their) in enumerate(zip(msg.parts, theirs)):
+        assert isinstance(part, Part) and part.index == index
+        assert part.content_type == their.get_content_type()
+        assert part.filename == their.get_filename()
+        assert part.charset == their.get_content_charset()
+        assert part.disposition == their.get_content_disposition()
+        assert part.content_id == (str(their["Content-ID"]) if their["Content-ID"] else None)
+        if their.get_content_maintype() == "text":
+            assert part.content == their.get_content().replace("\r\n", "\n")
+            assert part.data == their.get_payload(decode=True) and part.size == len(part.data)
+        elif their.get_content_maintype() == "message":
+            assert isinstance(part.content, bytes) and part.content == part.data
+        else:
+            assert part.content == part.data == their.get_content()
+    bodies = [top.get_body(("plain",)), top.get_body(("html",))]
+    expected = [p for p in theirs if not any(p is b for b in bodies)]
+    assert [(a.filename, a.content_type) for a in msg.attachments] == [
+        (p.get_filename() or ("attached.eml" if p.get_content_type() == "message/rfc822" else None),
+         p.get_content_type()) for p in expected]
+    assert msg.text == (bodies[0].get_content().replace("\r\n", "\n") if bodies[0] else None)
+    assert msg.html == (bodies[1].get_content().replace("\r\n", "\n") if bodies[1] else None)
+    assert msg.defects == []
+    return msg
+
+
+def test_parts_are_every_leaf_as_the_email_package_reads_them():
+    msg = assert_parts_match_email_package(mixed_with_attachments())
+    assert [p.content_type for p in msg.parts] == ["text/plain", "text/html", "image/png", "application/pdf", "text/csv"]
+    logo = msg.parts[2]
+    assert (logo.filename, logo.disposition, logo.content_id, logo.content) == ("logo.png", "inline", "<logo@app.test>", PNG)
+    assert msg.parts[0].charset == "utf-8" and msg.parts[0].content == "Invoice attached.\n"
+    assert msg.parts[4].content == "a,b\n1,2\n" and msg.parts[4].size == len(b"a,b\r\n1,2\r\n")
+    assert_parts_match_email_package(signup_email())
+
+
+def django_calendar_invite() -> bytes:
+    """As Django's EmailMultiAlternatives with attach_alternative(ics, "text/calendar; method=REQUEST")
+    makes it: SafeMIMEMultipart("alternative") of SafeMIMEText parts, utf-8 with no body encoding."""
+    utf8 = email.charset.Charset("utf-8")
+    utf8.body_encoding = None  # Django's utf8_charset: 7bit/8bit, not base64
+    msg = MIMEMultipart("alternative")
+    msg["Subject"] = "Invitation: Kick-off"
+    msg["From"], msg["To"] = "calendar@app.test", "alice@example.test"
+    msg.attach(MIMEText("You are invited to the kick-off.\n", "plain", utf8))
+    msg.attach(MIMEText(ICS, "calendar; method=REQUEST", utf8))
+    return msg.as_bytes(policy=email.policy.compat32.clone(linesep="\r\n"))
+
+
+def test_calendar_invite_as_django_makes_it():
+    raw = django_calendar_invite()
+    assert b'Content-Type: text/calendar; method="REQUEST"; charset="utf-8"' in raw
+    msg = assert_parts_match_email_package(raw)
+    assert msg.text == "You are invited to the kick-off.\n"
+    [invite] = msg.attachments
+    assert (invite.content_type, invite.filename, invite.charset) == ("text/calendar", None, "utf-8")
+    assert invite.text() == ICS  # the bytes as sent, CRLF and all
+    assert msg.parts[1].param("method") == "REQUEST" and msg.parts[1].content == ICS.replace("\r\n", "\n")
+    assert msg.body_contains("SUMMARY:Kick-off café") and msg.body_contains(re.compile(r"METHOD:REQUEST"))
+
+
+def rails_calendar_invite() -> bytes:
+    """As Rails' ActionMailer (the mail gem) sends attachments["invite.ics"] = {mime_type:
+    "text/calendar; method=REQUEST", content: ics} beside a text and an HTML body."""
+    import base64
+    ics64 = base64.encodebytes(ICS.encode()).replace(b"\n", b"\r\n")
+    return (
+        b"Date: Mon, 03 Jun 2024 09:00:00 +0000\r\nFrom: calendar@app.test\r\nTo: alice@example.test\r\n"
+        b"Message-ID: <665d86c8a1b2c_1f2a3b4c5d6e@app.test.mail>\r\nSubject: Invitation: Kick-off\r\n"
+        b"Mime-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed;\r\n boundary="--==_mimepart_665d86c8a_1f2a3b4c5d6e";\r\n charset=UTF-8\r\n'
+        b"Content-Transfer-Encoding: 7bit\r\n\r\n\r\n"
+        b"----==_mimepart_665d86c8a_1f2a3b4c5d6e\r\n"
+        b'Content-Type: multipart/alternative;\r\n boundary="--==_mimepart_665d86c8b_2";\r\n charset=UTF-8\r\n'
+        b"Content-Transfer-Encoding: 7bit\r\n\r\n\r\n"
+        b"----==_mimepart_665d86c8b_2\r\nContent-Type: text/plain;\r\n charset=UTF-8\r\n"
+        b"Content-Transfer-Encoding: 7bit\r\n\r\nYou are invited to the kick-off.\r\n\r\n"
+        b"----==_mimepart_665d86c8b_2\r\nContent-Type: text/html;\r\n charset=UTF-8\r\n"
+        b"Content-Transfer-Encoding: 7bit\r\n\r\n<p>You are invited to the <b>kick-off</b>.</p>\r\n\r\n"
+        b"----==_mimepart_665d86c8b_2--\r\n\r\n"
+        b"----==_mimepart_665d86c8a_1f2a3b4c5d6e\r\n"
+        b"Content-Type: text/calendar;\r\n charset=UTF-8;\r\n method=REQUEST;\r\n filename=invite.ics\r\n"
+        b"Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment;\r\n filename=invite.ics\r\n"
+        b"Content-ID: <665d86c8c3d4e_1f2a3b4c5d6e@app.test.mail>\r\n\r\n" + ics64 + b"\r\n"
+        b"----==_mimepart_665d86c8a_1f2a3b4c5d6e--\r\n"
+    )
+
+
+def test_calendar_invite_as_rails_makes_it():
+    msg = assert_parts_match_email_package(rails_calendar_invite())
+    assert msg.html == "<p>You are invited to the <b>kick-off</b>.</p>\n"
+    invite = msg.attachment("invite.ics")
+    assert invite.content_type == "text/calendar" and invite.data == ICS.encode()
+    assert invite.content_id == "<665d86c8c3d4e_1f2a3b4c5d6e@app.test.mail>" and not invite.inline
+    assert msg.parts[2].param("METHOD") == "REQUEST" and msg.parts[2].charset == "utf-8"
+    assert msg.body_contains("Kick-off café")
+
+
+def test_csv_without_filename_and_a_second_text_plain_are_attachments():
+    msg = EmailMessage()
+    msg["Subject"] = "Your export"
+    msg.set_content("The export is attached.\n")
+    msg.make_mixed()
+    csv = EmailMessage()
+    csv.set_content("id,total\n1,42.00\n", subtype="csv")  # no filename, no disposition
+    note = EmailMessage()
+    note.set_content("Second text part: unsubscribe code 771122\n")
+    msg.attach(csv)
+    msg.attach(note)
+    parsed = assert_parts_match_email_package(wire(msg))
+    assert parsed.text == "The export is attached.\n"
+    assert [(a.content_type, a.filename) for a in parsed.attachments] == [("text/csv", None), ("text/plain", None)]
+    assert parsed.attachments[0].text().splitlines() == ["id,total", "1,42.00"]
+    assert parsed.body_contains("1,42.00") and parsed.body_contains("unsubscribe code 771122")
+    assert Criteria(contains="771122").matches(parsed)
+    with pytest.raises(LookupError):  # code() reads the chosen bodies (and subject) only
+        parsed.code()
+
+
+def bounce() -> bytes:
+    """A delivery status notification (RFC 3464) as the email package makes one."""
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["Subject"], report["From"] = "Undelivered Mail Returned to Sender", "MAILER-DAEMON@mx.example.test"
+    report.attach(MIMEText("Your message could not be delivered to one or more recipients.\n"))
+    per_message, per_recipient = Compat32Message(), Compat32Message()
+    per_message["Reporting-MTA"] = "dns; mx.example.test"
+    per_recipient["Final-Recipient"] = "rfc822; nobody@example.test"
+    per_recipient["Action"], per_recipient["Status"] = "failed", "5.1.1"
+    per_recipient["Diagnostic-Code"] = "smtp; 550 5.1.1 <nobody@example.test>: user unknown"
+    status = MIMEBase("message", "delivery-status")
+    status.set_payload([per_message, per_recipient])
+    report.attach(status)
+    original = EmailMessage()
+    original["Subject"], original["To"] = "Welcome", "nobody@example.test"
+    original.set_content("Welcome aboard, your code is 246810.\n")
+    report.attach(MIMEMessage(original))
+    return report.as_bytes(policy=email.policy.compat32.clone(linesep="\r\n"))
+
+
+def test_bounce_delivery_status_is_an_attachment_and_searched():
+    msg = assert_parts_match_email_package(bounce())
+    assert [(a.content_type, a.filename) for a in msg.attachments] == [
+        ("message/delivery-status", None), ("message/rfc822", "attached.eml")]
+    blocks = msg.attachments[0].data.decode().split("\r\n\r\n")
+    assert blocks == ["Reporting-MTA: dns; mx.example.test",
+                      "Final-Recipient: rfc822; nobody@example.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+                      "Diagnostic-Code: smtp; 550 5.1.1 <nobody@example.test>: user unknown\r\n"]
+    assert msg.body_contains("550 5.1.1") and msg.body_contains("could not be delivered")
+    # The returned mail is one attachment, as it was sent; its text is not this message's body.
+    returned = Message(msg.attachment("attached.eml").data)
+    assert returned.subject == "Welcome" and returned.code() == "246810"
+    assert not msg.body_contains("Welcome aboard")
+
+
+def test_a_single_part_attachment_is_an_attachment_not_the_body():
+    msg = EmailMessage()
+    msg["Subject"] = "report"
+    msg.set_content("col\n1\n", disposition="attachment", filename="report.txt")
+    parsed = assert_parts_match_email_package(wire(msg))
+    assert parsed.text is None and parsed.attachment("report.txt").text() == "col\r\n1\r\n"
+    assert parsed.body_contains("col\n1")  # still a text part
+
+
+# -- envelope facts ------------------------------------------------------------------------
+
+
+def test_envelope_facts_are_unknown_unless_given():
+    msg = Message(signup_email())
+    assert (msg.tls, msg.smtputf8, msg.eight_bit_mime, msg.helo, msg.auth_user) == (None,) * 5
+    given = Message(signup_email(), tls=True, smtputf8=False, eight_bit_mime=True, helo="app.test", auth_user="app")
+    assert (given.tls, given.smtputf8, given.eight_bit_mime, given.helo, given.auth_user) == (
+        True, False, True, "app.test", "app")
+
+
+def test_from_captured_keeps_every_session_fact():
+    captured = CapturedMail(seq=7, mail_from="app@app.test", rcpt_tos=("alice@example.test",), data=signup_email(),
+                            received_at=123.5, peer=("127.0.0.1", 40000), helo="app.test", smtputf8=True,
+                            tls=True, auth_user="app", mail_options=("SIZE=1104", "body=8bitmime", "SMTPUTF8"))
+    msg = Message.from_captured(captured)
+    assert (msg.seq, msg.mail_from, msg.rcpt_tos, msg.received_at, msg.source) == (
+        7, "app@app.test", ("alice@example.test",), 123.5, "sink")
+    assert (msg.tls, msg.smtputf8, msg.eight_bit_mime, msg.helo, msg.auth_user) == (True, True, True, "app.test", "app")
+    assert msg.extra == {"peer": ("127.0.0.1", 40000), "mail_options": ("SIZE=1104", "body=8bitmime", "SMTPUTF8")}
+    assert msg.raw == captured.data and msg.subject == "Confirm your email"
+    plain = Message.from_captured(CapturedMail(1, "a@b.test", ("c@d.test",), b"Subject: x\r\n\r\n", 1.0),
+                                  source="sink-service")
+    assert (plain.tls, plain.smtputf8, plain.eight_bit_mime, plain.helo, plain.source) == (
+        False, False, False, None, "sink-service")
+
+
+def test_from_captured_of_a_real_smtp_session():
+    got: "queue.Queue[CapturedMail]" = queue.Queue()
+    sink = SmtpSink(on_message=got.put).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", sink.port, local_hostname="client.app.test", timeout=10) as client:
+            client.sendmail("app@app.test", ["caf\u00e9@example.test"], signup_email(),
+                            mail_options=["BODY=8BITMIME", "SMTPUTF8"])
+        msg = Message.from_captured(got.get(timeout=10))
+    finally:
+        sink.stop()
+    assert msg.helo == "client.app.test" and msg.smtputf8 is True and msg.eight_bit_mime is True
+    assert msg.tls is False and msg.auth_user is None
+    assert msg.rcpt_tos == ("caf\u00e9@example.test",) and msg.text.startswith("Hello Alice,")
 
 
 # -- links and codes -----------------------------------------------------------------------
@@ -251,9 +494,11 @@ def test_construction_and_routing_do_not_parse():
     store.deliver(msg)
     assert view.wait_for(to="alice@example.test", within=1) is msg
     assert "parsed" not in msg.__dict__ and "headers" not in msg.__dict__
-    # Headers need the header section only; the body is parsed when something asks for it.
+    # Headers need the header section only, and only the headers asked for are decoded; the body
+    # is parsed when something asks for it.
     assert msg.subject == "Confirm your email" and msg.to == ["alice@example.test", "bob@example.test"]
-    assert "headers" in msg.__dict__ and "parsed" not in msg.__dict__
+    assert "_head" in msg.__dict__ and "parsed" not in msg.__dict__ and "headers" not in msg.__dict__
+    assert sorted(msg._header_items[i][0] for i in msg._decoded) == ["Subject", "To"]
     assert msg.text.startswith("Hello Alice,")
     assert "parsed" in msg.__dict__
 
@@ -284,7 +529,10 @@ def touch_everything(msg: Message) -> None:
     assert isinstance(msg.html_as_text, str)
     assert all(isinstance(a, Attachment) and isinstance(a.data, bytes) for a in msg.attachments)
     assert all(isinstance(l, Link) for l in msg.links)
-    assert isinstance(msg.defects, list)
+    assert isinstance(msg.defects, list) and all(isinstance(d, str) for d in msg.defects)
+    assert all(isinstance(p, Part) and isinstance(p.content, (str, bytes)) and p.size == len(p.data) for p in msg.parts)
+    assert all(isinstance(v, str) for v in msg.header_all("Content-Type") + msg.header_all("To"))
+    assert isinstance(msg.recipients, frozenset) and msg.latency is None
     assert msg.date is None or isinstance(msg.date, datetime.datetime)
     assert msg.message_id is None or isinstance(msg.message_id, str)
     assert msg.size == len(msg.raw)
