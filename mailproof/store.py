@@ -146,18 +146,6 @@ class MailStore:
                                           f"listener {name} on {describe(msg)}")
         return msg
 
-    def deliver_captured(self, captured) -> Message:
-        """Adapter for ``mailproof.capture.CapturedMail`` (the in-process sink's callback)."""
-        return self.deliver(
-            Message(
-                captured.data,
-                mail_from=captured.mail_from,
-                rcpt_tos=captured.rcpt_tos,
-                received_at=captured.received_at,
-                source="sink",
-            )
-        )
-
     def add_listener(self, listener: Callable[[Message], None]) -> None:
         """Call ``listener(message)`` after every delivery (outside the lock; one that raises is
         logged and counted in ``harness_errors``, and the others still run)."""

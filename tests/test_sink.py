@@ -23,7 +23,7 @@ import pytest
 import trustme
 
 from mailproof.capture.embedded import EmbeddedSink
-from mailproof.capture.smtp_sink import CapturedMail, SinkError, SmtpSink, session_message
+from mailproof.capture.smtp_sink import CapturedMail, SinkError, SmtpSink
 from mailproof.capture.tls import SinkCA, TLSUnavailable, parse_auth, parse_tls_mode
 from mailproof.errors import MailproofError
 from mailproof.mailbox import Mailbox
@@ -570,22 +570,3 @@ def test_tls_and_auth_settings_are_checked_without_echoing_the_password():
         with pytest.raises(MailproofError, match="USER:PASSWORD") as failed:
             parse_auth(bad)
         assert "hunter2" not in str(failed.value)
-
-
-def test_session_message_gives_tls_and_auth_user_whatever_message_accepts():
-    msg = session_message(_raw("x@example.test"), mail_from="a@x", rcpt_tos=["x@example.test"],
-                          tls=True, auth_user="app")
-    assert (msg.tls, msg.auth_user, msg.rcpt_tos) == (True, "app", ("x@example.test",))
-
-
-def test_session_message_passes_tls_and_auth_user_to_a_message_that_takes_them(monkeypatch):
-    import mailproof.capture.smtp_sink as smtp_sink
-
-    class SessionMessage(Message):
-        def __init__(self, raw, *, tls=False, auth_user=None, **options):
-            super().__init__(raw, **options)
-            self.given = (tls, auth_user)
-
-    monkeypatch.setattr(smtp_sink, "Message", SessionMessage)
-    msg = smtp_sink.session_message(_raw("x@example.test"), tls=True, auth_user="app", source="sink")
-    assert isinstance(msg, SessionMessage) and msg.given == (True, "app")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Union
 
-from mailproof.capture.smtp_sink import CapturedMail, SinkError, SmtpSink, message_of_captured
+from mailproof.capture.smtp_sink import CapturedMail, SinkError, SmtpSink
 from mailproof.capture.tls import Credentials, SinkCA, parse_auth, parse_tls_mode, sink_security
 from mailproof.faults import FaultPlan
 from mailproof.mailbox import MailStore
@@ -37,7 +37,7 @@ class EmbeddedSink:
         self.sink = SmtpSink(on_message=self._deliver, faults=self.faults, **sink_options)
 
     def _deliver(self, captured: CapturedMail) -> Message:
-        return self.store.deliver(message_of_captured(captured, source="sink"))
+        return self.store.deliver(Message.from_captured(captured, source="sink"))
 
     def start(self) -> "EmbeddedSink":
         if self.sink.running:

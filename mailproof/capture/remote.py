@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from mailproof.capture.service import TOKEN_ENV
-from mailproof.capture.smtp_sink import session_message
 from mailproof.capture.tls import AUTH_ENV, Credentials, parse_auth, parse_tls_mode
 from mailproof.faults.specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
 from mailproof.faults import FaultRule
@@ -455,7 +454,7 @@ class RemoteSink:
             if seq != self.last_seq + 1:  # gap without a 'missing' notice: count it all the same
                 self.missing += seq - self.last_seq - 1
                 log.warning("sink service stream skipped seqs %d..%d (no longer retained)", self.last_seq + 1, seq - 1)
-            msg = session_message(base64.b64decode(event["raw"]), mail_from=event.get("mail_from") or "",
+            msg = Message(base64.b64decode(event["raw"]), mail_from=event.get("mail_from") or "",
                                   rcpt_tos=event.get("rcpt_tos") or (), received_at=event.get("received_at"),
                                   source="sink-service", extra={"service_seq": seq},
                                   tls=event.get("tls"), auth_user=event.get("auth_user"))

@@ -12,13 +12,12 @@ STARTTLS and AUTH: ``tls_context`` offers STARTTLS (``require_starttls`` refuses
 with 530), ``credentials`` offers AUTH PLAIN/LOGIN (``auth_required`` refuses mail before it with
 530; a wrong password gets 535). ``mailproof.capture.tls`` makes the context from a throwaway CA
 and documents how the application under test trusts it. Every ``CapturedMail`` records ``tls``
-and ``auth_user``, and ``session_message`` carries them into the ``Message``.
+and ``auth_user``, and ``Message.from_captured`` carries them into the ``Message``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import itertools
 import logging
@@ -31,7 +30,6 @@ from typing import Any, Callable, Mapping, Optional
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from mailproof.message import Message
 from mailproof.net import LOOPBACK
 
 log = logging.getLogger("mailproof.sink")
@@ -59,46 +57,6 @@ class CapturedMail:
     tls: bool = False
     auth_user: Optional[str] = None
     mail_options: tuple[str, ...] = field(default=())
-
-
-@functools.lru_cache(maxsize=None)
-def _parameters(cls: type) -> frozenset:
-    try:
-        return frozenset(inspect.signature(cls).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
-
-
-def session_message(raw: bytes, *, tls: Optional[bool] = None, auth_user: Optional[str] = None,
-                    **message_options: Any) -> Message:
-    """A ``Message`` that knows its SMTP session: ``msg.tls`` and ``msg.auth_user`` (None: unknown).
-
-    They are passed to ``Message`` where its signature takes them, and set on the new message
-    otherwise (so they are there, whichever version of ``Message`` runs).
-    """
-    accepted = _parameters(Message)
-    session = {"tls": None if tls is None else bool(tls), "auth_user": auth_user}
-    msg = Message(raw, **message_options, **{k: v for k, v in session.items() if k in accepted})
-    for name, value in session.items():
-        if name not in accepted:
-            try:
-                setattr(msg, name, value)
-            except AttributeError:  # a read-only attribute of a newer Message: keep it in extra
-                msg.extra[name] = value
-    return msg
-
-
-def message_of_captured(captured: "CapturedMail", source: str = "sink") -> Message:
-    """The ``Message`` of one captured mail, with its envelope, arrival time and session.
-
-    ``Message.from_captured`` makes it where that exists (it knows every session fact Message has).
-    """
-    from_captured = getattr(Message, "from_captured", None)
-    if from_captured is not None:
-        return from_captured(captured, source=source)
-    return session_message(captured.data, mail_from=captured.mail_from, rcpt_tos=captured.rcpt_tos,
-                           received_at=captured.received_at, source=source,
-                           tls=captured.tls, auth_user=captured.auth_user)
 
 
 class SinkError(RuntimeError):
