@@ -9,18 +9,31 @@ the timeout (default: the Mailbox's ``default_timeout``, else ``max(3 * within, 
 Mail later than the SLO but before the timeout raises ``MailLate`` (the message claimed, on the
 exception); none by the timeout raises ``MailNotDelivered``.
 
-**The trigger of an address's mail** (``trigger_of``, what every latency is measured from, the
-rehearsal ledger's included) is, in order:
+**One trigger per expected email.** Every wait on an address (``wait_for``, ``expect``) gets
+its own trigger, what the latency of the mail it returns is measured from (the rehearsal
+ledger's included). For the k-th wait on an address, in order:
 
-1. ``mark(address)``: set explicitly;
-2. the first request after the address was handed out that carried it (URL, query string, form
-   data or JSON body; case-insensitive; percent-encoded forms included);
-3. ``mark()``: for every handed-out address with no trigger yet;
-4. at the wait: the latest request or mark before the wait began (for ``expect``: the first one
-   made inside the block, else the latest before it).
+1. ``mark(address)`` made since the previous wait on it began: set explicitly;
+2. whichever came first after the previous wait on it returned (for the first wait: after the
+   address was handed out): the first request that carried the address (URL, query string, form
+   data or JSON body; case-insensitive; percent-encoded forms included), or ``mark()`` (the
+   trigger of every address whose next wait has none yet);
+3. at the wait: the latest request or mark before the wait began and after the previous wait on
+   the address returned (for ``expect``: the first one made inside the block, else the latest
+   before it); for the first wait, the latest before it began;
+4. else the previous wait's trigger (nothing happened since: the app sends two emails for one
+   cause; a wait that begins while another on the address is still waiting also gets it).
 
-Once known, a trigger is fixed: a later request never moves it. ``Message.latency`` of a message
-a wait returns is ``received_at - trigger_of(address)``: one computation, wherever it is read.
+A wait's trigger is fixed when it begins: requests made while it waits never count, and a
+later request never moves it. ``Message.latency`` of a message a wait returns is
+``received_at - that wait's trigger``; ``triggers_of(address)`` lists one trigger per expected
+email (a ``count=2`` wait: two), in the order the waits were made, and is what the ledger
+measures the same emails from: one computation, wherever it is read. ``trigger_of(address)`` is
+the first of them (before any wait: the trigger decided so far for the first).
+
+A wait without ``to`` measures each message from the trigger its first recipient's next wait
+would have had when it began (no trigger decided: the latest request or mark before it began),
+and moves no address's triggers.
 """
 
 from __future__ import annotations
@@ -46,8 +59,9 @@ NEAR_MISSES_SHOWN = 10
 class Triggers:
     """The request starts and marks of one Mailbox, sorted (epoch seconds): the fallback trigger.
 
-    Not the latency rule itself (that is ``Mailbox.trigger_of``): ``before(t)`` is "the latest
-    request or mark at or before t", used when a wait begins for an address nothing triggered.
+    Not the latency rule itself (that is ``Mailbox.triggers_of``): ``before(t)`` is "the latest
+    request or mark at or before t", ``latest(n, t)`` the same among those added after the first
+    ``n``: used when a wait begins for an address nothing triggered since its previous wait.
     """
 
     __slots__ = ("_times", "_order")
@@ -71,6 +85,15 @@ class Triggers:
         """The triggers added after the first ``n``, in the order they were added."""
         return self._order[n:]
 
+    def latest(self, since: int, at: Optional[float]) -> Optional[float]:
+        """The latest trigger at or before ``at`` among those added after the first ``since``."""
+        if since <= 0:
+            return self.before(at)
+        if at is None:
+            return None
+        recent = [t for t in self._order[since:] if t <= at]
+        return max(recent) if recent else None
+
     @property
     def times(self) -> list[float]:
         return list(self._times)
@@ -83,6 +106,31 @@ class Triggers:
 
     def __repr__(self) -> str:
         return f"Triggers({self._times!r})"
+
+
+class _Address:
+    """What a Mailbox knows of one address's triggers (read and written under its lock)."""
+
+    __slots__ = ("next", "since", "waits", "active", "handed_out")
+
+    def __init__(self) -> None:
+        self.next: Optional[float] = None  # the next wait's trigger, decided before it began (None: not yet)
+        # The fallback window of the next wait: triggers added after the first ``since`` (the
+        # previous wait returned then; 0 before the first wait). None while a wait is waiting.
+        self.since: Optional[int] = 0
+        self.waits: list[tuple[Optional[float], int]] = []  # (trigger, emails) of each wait begun, in order
+        self.active = 0  # waits waiting now
+        self.handed_out = False
+
+    def previous(self) -> Optional[float]:
+        return self.waits[-1][0] if self.waits else None
+
+    def resolve(self, fallback: Callable[[int], Optional[float]]) -> Optional[float]:
+        """The trigger a wait beginning now gets (rule in the module docstring)."""
+        if self.next is not None:
+            return self.next
+        found = fallback(self.since) if self.since is not None else None
+        return found if found is not None else self.previous()
 
 
 class ExpectedMail(list):
@@ -120,9 +168,8 @@ class Mailbox:
         self.claimed: set[int] = set()
         self.triggers = Triggers()
         self._lock = threading.Lock()
-        self._trigger: dict[str, Optional[float]] = {}  # decided: address -> trigger (None: none known)
-        self._pending: dict[str, None] = {}  # handed out, no trigger decided yet (ordered)
-        self._returned: set[str] = set()  # addresses a wait has returned mail for
+        self._addresses: dict[str, _Address] = {}  # lower-cased address -> its triggers
+        self._pending: dict[str, None] = {}  # handed out, not waited on now, next trigger not decided (ordered)
         self._start_seq = store.last_seq
         self._observers: list[Callable[..., None]] = []
         self._closed = False
@@ -134,13 +181,18 @@ class Mailbox:
         address = self.addresses.address(label)
         self.handed_out.append(address)
         with self._lock:
-            self._pending[address.lower()] = None
+            key = address.lower()
+            state = self._state(key)
+            state.handed_out = True
+            if not state.active and state.next is None:
+                self._pending[key] = None
         self.store._hold(address)
         return address
 
     def on_request(self, method: str, url: Any, fields: Optional[Mapping[str, Any]] = None) -> float:
-        """An HTTP request starts now (``TriggeringClient`` calls this): the trigger of every
-        handed-out address with no trigger yet that it carries, and a fallback trigger."""
+        """An HTTP request starts now (``TriggeringClient`` calls this): the trigger of the next
+        wait of every handed-out address it carries that has none yet (and no wait waiting on
+        it), and a fallback trigger."""
         at = self.clock()
         with self._lock:
             self.triggers.add(at)
@@ -156,15 +208,16 @@ class Mailbox:
                 for key in carried:
                     if key in self._pending:
                         del self._pending[key]
-                        self._trigger[key] = at
+                        self._addresses[key].next = at
         return at
 
     def mark(self, address: Optional[str] = None, *, at: Optional[float] = None) -> float:
         """An explicit trigger, for mail caused by something other than an HTTP request.
 
-        ``mark()`` is the trigger of every handed-out address with no trigger yet (and a fallback
-        trigger for later waits); ``mark(address)`` sets that one address's trigger, replacing
-        one inferred from a request. A time as the first argument is taken as ``at``.
+        ``mark()`` is the trigger of the next wait of every handed-out address that has none yet
+        (and no wait waiting on it), and a fallback trigger for later waits; ``mark(address)``
+        sets the trigger of that address's next wait, replacing one inferred from a request (a
+        wait that has begun keeps its own). A time as the first argument is taken as ``at``.
         """
         if isinstance(address, (int, float)) and not isinstance(address, bool):
             address, at = None, float(address)
@@ -173,23 +226,39 @@ class Mailbox:
             if address is None:
                 self.triggers.add(at)
                 for key in self._pending:
-                    self._trigger[key] = at
+                    self._addresses[key].next = at
                 self._pending.clear()
                 return at
             key = address.lower()
-            if key in self._returned and self._trigger.get(key) != at:
-                raise MailproofError(
-                    f"mark({address!r}) after a wait returned mail to it: that mail's latency was measured "
-                    f"from the trigger at {self._trigger.get(key)!r} and would no longer match the ledger's. "
-                    "Mark before the wait, or hand out a new address for a new expectation.")
-            self._trigger[key] = at
+            self._state(key).next = at
             self._pending.pop(key, None)
         return at
 
     def trigger_of(self, address: str) -> Optional[float]:
-        """The trigger time of ``address``'s expected mail (epoch seconds), None if none is known."""
+        """The trigger of ``address``'s first expected email (epoch seconds), None if none is known.
+
+        Before any wait on it: the trigger decided so far for that first wait. For every email,
+        see ``triggers_of``."""
         with self._lock:
-            return self._trigger.get(address.lower())
+            state = self._addresses.get(address.lower())
+            if state is None:
+                return None
+            return state.waits[0][0] if state.waits else state.next
+
+    def triggers_of(self, address: str) -> list[Optional[float]]:
+        """The trigger of each email expected at ``address``, in the order the waits were made: a
+        ``count=n`` wait contributes n entries (its one trigger), ``expect_no_mail`` none. An
+        expectation in ``expected`` that no wait has begun for (an ``expect`` block still open)
+        is given the trigger decided for the next wait, else the last wait's."""
+        key = address.lower()
+        with self._lock:
+            state = self._addresses.get(key)
+            out = [trigger for trigger, n in state.waits for _ in range(n)] if state else []
+            armed = self.expected.get(key, (0, 0.0))[0]
+            if len(out) < armed:
+                pad = None if state is None else state.next if state.next is not None else state.previous()
+                out += [pad] * (armed - len(out))
+            return out
 
     def wait_timeout(self, within: Optional[float] = None, timeout: Optional[float] = None) -> float:
         """How long a wait with this SLO waits; raises ValueError for an invalid pair."""
@@ -246,11 +315,15 @@ class Mailbox:
         within, timeout = self._limits(within, timeout)
         criteria = Criteria(to=to, subject=subject, contains=contains, header=header, sender=sender, match=match)
         started = self.clock()
-        fallback = self._fallback(started)
-        decided = self._fix_trigger(criteria, fallback)
-        self._expect_count(criteria.recipient, count, within)
-        found = self._wait(criteria, count, timeout, self._start_seq)
-        return self._verdict(criteria, count, within, timeout, found, started, fallback, decided, window_start=started)
+        key = criteria.recipient
+        trigger, resolved = self._begin(key, count, lambda since: self.triggers.latest(since, started))
+        try:
+            self._expect_count(key, count, within)
+            found = self._wait(criteria, count, timeout, self._start_seq)
+            return self._verdict(criteria, count, within, timeout, found, started, trigger, resolved,
+                                 window_start=started)
+        finally:
+            self._end(key)
 
     def expect(
         self,
@@ -298,7 +371,8 @@ class Mailbox:
         found = self._wait(criteria, 1, within, self._start_seq)
         if found:
             msg = found[0]
-            trigger = self._known_trigger(msg, criteria)
+            now = self.clock()
+            trigger = self._known_trigger(msg, criteria, lambda since: self.triggers.latest(since, now))
             if trigger is not None:
                 msg.triggered_at = trigger
             error = UnexpectedMail(
@@ -333,52 +407,69 @@ class Mailbox:
                              "outlast the SLO to tell late mail from lost mail")
         return within, timeout
 
-    def _fallback(self, at: float) -> Optional[float]:
-        with self._lock:
-            return self.triggers.before(at)
+    def _state(self, key: str) -> _Address:
+        state = self._addresses.get(key)
+        if state is None:
+            state = self._addresses[key] = _Address()
+        return state
 
-    def _fix_trigger(self, criteria: Criteria, fallback: Optional[float]) -> dict[str, Optional[float]]:
-        """As a wait begins: fix the trigger of its address (to ``fallback`` if none was decided),
-        so that nothing done while it waits moves it. Returns the triggers decided by then (what
-        a wait without ``to`` measures its messages from)."""
+    def _begin(self, key: Optional[str], count: int, fallback: Callable[[int], Optional[float]]
+               ) -> tuple[Optional[float], Optional[dict[str, Optional[float]]]]:
+        """A wait begins: fix its trigger (``fallback(since)``: the latest request or mark in the
+        address's window, see ``_Address``), so nothing done while it waits moves it. Returns
+        (the wait's trigger, None); for a wait without ``to``: (the latest request or mark before
+        it began, the trigger each address's next wait would get now)."""
         with self._lock:
-            key = criteria.recipient
-            if key and key not in self._trigger:
-                self._trigger[key] = fallback
-                self._pending.pop(key, None)
-            return dict(self._trigger)
+            if key is None:
+                return fallback(0), {k: state.resolve(fallback) for k, state in self._addresses.items()}
+            state = self._state(key)
+            trigger = state.resolve(fallback)
+            state.waits.append((trigger, count))
+            state.next = None
+            state.since = None
+            state.active += 1
+            self._pending.pop(key, None)
+            return trigger, None
 
-    def _known_trigger(self, msg: Message, criteria: Criteria) -> Optional[float]:
+    def _end(self, key: Optional[str]) -> None:
+        """A wait on ``key`` returned (or raised): what happens from now on is for the next one."""
+        if key is None:
+            return
         with self._lock:
-            if criteria.recipient:
-                return self._trigger.get(criteria.recipient)
-            for rcpt in sorted(recipients_of(msg)):
-                if self._trigger.get(rcpt) is not None:
-                    return self._trigger[rcpt]
+            state = self._addresses[key]
+            state.active -= 1
+            if state.active == 0:
+                state.since = len(self.triggers)
+                if state.handed_out and state.next is None:
+                    self._pending[key] = None
+
+    def _known_trigger(self, msg: Message, criteria: Criteria,
+                       fallback: Callable[[int], Optional[float]]) -> Optional[float]:
+        """The trigger of an unexpected message: the one its address's next wait would get now."""
+        with self._lock:
+            keys = [criteria.recipient] if criteria.recipient else sorted(recipients_of(msg))
+            for key in keys:
+                state = self._addresses.get(key)
+                trigger = state.resolve(fallback) if state is not None else None
+                if trigger is not None:
+                    return trigger
         return None
 
-    def _stamp(self, msg: Message, criteria: Criteria, fallback: Optional[float],
-               decided: dict[str, Optional[float]]) -> None:
-        """``msg.triggered_at = trigger_of(its address)``. Without ``to``, the address is the
-        message's first recipient with a trigger; a recipient with none decided when the wait
-        began gets the wait's fallback (a request made while waiting never counts)."""
-        with self._lock:
-            key = criteria.recipient
-            if key:
-                self._trigger.setdefault(key, fallback)
-            else:
-                rcpts = sorted(recipients_of(msg))
-                for rcpt in rcpts:
-                    if rcpt not in decided:
-                        self._trigger[rcpt] = fallback
-                        self._pending.pop(rcpt, None)
-                known = [r for r in rcpts if self._trigger.get(r) is not None]
-                if not known:
-                    msg.triggered_at = fallback
-                    return
-                key = known[0]
-            msg.triggered_at = self._trigger[key]
-            self._returned.add(key)
+    @staticmethod
+    def _stamp(msg: Message, criteria: Criteria, trigger: Optional[float],
+               resolved: Optional[dict[str, Optional[float]]]) -> None:
+        """``msg.triggered_at = the wait's trigger``. Without ``to``: the trigger its first
+        recipient with one would have had when the wait began (``resolved``), else the latest
+        request or mark before the wait began (a request made while waiting never counts)."""
+        if criteria.recipient or resolved is None:
+            msg.triggered_at = trigger
+            return
+        for rcpt in sorted(recipients_of(msg)):
+            known = resolved.get(rcpt, trigger)
+            if known is not None:
+                msg.triggered_at = known
+                return
+        msg.triggered_at = trigger
 
     def _expect_count(self, key: Optional[str], count: int, within: float) -> None:
         if key:
@@ -409,10 +500,9 @@ class Mailbox:
         return found
 
     def _verdict(self, criteria: Criteria, count: int, within: float, timeout: float, found: list[Message],
-                 started: float, fallback: Optional[float], decided: dict[str, Optional[float]],
+                 started: float, trigger: Optional[float], resolved: Optional[dict[str, Optional[float]]],
                  window_start: float):
         """Raise MailNotDelivered or MailLate, or notify "delivered" and return what a wait returns."""
-        trigger = self.trigger_of(criteria.recipient) if criteria.recipient else fallback
         if len(found) < count:
             error = MailNotDelivered(
                 self._explain_missing(criteria, count, found, within, timeout, window_start, trigger),
@@ -421,7 +511,7 @@ class Mailbox:
             raise error
         late: list[tuple[Message, float, bool]] = []
         for msg in found:
-            self._stamp(msg, criteria, fallback, decided)
+            self._stamp(msg, criteria, trigger, resolved)
             if msg.latency is not None:
                 if msg.latency > within:
                     late.append((msg, msg.latency, True))
@@ -505,7 +595,7 @@ class _Expecting:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         mb, sent = self.mailbox, self.sent
-        criteria, key = sent.criteria, sent.criteria.recipient
+        key = sent.criteria.recipient
         if exc_type is not None:  # withdrawn: the block failed before it could be the trigger
             if key:
                 if self._previous is None:
@@ -514,13 +604,26 @@ class _Expecting:
                     mb.expected[key] = self._previous
             return False
         started = mb.clock()
-        with mb._lock:
-            inside = mb.triggers.added_after(self._triggers_before)
-            fallback = inside[0] if inside else mb.triggers.before(self._entered_at)
-        decided = mb._fix_trigger(criteria, fallback)
+        entered, entered_at = self._triggers_before, self._entered_at
+
+        def fallback(since: int) -> Optional[float]:  # the first inside the block, else the latest before it
+            inside = mb.triggers.added_after(max(since, entered))
+            return inside[0] if inside else mb.triggers.latest(since, entered_at)
+
+        trigger, resolved = mb._begin(key, sent.count, fallback)
+        try:
+            self._finish(started, trigger, resolved)
+        finally:
+            mb._end(key)
+        return False
+
+    def _finish(self, started: float, trigger: Optional[float],
+                resolved: Optional[dict[str, Optional[float]]]) -> None:
+        mb, sent = self.mailbox, self.sent
+        criteria, key = sent.criteria, sent.criteria.recipient
         found = mb._wait(criteria, sent.count, sent.timeout, self._since_seq)
         try:
-            mb._verdict(criteria, sent.count, sent.within, sent.timeout, found, started, fallback, decided,
+            mb._verdict(criteria, sent.count, sent.within, sent.timeout, found, started, trigger, resolved,
                         window_start=self._entered_at)
         except MailLate:
             sent.extend(found)
@@ -549,10 +652,8 @@ class _Expecting:
                 lines.append(f"  ... and {len(extra) - NEAR_MISSES_SHOWN} more")
             error = UnexpectedMail("\n".join(lines), messages=extra)
             for msg in extra:
-                self.mailbox._notify("unexpected", msg, criteria, error)
+                mb._notify("unexpected", msg, criteria, error)
             raise error
-        return False
-
 
 def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

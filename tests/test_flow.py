@@ -1,9 +1,11 @@
 """Flows and their triggers: which request an email's latency is measured from.
 
-The rule (``mailproof.mailbox``): the trigger of an address's mail is the first request after the
-address was handed out that carried it, else ``mark()``, else the latest request or mark before
-the wait began; once known, nothing done later moves it. Here the application is a stub client
-(``StubApp``) and the Mailbox runs on a hand-set clock, so every latency is exact.
+The rule (``mailproof.mailbox``): every wait on an address has its own trigger: the first request
+that carried the address after the previous wait on it returned (for the first wait: after the
+address was handed out), else ``mark()``, else the latest request or mark before the wait began
+(and after the previous wait returned), else the previous wait's trigger; ``mark(address)`` sets
+the next wait's. Once a wait began, nothing done later moves its trigger. Here the application is
+a stub client (``StubApp``) and the Mailbox runs on a hand-set clock, so every latency is exact.
 """
 
 from __future__ import annotations
@@ -172,6 +174,133 @@ def test_a_late_mail_is_late_even_when_requests_came_after_its_trigger(make_mess
     with pytest.raises(MailLate, match=r"arrived 3\.000 s after the trigger, more than the 2 s allowed") as late:
         flow.mailbox.wait_for(to=address, within=2)
     assert flow.mails == [late.value.message]  # the flow records late mail too
+
+
+# -- one trigger per expected email: the second email to an address --------------------------------
+
+
+def test_the_welcome_after_the_confirmation_link_is_measured_from_the_click_not_the_signup(make_message):
+    # The issue's case: measured from the signup POST, this on-time welcome read 1.3 s and was late.
+    flow, clock = make_flow()
+    address = flow.mailbox.address("signup")
+    store = flow.mailbox.store
+    clock.now = 100.0
+    flow.http.post("/signup", json={"email": address})
+    store.deliver(make_message(address, "Confirm your account", received_at=100.5))
+    clock.now = 100.6
+    confirmation = flow.mailbox.wait_for(to=address, subject="Confirm", within=1)
+    clock.now = 101.0
+    flow.http.get("/confirm/8f2c1e.Zm9vYmFy")  # the link: it does not carry the address
+    store.deliver(make_message(address, "Welcome aboard", received_at=101.3))
+    clock.now = 101.4
+    welcome = flow.mailbox.wait_for(to=address, subject="Welcome", within=1)
+    assert (confirmation.latency, welcome.latency) == (pytest.approx(0.5), pytest.approx(0.3))
+    assert welcome.triggered_at == 101.0 and confirmation.triggered_at == 100.0
+    assert flow.mailbox.triggers_of(address) == [100.0, 101.0]
+    assert flow.mailbox.trigger_of(address) == 100.0  # the first expected email's, as before
+    assert flow.mails == [confirmation, welcome]
+
+
+def test_a_reset_code_is_measured_from_the_request_that_asked_for_it(make_message):
+    flow, clock = make_flow()
+    address = flow.mailbox.address("reset")
+    store = flow.mailbox.store
+    clock.now = 10.0
+    flow.http.post("/signup", json={"email": address})
+    store.deliver(make_message(address, "Confirm your account", received_at=10.5))
+    clock.now = 10.6
+    flow.mailbox.wait_for(to=address, subject="Confirm", within=5)
+    clock.now = 15.0
+    flow.http.post("/login", json={"user": "someone else"})  # carries nothing: not the trigger
+    clock.now = 20.0
+    flow.http.post("/password/forgot", json={"email": address})  # carries it: the trigger
+    clock.now = 20.5
+    flow.http.get("/status")  # a later request moves nothing
+    store.deliver(make_message(address, "Your password reset code", received_at=21.0))
+    clock.now = 21.5
+    reset = flow.mailbox.wait_for(to=address, subject="reset code", within=2)  # 11 s from the signup
+    assert reset.latency == 1.0 and flow.mailbox.triggers_of(address) == [10.0, 20.0]
+
+
+def test_a_count_2_wait_is_two_emails_from_one_trigger_and_the_next_order_has_its_own(make_message):
+    flow, clock = make_flow()
+    address = flow.mailbox.address("order")
+    store = flow.mailbox.store
+    clock.now = 5.0
+    flow.http.post("/orders", json={"email": address, "items": 2})  # one receipt per item
+    for at in (5.25, 5.5):
+        store.deliver(make_message(address, "Your receipt", received_at=at))
+    clock.now = 6.0
+    first = flow.mailbox.wait_for(to=address, subject="receipt", count=2, within=1)
+    clock.now = 8.0
+    flow.http.post("/orders", json={"email": address, "items": 1})
+    store.deliver(make_message(address, "Your receipt", received_at=8.75))
+    clock.now = 9.0
+    second = flow.mailbox.wait_for(to=address, subject="receipt", within=1)  # 3.75 s from the first order
+    assert [m.latency for m in first] == [0.25, 0.5] and second.latency == 0.75
+    assert flow.mailbox.triggers_of(address) == [5.0, 5.0, 8.0]
+
+
+def test_mark_of_the_address_before_a_second_wait_is_that_wait_s_trigger(make_message):
+    flow, clock = make_flow()
+    address = flow.mailbox.address("digest")
+    store = flow.mailbox.store
+    clock.now = 10.0
+    flow.http.post("/newsletter/subscribers", json={"email": address})
+    store.deliver(make_message(address, "Welcome to the newsletter", received_at=10.5))
+    clock.now = 11.0
+    flow.mailbox.wait_for(to=address, subject="Welcome", within=5)
+    clock.now = 30.0
+    assert flow.mark(address) == 30.0  # e.g. the flow runs the app's digest job itself
+    clock.now = 31.0
+    flow.http.get("/status")  # neither this later request...
+    flow.http.post("/digest/preview", json={"to": address})  # ...nor one carrying it moves the mark
+    store.deliver(make_message(address, "Your weekly digest", received_at=31.5))
+    clock.now = 32.0
+    digest = flow.mailbox.wait_for(to=address, subject="digest", within=2)  # 21 s from the subscription
+    assert digest.latency == 1.5 and flow.mailbox.triggers_of(address) == [10.0, 30.0]
+
+
+def test_two_emails_for_one_request_are_both_measured_from_that_request(make_message):
+    # Confirming sends a welcome and a coupon: nothing happens between the two waits, so the
+    # second is measured from the same request as the first, not from the signup nor its wait.
+    flow, clock = make_flow()
+    address = flow.mailbox.address("coupon")
+    store = flow.mailbox.store
+    clock.now = 40.0
+    flow.http.post("/signup", json={"email": address})
+    store.deliver(make_message(address, "Confirm your account", received_at=40.5))
+    clock.now = 41.0
+    flow.mailbox.wait_for(to=address, subject="Confirm", within=5)
+    clock.now = 50.0
+    flow.http.get("/confirm/opaque-token")
+    store.deliver(make_message(address, "Welcome aboard", received_at=50.25))
+    store.deliver(make_message(address, "Your 10% coupon", received_at=50.75))
+    clock.now = 51.0
+    welcome = flow.mailbox.wait_for(to=address, subject="Welcome", within=1)
+    clock.now = 51.5
+    coupon = flow.mailbox.wait_for(to=address, subject="coupon", within=1)  # 10.75 s from the signup
+    assert (welcome.latency, coupon.latency) == (0.25, 0.75)
+    assert flow.mailbox.triggers_of(address) == [40.0, 50.0, 50.0]
+
+
+def test_the_second_expect_block_measures_from_the_first_request_inside_it(make_message):
+    flow, clock = make_flow()
+    address = flow.mailbox.address("order")
+    store = flow.mailbox.store
+    clock.now = 20.0
+    flow.http.post("/cart", json={"email": address})
+    store.deliver(make_message(address, "Your cart is saved", received_at=20.5))
+    clock.now = 21.0
+    flow.mailbox.wait_for(to=address, subject="cart", within=5)
+    clock.now = 25.0
+    with flow.mailbox.expect(to=address, subject="receipt", within=1) as sent:
+        clock.now = 26.0
+        flow.http.post("/checkout")  # does not carry the address: the first request inside the block
+        clock.now = 26.5
+        flow.http.get("/orders/1")
+        store.deliver(make_message(address, "Your receipt", received_at=26.75))
+    assert sent[0].latency == 0.75 and flow.mailbox.triggers_of(address) == [20.0, 26.0]
 
 
 # -- mark() ----------------------------------------------------------------------------------

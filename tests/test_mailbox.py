@@ -459,10 +459,13 @@ def test_mark_of_one_address_sets_that_address_only(make_message):
     view.mark(a, at=t0)  # explicit: replaces the one the request gave
     assert view.trigger_of(a) == t0 and view.trigger_of(b) is None
     store.deliver(make_message(a, received_at=t0 + 1.5))
-    assert view.wait_for(to=a, within=5).latency == 1.5
-    with pytest.raises(MailproofError, match="after a wait returned mail to it"):
-        view.mark(a, at=t0 + 10)  # would silently change the latency of mail already returned
-    assert view.trigger_of(a) == t0
+    first = view.wait_for(to=a, within=5)
+    assert first.latency == 1.5
+    view.mark(a, at=t0 + 10)  # after a wait: the trigger of the next wait, never of mail already returned
+    assert view.trigger_of(a) == t0 and first.latency == 1.5 and view.triggers_of(a) == [t0]
+    store.deliver(make_message(a, received_at=t0 + 10.25))
+    assert view.wait_for(to=a, within=5).latency == 0.25
+    assert view.triggers_of(a) == [t0, t0 + 10] and view.trigger_of(b) is None and view.triggers_of(b) == []
 
 
 def test_latency_of_every_returned_message_is_received_at_minus_trigger_of(make_message):
@@ -500,18 +503,172 @@ def test_no_mark_means_no_latency_and_never_late(make_message):
     assert msg.latency is None and view.trigger_of(addr) is None
 
 
-def test_what_the_ledger_reads_handed_out_expected_trigger_of_after_close(make_message):
+def test_what_the_ledger_reads_handed_out_expected_triggers_of_after_close(make_message):
     store = MailStore()
     view = Mailbox(store, default_within=7)
     awaited, negative, never = view.address("awaited"), view.address("negative"), view.address("never")
-    view.on_request("POST", "/signup", {"json": {"email": awaited}})
-    store.deliver(make_message(awaited))
+    signup = view.on_request("POST", "/signup", {"json": {"email": awaited}})
+    store.deliver(make_message(awaited, "Confirm"))
     view.wait_for(to=awaited, within=3)
+    confirm = view.on_request("GET", "/confirm/token", {})
+    store.deliver(make_message(awaited, "Welcome"))
+    view.wait_for(to=awaited, within=2)
     view.expect_no_mail(to=negative, within=0.01)
+    view.expect_no_mail(to=awaited, within=0.01)  # adds no expected email
     view.close()
     assert view.handed_out == [awaited, negative, never] and view.default_within == 7
-    assert view.expected == {awaited.lower(): (1, 3), negative.lower(): (0, 0.01)}  # never awaited: absent
-    assert view.trigger_of(awaited) is not None and view.trigger_of(never) is None
+    assert view.expected == {awaited.lower(): (2, 3), negative.lower(): (0, 0.01)}  # never awaited: absent
+    assert view.triggers_of(awaited) == [signup, confirm] and view.trigger_of(awaited) == signup
+    assert view.triggers_of(negative) == [] and view.triggers_of(never) == [] and view.trigger_of(never) is None
+
+
+def test_the_ledger_and_the_waits_measure_each_email_of_one_address_the_same(make_message):
+    # One number, wherever it is read: the latency a wait returned (Message.latency), the ledger's
+    # for that email with the claim, and the ledger's from the bare arrival without it, for each
+    # of three emails to one address; the third came after its wait gave up.
+    from mailproof.load.ledger import FAILED, Claim, Ledger, arrival_key
+
+    clock_now = [1_800_000_000.0]
+    store = MailStore()
+    with_claims, from_arrivals = Ledger(grace=0.1), Ledger(grace=0.1)
+    for ledger in (with_claims, from_arrivals):
+        store.add_listener(ledger.on_arrival)
+    view = Mailbox(store, clock=lambda: clock_now[0])
+    claims = []
+    view.observe(lambda event, msg, criteria, error: claims.append(
+        (criteria.recipient, Claim(key=arrival_key(msg), t=msg.received_at, latency=msg.latency,
+                                   late=event == "late", subject=msg.subject or ""))) if msg is not None else None)
+    address = view.address("signup")
+    seq = iter(range(1, 100))
+
+    def sent_at(subject, t):
+        msg = make_message(address, subject, received_at=t)
+        msg.extra = {"service_seq": next(seq)}
+        return store.deliver(msg)
+
+    def at(t):
+        clock_now[0] = 1_800_000_000.0 + t
+
+    at(0.0)
+    view.on_request("POST", "/signup", {"json": {"email": address}})
+    sent_at("Confirm your account", clock_now[0] + 0.5)
+    at(1.0)
+    returned = [view.wait_for(to=address, subject="Confirm", within=5)]
+    at(3.0)
+    view.on_request("GET", "/confirm/opaque-token", {})
+    sent_at("Welcome aboard", clock_now[0] + 0.25)
+    at(4.0)
+    returned.append(view.wait_for(to=address, subject="Welcome", within=5))
+    at(6.0)
+    view.on_request("POST", "/password/forgot", {"json": {"email": address}})
+    reset_trigger = clock_now[0]
+    with pytest.raises(MailNotDelivered):
+        view.wait_for(to=address, subject="reset", within=0.05, timeout=0.05)
+    sent_at("Your reset code", reset_trigger + 0.75)  # after the wait gave up: the ledger still counts it
+    for ledger, claimed in ((with_claims, claims), (from_arrivals, ())):
+        ledger.record_flow("signup", view, outcome=FAILED, claims=claimed)
+    view.close()
+
+    waits = [m.latency for m in returned] + [pytest.approx(0.75)]
+    assert [m.latency for m in returned] == [0.5, 0.25]  # not 3.25, from the signup
+    assert with_claims.latencies(address) == from_arrivals.latencies(address) == waits
+    triggers = view.triggers_of(address)
+    assert triggers == [returned[0].triggered_at, returned[1].triggered_at, reset_trigger]
+    assert [m.received_at - t for m, t in zip(returned, triggers)] == [m.latency for m in returned]
+    for ledger in (with_claims, from_arrivals):
+        row = ledger.reconcile().flows["signup"]
+        assert (row.expected, row.delivered, row.late, row.lost, row.unexpected) == (3, 3, 0, 0, 0)
+        assert [s.latency for s in ledger.timeline().samples] == waits
+
+
+def test_in_the_ledger_a_copy_of_the_first_email_before_the_second_s_trigger_is_no_second_email(make_message):
+    # The welcome never came: a resent confirmation that arrived before the click is a duplicate,
+    # not the welcome, and the lost welcome is reported with the click as its trigger.
+    from mailproof.load.ledger import FAILED, Ledger
+
+    now = [1_800_000_000.0]
+    store, ledger = MailStore(), Ledger(grace=0.1)
+    store.add_listener(ledger.on_arrival)
+    view = Mailbox(store, clock=lambda: now[0])
+    address = view.address("signup")
+
+    def sent(subject, t, seq):
+        msg = make_message(address, subject, received_at=t)
+        msg.extra = {"service_seq": seq}
+        return store.deliver(msg)
+
+    signup = view.on_request("POST", "/signup", {"json": {"email": address}})
+    sent("Confirm your account", signup + 0.5, 1)
+    now[0] += 1
+    view.wait_for(to=address, subject="Confirm", within=5)
+    sent("Confirm your account", signup + 1.5, 2)  # the app resent it
+    now[0] += 1
+    click = view.on_request("GET", "/confirm/opaque-token", {})
+    with pytest.raises(MailNotDelivered):
+        view.wait_for(to=address, subject="Welcome", within=0.05, timeout=0.05)
+    ledger.record_flow("signup", view, outcome=FAILED)
+    row = ledger.reconcile().flows["signup"]
+    assert (row.expected, row.delivered, row.duplicated, row.lost) == (2, 1, 1, 1)
+    (lost,) = ledger.reconcile().lost_emails
+    assert lost.trigger == click and ledger.latencies(address) == [0.5]
+
+
+def test_a_request_made_while_waiting_is_no_trigger_of_the_next_wait_either(signalling_store, make_message):
+    store = signalling_store
+    now = [100.0]
+    view = Mailbox(store, clock=lambda: now[0])
+    addr = view.address()
+    view.on_request("POST", "/signup", {"json": {"email": addr}})  # 100: the first wait's trigger
+    waiting = in_thread(view.wait_for, to=addr, subject="Confirm", within=5)
+    store.await_waiters(1)
+    now[0] = 101.0
+    view.on_request("GET", f"/users/{addr}", {})  # while waiting, carrying the address
+    view.mark()  # while waiting: not this address's either
+    store.deliver(make_message(addr, "Confirm", received_at=101.5))
+    store.deliver(make_message(addr, "Tips to get started", received_at=101.75))
+    assert result_of(waiting).latency == 1.5
+    now[0] = 102.0
+    # Nothing since the first wait returned: the same cause (the signup) sent both.
+    assert view.wait_for(to=addr, subject="Tips", within=5).latency == 1.75
+    assert view.triggers_of(addr) == [100.0, 100.0]
+
+
+def test_mark_with_no_address_triggers_the_next_wait_of_an_address_already_awaited(make_message):
+    store = MailStore()
+    now = [10.0]
+    view = Mailbox(store, clock=lambda: now[0])
+    addr, fresh = view.address("a"), view.address("b")
+    view.on_request("POST", "/subscribe", {"json": {"email": addr}})
+    store.deliver(make_message(addr, "Subscribed", received_at=10.5))
+    now[0] = 11.0
+    view.wait_for(to=addr, within=5)
+    now[0] = 20.0
+    view.mark()  # the nightly job, run by the test: addr's next wait, and fresh's first
+    now[0] = 21.0
+    view.on_request("GET", "/status", {})
+    view.on_request("POST", "/profile", {"json": {"email": addr}})  # after the mark: moves nothing
+    store.deliver(make_message(addr, "Nightly digest", received_at=21.5))
+    store.deliver(make_message(fresh, "Nightly digest", received_at=21.25))
+    assert view.wait_for(to=addr, subject="digest", within=5).latency == 1.5
+    assert view.wait_for(to=fresh, subject="digest", within=5).latency == 1.25
+    assert view.triggers_of(addr) == [10.0, 20.0] and view.triggers_of(fresh) == [20.0]
+
+
+def test_a_wait_without_to_after_waits_measures_from_the_trigger_of_the_address_s_next_wait(make_message):
+    store = MailStore()
+    now = [50.0]
+    view = Mailbox(store, clock=lambda: now[0])
+    addr = view.address()
+    view.on_request("POST", "/signup", {"json": {"email": addr}})
+    store.deliver(make_message(addr, "Confirm", received_at=50.5))
+    now[0] = 51.0
+    view.wait_for(to=addr, within=5)
+    now[0] = 60.0
+    view.on_request("GET", "/confirm/token", {})
+    store.deliver(make_message(addr, "Welcome", received_at=60.25))
+    now[0] = 61.0
+    assert view.wait_for(within=5).latency == 0.25  # from the click, not from the signup
+    assert view.triggers_of(addr) == [50.0]  # a wait without to expects nothing of the address
 
 
 # -- expect(): arm first, trigger inside ---------------------------------------------------------

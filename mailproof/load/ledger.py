@@ -20,10 +20,14 @@ recipient. At the end, per flow:
 
 Mail to an address no flow handed out is unexpected for the run as a whole.
 
-Latency. Each expectation keeps the trigger of its email, ``Mailbox.trigger_of(address)`` taken
-when the run is recorded. A delivery a wait returned keeps ``Message.latency``, the number the
-flow saw; any other delivery is measured ``received_at - trigger``. Every delivery is in the
-latency percentiles (an email that came after its wait gave up included).
+Latency. Each expectation keeps the trigger of each of its emails, ``Mailbox.triggers_of(address)``
+taken when the run is recorded: one per expected email, in the order the waits were made (the
+welcome after the confirmation link is measured from the click, not from the signup). The k-th
+email of an address is its k-th delivery: first the emails its waits returned, in order, each
+keeping ``Message.latency``, the number the flow saw (received_at - that wait's trigger); then the
+other arrivals in arrival order, each measured ``received_at - the trigger of the email it fills``
+(an arrival before that trigger is not that email: it is extra). Every delivery is in the latency
+percentiles (an email that came after its wait gave up included).
 
 A run that is stopped (killed) in the middle is recorded like any other (``FlowUser`` records
 it in ``finally``): what it had armed after a trigger is still awaited through the grace period.
@@ -77,11 +81,29 @@ class Expectation:
     flow: str
     count: int  # emails expected (0: the flow asserted none must come)
     within: float  # seconds allowed from the trigger
-    trigger: Optional[float]  # Mailbox.trigger_of(address)
+    trigger: Optional[float]  # the first email's: Mailbox.trigger_of(address)
+    # One per expected email, in order: Mailbox.triggers_of(address). Empty (an Expectation built
+    # by hand): every email's trigger is ``trigger``.
+    triggers: list[Optional[float]] = field(default_factory=list)
     run: str = PASSED  # the run's outcome: passed, failed, interrupted
     last_trigger: Optional[float] = None  # the run's latest trigger
     claims: list[Claim] = field(default_factory=list)
-    reply: Optional[HttpReply] = None  # the app's answer to the triggering request
+    reply: Optional[HttpReply] = None  # the app's answer to the first email's triggering request
+    replies: list[Optional[HttpReply]] = field(default_factory=list)  # per email, as ``triggers``
+
+    def slots(self) -> list[Optional[float]]:
+        """The trigger of each expected email (``count`` of them), in order."""
+        n = max(self.count, 0)
+        known = list(self.triggers[:n])
+        pad = known[-1] if known else self.trigger
+        return known + [pad] * (n - len(known))
+
+    def reply_of(self, k: int) -> Optional[HttpReply]:
+        """The app's answer to the request that triggered the k-th email."""
+        return self.replies[k] if k < len(self.replies) else self.reply
+
+    def known_triggers(self) -> list[float]:
+        return [t for t in (self.slots() or [self.trigger]) if t is not None]
 
 
 @dataclass(kw_only=True)
@@ -107,6 +129,7 @@ class Delivery:
     t: Optional[float]
     latency: Optional[float]
     late: bool
+    trigger: Optional[float] = None  # the trigger of the expected email it is
 
 
 def arrival_key(msg: Message) -> Optional[str]:
@@ -116,9 +139,9 @@ def arrival_key(msg: Message) -> Optional[str]:
     return None if msg.received_at is None else f"t{msg.received_at!r}"
 
 
-def trigger_of(mailbox: Any, address: str) -> Optional[float]:
-    """``Mailbox.trigger_of(address)``: the trigger of that address's expected email."""
-    return mailbox.trigger_of(address)
+def triggers_of(mailbox: Any, address: str) -> list[Optional[float]]:
+    """``Mailbox.triggers_of(address)``: the trigger of each email expected at that address, in order."""
+    return list(mailbox.triggers_of(address))
 
 
 @dataclass
@@ -126,8 +149,12 @@ class _Account:
     """One address worked out: what it delivered, lost, and what was extra (and why)."""
 
     deliveries: list[Delivery] = field(default_factory=list)
-    outstanding: int = 0
+    owed: list[int] = field(default_factory=list)  # which expected emails (their index) never came
     extras: list[tuple[Arrival, str]] = field(default_factory=list)  # (arrival, category)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.owed)
 
 
 class Ledger:
@@ -193,13 +220,17 @@ class Ledger:
         for address, claim in claims:
             by_address[address.lower()].append(claim)
         expected = dict(mailbox.expected)
-        triggers = {key: trigger_of(mailbox, key) for key in expected}
+        triggers = {key: (mailbox.trigger_of(key), triggers_of(mailbox, key)) for key in expected}
+
+        def reply(trigger: Optional[float]) -> Optional[HttpReply]:
+            return replies.get(trigger) if trigger is not None else None
+
         with self._lock:
             for key, (count, within) in expected.items():
-                trigger = triggers[key]
+                trigger, each = triggers[key]
                 exp = Expectation(flow=flow_name, count=int(count), within=float(within), trigger=trigger,
-                                  run=outcome, last_trigger=last, claims=by_address.get(key, []),
-                                  reply=replies.get(trigger) if trigger is not None else None)
+                                  triggers=each, run=outcome, last_trigger=last, claims=by_address.get(key, []),
+                                  reply=reply(trigger), replies=[reply(t) for t in each])
                 self.expectations[key] = exp
                 self.handed.pop(key, None)
                 if self._awaited(exp) and not self._satisfied(key):
@@ -212,7 +243,7 @@ class Ledger:
     @staticmethod
     def _awaited(exp: Expectation) -> bool:
         """Whether the expectation's emails are owed: armed after a trigger (or by a run that finished)."""
-        return exp.count > 0 and (exp.trigger is not None or exp.run != INTERRUPTED)
+        return exp.count > 0 and (exp.run != INTERRUPTED or bool(exp.known_triggers()))
 
     def settle(self, timeout: Optional[float] = None, quiet: float = QUIET) -> bool:
         """Wait (woken by arrivals) until every expectation is met, then until no mail has come for
@@ -244,34 +275,43 @@ class Ledger:
     # -- working out one address --------------------------------------------------------------
 
     def _account(self, address: str, exp: Expectation) -> _Account:
+        """The k-th expected email is the k-th delivery: the emails the waits returned first (each
+        with the latency its wait measured), then the other arrivals in arrival order, each from
+        the trigger of the email it fills (an arrival before that trigger is extra)."""
         account = _Account()
+        slots = exp.slots()
         claimed = {c.key for c in exp.claims}
-        for claim in exp.claims[: max(exp.count, 0)]:
+        claims = exp.claims[: len(slots)]
+        for k, claim in enumerate(claims):
             late = claim.late or (claim.latency is not None and claim.latency > exp.within)
-            account.deliveries.append(Delivery(exp.flow, address, claim.t, claim.latency, late))
+            account.deliveries.append(Delivery(exp.flow, address, claim.t, claim.latency, late, slots[k]))
         copies = {c.message_id for c in exp.claims if c.message_id} | {c.subject for c in exp.claims if c.subject}
         awaited = self._awaited(exp)
-        account.outstanding = max(exp.count - len(account.deliveries), 0) if awaited else 0
+        k = len(claims)
         for arrival in sorted(self.arrivals.get(address, ()), key=lambda a: (a.t, a.key)):
             if arrival.key in claimed:
                 continue
-            after_trigger = exp.trigger is None or arrival.t >= exp.trigger
-            if account.outstanding and after_trigger:
-                latency = arrival.t - exp.trigger if exp.trigger is not None else None
+            owed = awaited and k < len(slots)
+            trigger = slots[k] if owed else None
+            if owed and (trigger is None or arrival.t >= trigger):
+                latency = arrival.t - trigger if trigger is not None else None
                 account.deliveries.append(Delivery(exp.flow, address, arrival.t, latency,
-                                                   latency is not None and latency > exp.within))
-                account.outstanding -= 1
+                                                   latency is not None and latency > exp.within, trigger))
+                k += 1
                 copies |= {x for x in (arrival.message_id, arrival.subject) if x}
                 continue
             account.extras.append((arrival, self._extra_kind(exp, arrival, copies)))
+        account.owed = list(range(k, len(slots))) if awaited else []
         return account
 
     @staticmethod
     def _extra_kind(exp: Expectation, arrival: Arrival, copies: set) -> str:
-        if exp.run == INTERRUPTED and exp.trigger is None:
+        known = exp.known_triggers()
+        if exp.run == INTERRUPTED and not known:
             return "interrupted"  # stopped before its trigger: whatever came is the run's unfinished business
+        latest = max(known) if known else None  # of the emails it expected
         caused_later = (exp.last_trigger is not None and arrival.t >= exp.last_trigger
-                        and (exp.trigger is None or exp.last_trigger > exp.trigger))
+                        and (latest is None or exp.last_trigger > latest))
         if exp.run != PASSED and caused_later:
             return "interrupted" if exp.run == INTERRUPTED else "unawaited"
         if exp.count and ((arrival.message_id and arrival.message_id in copies)
@@ -295,8 +335,11 @@ class Ledger:
     def lost_addresses(self) -> list[str]:
         """Addresses still owed an email, by trigger time."""
         with self._lock:
-            owed = [(exp.trigger or 0.0, a) for a, exp in self.expectations.items()
-                    if self._awaited(exp) and self._account(a, exp).outstanding]
+            owed = []
+            for a, exp in self.expectations.items():
+                account = self._account(a, exp) if self._awaited(exp) else None
+                if account is not None and account.owed:
+                    owed.append((exp.slots()[account.owed[0]] or 0.0, a))
         return [a for _, a in sorted(owed)]
 
     def reconcile(self, *, unverified: Iterable[str] = (), sink_notes: Optional[dict[str, str]] = None,
@@ -327,9 +370,10 @@ class Ledger:
                         row.unverified += account.outstanding
                     else:
                         row.lost += account.outstanding
-                        for _ in range(account.outstanding):
-                            lost.append(LostEmail(flow=exp.flow, address=address, trigger=exp.trigger,
-                                                  within=exp.within, run=exp.run, reply=exp.reply,
+                        slots = exp.slots()
+                        for k in account.owed:
+                            lost.append(LostEmail(flow=exp.flow, address=address, trigger=slots[k],
+                                                  within=exp.within, run=exp.run, reply=exp.reply_of(k),
                                                   sink=sink_notes.get(address, "not checked")))
                 for arrival, kind in account.extras:
                     setattr(row, kind, getattr(row, kind) + 1)
@@ -415,15 +459,17 @@ class Ledger:
                     continue
                 account = self._account(address, exp)
                 for d in account.deliveries:
-                    trigger = (d.t - d.latency) if d.t is not None and d.latency is not None else exp.trigger
+                    trigger = (d.t - d.latency) if d.t is not None and d.latency is not None else d.trigger
                     if trigger is not None:
                         sends[int(trigger)] += 1
                     if d.t is not None:
                         deliveries[int(d.t)] += 1
                     if d.t is not None and d.latency is not None:
                         samples.append(Sample(t=d.t, latency=d.latency, flow=exp.flow, address=address))
-                if exp.trigger is not None and account.outstanding:
-                    sends[int(exp.trigger)] += account.outstanding
+                slots = exp.slots()
+                for k in account.owed:
+                    if slots[k] is not None:
+                        sends[int(slots[k])] += 1
         samples.sort(key=lambda s: (s.t, s.address))
         return Timeline(sends=sorted(sends.items()), deliveries=sorted(deliveries.items()), samples=samples)
 
