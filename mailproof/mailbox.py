@@ -9,128 +9,27 @@ the timeout (default: the Mailbox's ``default_timeout``, else ``max(3 * within, 
 Mail later than the SLO but before the timeout raises ``MailLate`` (the message claimed, on the
 exception); none by the timeout raises ``MailNotDelivered``.
 
-**One trigger per expected email.** Every wait on an address (``wait_for``, ``expect``) gets
-its own trigger, what the latency of the mail it returns is measured from (the rehearsal
-ledger's included). For the k-th wait on an address, in order:
-
-1. ``mark(address)`` made since the previous wait on it began: set explicitly;
-2. whichever came first after the previous wait on it returned (for the first wait: after the
-   address was handed out): the first request that carried the address (URL, query string, form
-   data or JSON body; case-insensitive; percent-encoded forms included), or ``mark()`` (the
-   trigger of every address whose next wait has none yet);
-3. at the wait: the latest request or mark before the wait began and after the previous wait on
-   the address returned (for ``expect``: the first one made inside the block, else the latest
-   before it); for the first wait, the latest before it began;
-4. else the previous wait's trigger (nothing happened since: the app sends two emails for one
-   cause; a wait that begins while another on the address is still waiting also gets it).
-
-A wait's trigger is fixed when it begins: requests made while it waits never count, and a
-later request never moves it. ``Message.latency`` of a message a wait returns is
-``received_at - that wait's trigger``; ``triggers_of(address)`` lists one trigger per expected
-email (a ``count=2`` wait: two), in the order the waits were made, and is what the ledger
-measures the same emails from: one computation, wherever it is read. ``trigger_of(address)`` is
-the first of them (before any wait: the trigger decided so far for the first).
-
-A wait without ``to`` measures each message from the trigger its first recipient's next wait
-would have had when it began (no trigger decided: the latest request or mark before it began),
-and moves no address's triggers.
+**One trigger per expected email.** Every wait on an address gets its own trigger, the
+request or mark its mail's latency is measured from: the rule is in ``mailproof.triggers``
+(the ``TriggerBook`` each Mailbox owns), the text of a failed wait in ``mailproof.near_misses``.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from mailproof.addresses import AddressBook
 from mailproof.criteria import Criteria, Text, recipients_of
 from mailproof.errors import HarnessError, MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 from mailproof.http import carried_addresses
 from mailproof.message import Message
+from mailproof.near_misses import NEAR_MISSES_SHOWN, explain_extra, explain_missing  # noqa: F401 (re-export)
 from mailproof.store import MailStore, _Waiter, describe
+from mailproof.triggers import TriggerBook, Triggers, stamp
 
 __all__ = ["Mailbox", "MailStore", "Triggers", "ExpectedMail"]
-
-NEAR_MISSES_SHOWN = 10
-
-
-class Triggers:
-    """The request starts and marks of one Mailbox, sorted (epoch seconds): the fallback trigger.
-
-    Not the latency rule itself (that is ``Mailbox.triggers_of``): ``before(t)`` is "the latest
-    request or mark at or before t", ``latest(n, t)`` the same among those added after the first
-    ``n``: used when a wait begins for an address nothing triggered since its previous wait.
-    """
-
-    __slots__ = ("_times", "_order")
-
-    def __init__(self, times: Iterable[float] = ()) -> None:
-        self._order: list[float] = [float(t) for t in times]
-        self._times: list[float] = sorted(self._order)
-
-    def add(self, at: float) -> None:
-        bisect.insort(self._times, float(at))
-        self._order.append(float(at))
-
-    def before(self, at: Optional[float]) -> Optional[float]:
-        """The latest trigger at or before ``at`` (None: none that early, or no time)."""
-        if at is None or not self._times:
-            return None
-        index = bisect.bisect_right(self._times, at)
-        return self._times[index - 1] if index else None
-
-    def added_after(self, n: int) -> list[float]:
-        """The triggers added after the first ``n``, in the order they were added."""
-        return self._order[n:]
-
-    def latest(self, since: int, at: Optional[float]) -> Optional[float]:
-        """The latest trigger at or before ``at`` among those added after the first ``since``."""
-        if since <= 0:
-            return self.before(at)
-        if at is None:
-            return None
-        recent = [t for t in self._order[since:] if t <= at]
-        return max(recent) if recent else None
-
-    @property
-    def times(self) -> list[float]:
-        return list(self._times)
-
-    def __len__(self) -> int:
-        return len(self._times)
-
-    def __iter__(self):
-        return iter(list(self._times))
-
-    def __repr__(self) -> str:
-        return f"Triggers({self._times!r})"
-
-
-class _Address:
-    """What a Mailbox knows of one address's triggers (read and written under its lock)."""
-
-    __slots__ = ("next", "since", "waits", "active", "handed_out")
-
-    def __init__(self) -> None:
-        self.next: Optional[float] = None  # the next wait's trigger, decided before it began (None: not yet)
-        # The fallback window of the next wait: triggers added after the first ``since`` (the
-        # previous wait returned then; 0 before the first wait). None while a wait is waiting.
-        self.since: Optional[int] = 0
-        self.waits: list[tuple[Optional[float], int]] = []  # (trigger, emails) of each wait begun, in order
-        self.active = 0  # waits waiting now
-        self.handed_out = False
-
-    def previous(self) -> Optional[float]:
-        return self.waits[-1][0] if self.waits else None
-
-    def resolve(self, fallback: Callable[[int], Optional[float]]) -> Optional[float]:
-        """The trigger a wait beginning now gets (rule in the module docstring)."""
-        if self.next is not None:
-            return self.next
-        found = fallback(self.since) if self.since is not None else None
-        return found if found is not None else self.previous()
 
 
 class ExpectedMail(list):
@@ -166,10 +65,7 @@ class Mailbox:
         # address -> (messages expected, seconds allowed): what the ledger reconciles against.
         self.expected: dict[str, tuple[int, float]] = {}
         self.claimed: set[int] = set()
-        self.triggers = Triggers()
-        self._lock = threading.Lock()
-        self._addresses: dict[str, _Address] = {}  # lower-cased address -> its triggers
-        self._pending: dict[str, None] = {}  # handed out, not waited on now, next trigger not decided (ordered)
+        self._triggers = TriggerBook()
         self._start_seq = store.last_seq
         self._observers: list[Callable[..., None]] = []
         self._closed = False
@@ -180,12 +76,7 @@ class Mailbox:
         """A fresh address that nobody else will receive mail at."""
         address = self.addresses.address(label)
         self.handed_out.append(address)
-        with self._lock:
-            key = address.lower()
-            state = self._state(key)
-            state.handed_out = True
-            if not state.active and state.next is None:
-                self._pending[key] = None
+        self._triggers.hand_out(address)
         self.store._hold(address)
         return address
 
@@ -194,9 +85,7 @@ class Mailbox:
         wait of every handed-out address it carries that has none yet (and no wait waiting on
         it), and a fallback trigger."""
         at = self.clock()
-        with self._lock:
-            self.triggers.add(at)
-            pending = list(self._pending)
+        pending = self._triggers.request(at)
         if pending:
             try:
                 carried = carried_addresses(pending, url, fields or {})
@@ -204,11 +93,7 @@ class Mailbox:
                 self.store.record_harness_error(("request scan", type(exc)), exc,
                                                 f"looking for addresses in {method} {url}")
                 carried = []
-            with self._lock:
-                for key in carried:
-                    if key in self._pending:
-                        del self._pending[key]
-                        self._addresses[key].next = at
+            self._triggers.carried(carried, at)
         return at
 
     def mark(self, address: Optional[str] = None, *, at: Optional[float] = None) -> float:
@@ -222,16 +107,7 @@ class Mailbox:
         if isinstance(address, (int, float)) and not isinstance(address, bool):
             address, at = None, float(address)
         at = self.clock() if at is None else float(at)
-        with self._lock:
-            if address is None:
-                self.triggers.add(at)
-                for key in self._pending:
-                    self._addresses[key].next = at
-                self._pending.clear()
-                return at
-            key = address.lower()
-            self._state(key).next = at
-            self._pending.pop(key, None)
+        self._triggers.mark(address, at)
         return at
 
     def trigger_of(self, address: str) -> Optional[float]:
@@ -239,26 +115,19 @@ class Mailbox:
 
         Before any wait on it: the trigger decided so far for that first wait. For every email,
         see ``triggers_of``."""
-        with self._lock:
-            state = self._addresses.get(address.lower())
-            if state is None:
-                return None
-            return state.waits[0][0] if state.waits else state.next
+        return self._triggers.first(address)
 
     def triggers_of(self, address: str) -> list[Optional[float]]:
         """The trigger of each email expected at ``address``, in the order the waits were made: a
         ``count=n`` wait contributes n entries (its one trigger), ``expect_no_mail`` none. An
         expectation in ``expected`` that no wait has begun for (an ``expect`` block still open)
         is given the trigger decided for the next wait, else the last wait's."""
-        key = address.lower()
-        with self._lock:
-            state = self._addresses.get(key)
-            out = [trigger for trigger, n in state.waits for _ in range(n)] if state else []
-            armed = self.expected.get(key, (0, 0.0))[0]
-            if len(out) < armed:
-                pad = None if state is None else state.next if state.next is not None else state.previous()
-                out += [pad] * (armed - len(out))
-            return out
+        return self._triggers.each(address, self.expected)
+
+    @property
+    def triggers(self) -> Triggers:
+        """Every request start and mark so far, sorted (what a wait with no trigger of its own falls back on)."""
+        return self._triggers.triggers
 
     def wait_timeout(self, within: Optional[float] = None, timeout: Optional[float] = None) -> float:
         """How long a wait with this SLO waits; raises ValueError for an invalid pair."""
@@ -316,14 +185,14 @@ class Mailbox:
         criteria = Criteria(to=to, subject=subject, contains=contains, header=header, sender=sender, match=match)
         started = self.clock()
         key = criteria.recipient
-        trigger, resolved = self._begin(key, count, lambda since: self.triggers.latest(since, started))
+        trigger, resolved = self._triggers.begin(key, count, self._triggers.latest_before(started))
         try:
             self._expect_count(key, count, within)
             found = self._wait(criteria, count, timeout, self._start_seq)
             return self._verdict(criteria, count, within, timeout, found, started, trigger, resolved,
                                  window_start=started)
         finally:
-            self._end(key)
+            self._triggers.end(key)
 
     def expect(
         self,
@@ -371,8 +240,8 @@ class Mailbox:
         found = self._wait(criteria, 1, within, self._start_seq)
         if found:
             msg = found[0]
-            now = self.clock()
-            trigger = self._known_trigger(msg, criteria, lambda since: self.triggers.latest(since, now))
+            keys = [criteria.recipient] if criteria.recipient else sorted(recipients_of(msg))
+            trigger = self._triggers.unexpected(keys, self._triggers.latest_before(self.clock()))
             if trigger is not None:
                 msg.triggered_at = trigger
             error = UnexpectedMail(
@@ -406,70 +275,6 @@ class Mailbox:
             raise ValueError(f"timeout must be at least within ({within!r} s), not {timeout!r}: the wait has to "
                              "outlast the SLO to tell late mail from lost mail")
         return within, timeout
-
-    def _state(self, key: str) -> _Address:
-        state = self._addresses.get(key)
-        if state is None:
-            state = self._addresses[key] = _Address()
-        return state
-
-    def _begin(self, key: Optional[str], count: int, fallback: Callable[[int], Optional[float]]
-               ) -> tuple[Optional[float], Optional[dict[str, Optional[float]]]]:
-        """A wait begins: fix its trigger (``fallback(since)``: the latest request or mark in the
-        address's window, see ``_Address``), so nothing done while it waits moves it. Returns
-        (the wait's trigger, None); for a wait without ``to``: (the latest request or mark before
-        it began, the trigger each address's next wait would get now)."""
-        with self._lock:
-            if key is None:
-                return fallback(0), {k: state.resolve(fallback) for k, state in self._addresses.items()}
-            state = self._state(key)
-            trigger = state.resolve(fallback)
-            state.waits.append((trigger, count))
-            state.next = None
-            state.since = None
-            state.active += 1
-            self._pending.pop(key, None)
-            return trigger, None
-
-    def _end(self, key: Optional[str]) -> None:
-        """A wait on ``key`` returned (or raised): what happens from now on is for the next one."""
-        if key is None:
-            return
-        with self._lock:
-            state = self._addresses[key]
-            state.active -= 1
-            if state.active == 0:
-                state.since = len(self.triggers)
-                if state.handed_out and state.next is None:
-                    self._pending[key] = None
-
-    def _known_trigger(self, msg: Message, criteria: Criteria,
-                       fallback: Callable[[int], Optional[float]]) -> Optional[float]:
-        """The trigger of an unexpected message: the one its address's next wait would get now."""
-        with self._lock:
-            keys = [criteria.recipient] if criteria.recipient else sorted(recipients_of(msg))
-            for key in keys:
-                state = self._addresses.get(key)
-                trigger = state.resolve(fallback) if state is not None else None
-                if trigger is not None:
-                    return trigger
-        return None
-
-    @staticmethod
-    def _stamp(msg: Message, criteria: Criteria, trigger: Optional[float],
-               resolved: Optional[dict[str, Optional[float]]]) -> None:
-        """``msg.triggered_at = the wait's trigger``. Without ``to``: the trigger its first
-        recipient with one would have had when the wait began (``resolved``), else the latest
-        request or mark before the wait began (a request made while waiting never counts)."""
-        if criteria.recipient or resolved is None:
-            msg.triggered_at = trigger
-            return
-        for rcpt in sorted(recipients_of(msg)):
-            known = resolved.get(rcpt, trigger)
-            if known is not None:
-                msg.triggered_at = known
-                return
-        msg.triggered_at = trigger
 
     def _expect_count(self, key: Optional[str], count: int, within: float) -> None:
         if key:
@@ -505,13 +310,13 @@ class Mailbox:
         """Raise MailNotDelivered or MailLate, or notify "delivered" and return what a wait returns."""
         if len(found) < count:
             error = MailNotDelivered(
-                self._explain_missing(criteria, count, found, within, timeout, window_start, trigger),
+                explain_missing(criteria, count, found, within, timeout, window_start, trigger, self.messages),
                 found=found, within=within, timeout=timeout)
             self._notify("missing", None, criteria, error)
             raise error
         late: list[tuple[Message, float, bool]] = []
         for msg in found:
-            self._stamp(msg, criteria, trigger, resolved)
+            stamp(msg, criteria.recipient, trigger, resolved)
             if msg.latency is not None:
                 if msg.latency > within:
                     late.append((msg, msg.latency, True))
@@ -538,38 +343,6 @@ class Mailbox:
             raise error
         return found[0] if count == 1 else found
 
-    def _explain_missing(self, criteria, count, found, within, timeout, window_start, trigger) -> str:
-        lines = [
-            f"no mail {criteria.describe()} within {within:g} s"
-            if not found
-            else f"only {len(found)} of {count} mails {criteria.describe()} within {within:g} s",
-            f"(the SLO; waited {timeout:g} s in all, for late mail too)",
-        ]
-        for msg in found:
-            latency = None if trigger is None or msg.received_at is None else msg.received_at - trigger
-            when = "" if latency is None else f" {latency:.3f} s after the trigger"
-            lines.append(f"arrived: {describe(msg)}{when}")
-        if trigger is not None:
-            window_start = min(window_start, trigger)
-        found_seqs = {f.seq for f in found}
-        messages = self.messages
-        arrived = [m for m in messages if (m.received_at or 0) >= window_start and m.seq not in found_seqs]
-        if not arrived:
-            lines.append(f"no other mail arrived in that window ({len(messages)} captured in this test).")
-            return "\n".join(lines)
-        same = [m for m in arrived if criteria.recipient and criteria.recipient in recipients_of(m)]
-        others = [m for m in arrived if m not in same]
-        lines.append(f"{len(arrived)} other mail(s) arrived in that window:")
-        for msg in (same + others)[:NEAR_MISSES_SHOWN]:
-            try:
-                why = "; ".join(criteria.mismatches(msg)) or "already claimed by an earlier wait"
-            except Exception as exc:
-                why = f"could not be checked: {type(exc).__name__}: {exc}"
-            lines.append(f"  - {describe(msg)} at +{(msg.received_at or 0) - window_start:.3f} s: {why}")
-        if len(arrived) > NEAR_MISSES_SHOWN:
-            lines.append(f"  ... and {len(arrived) - NEAR_MISSES_SHOWN} more")
-        return "\n".join(lines)
-
 
 class _Expecting:
     """The context manager of ``Mailbox.expect``."""
@@ -585,8 +358,7 @@ class _Expecting:
         self._entered = True
         mb, sent = self.mailbox, self.sent
         key = sent.criteria.recipient
-        with mb._lock:
-            self._triggers_before = len(mb.triggers)
+        self._triggers_before = mb._triggers.added()
         self._since_seq = mb.store.last_seq
         self._entered_at = mb.clock()
         self._previous = mb.expected.get(key) if key else None
@@ -604,17 +376,12 @@ class _Expecting:
                     mb.expected[key] = self._previous
             return False
         started = mb.clock()
-        entered, entered_at = self._triggers_before, self._entered_at
-
-        def fallback(since: int) -> Optional[float]:  # the first inside the block, else the latest before it
-            inside = mb.triggers.added_after(max(since, entered))
-            return inside[0] if inside else mb.triggers.latest(since, entered_at)
-
-        trigger, resolved = mb._begin(key, sent.count, fallback)
+        fallback = mb._triggers.inside_else_before(self._triggers_before, self._entered_at)
+        trigger, resolved = mb._triggers.begin(key, sent.count, fallback)
         try:
             self._finish(started, trigger, resolved)
         finally:
-            mb._end(key)
+            mb._triggers.end(key)
         return False
 
     def _finish(self, started: float, trigger: Optional[float],
@@ -644,13 +411,7 @@ class _Expecting:
             if matched:
                 extra.append(msg)
         if extra:
-            lines = [f"expected exactly {sent.count} mail(s) {criteria.describe()}, but {sent.count + len(extra)} "
-                     f"had arrived by the time the {sent.count} expected had: {len(extra)} more:"]
-            lines += [f"  - {describe(m)} at +{(m.received_at or 0) - self._entered_at:.3f} s"
-                      for m in extra[:NEAR_MISSES_SHOWN]]
-            if len(extra) > NEAR_MISSES_SHOWN:
-                lines.append(f"  ... and {len(extra) - NEAR_MISSES_SHOWN} more")
-            error = UnexpectedMail("\n".join(lines), messages=extra)
+            error = UnexpectedMail(explain_extra(criteria, sent.count, extra, self._entered_at), messages=extra)
             for msg in extra:
                 mb._notify("unexpected", msg, criteria, error)
             raise error
