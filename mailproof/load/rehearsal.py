@@ -1,24 +1,17 @@
-"""One rehearsal's state, an object per Locust environment, and the Locust listeners that drive it.
+"""One rehearsal's state: a ``Rehearsal`` per Locust environment (local run, worker or master).
 
-``install(events)`` registers mailproof's command-line options and lifecycle listeners; it runs
-once, when a locustfile imports ``mailproof.load.user`` (``from mailproof.load import FlowUser``).
-The init listener creates a ``Rehearsal`` for the environment Locust made and attaches it to it;
+The Locust listeners (mailproof.load.listeners) create one for each environment and attach it;
 users and listeners reach it with ``Rehearsal.of(environment)``. Nothing is process-wide.
 
 A ``Rehearsal`` holds the connection to the sink service, the ledger (mailproof.load.ledger) and
 the flow counters. When the load stops, a local run (or each worker) waits out the grace period
 for outstanding mail, lets the event stream catch up with what the sink service captured, and
-reads the service's counters. In distributed mode each worker then sends a ``WorkerReport``; the
-master merges the reports, applies the SLO gates and writes results.json
-(``mailproof.load.results``).
+reads the service's counters (``finish_load``). In distributed mode each worker then sends a
+``WorkerReport``; the master merges the reports (``merge_reports``). ``results`` turns the state
+into the judged ``RehearsalResults`` (mailproof.load.outcome, mailproof.load.results).
 
-The harness never blames the application for its own gaps: when the stream skipped messages, fell
-behind, or could not read one, every email still owed is looked up in the sink service's own
-records; found, it is delivered (``harness.recovered``); not found while the service itself
-dropped messages, it is ``unverified`` (a harness error), not lost.
-
-Locust is imported only inside the listeners (they run under Locust): this module, and the merge
-it does, can be used and tested without monkey-patching the process.
+No Locust here: this module, and the merge it does, can be used and tested without
+monkey-patching the process.
 """
 
 from __future__ import annotations
@@ -35,22 +28,18 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from mailproof.addresses import TOKEN, AddressBook
+from mailproof.addresses import AddressBook
 from mailproof.load.gates import DEFAULT_GATES, Gate, GateError
 from mailproof.load.ledger import FAILED, INTERRUPTED, PASSED, Arrival, Claim, Ledger
-from mailproof.load.results import (FaultRecord, FlowRuns, Harness, HarnessError, HttpReply, RehearsalResults,
-                                    RequestCounts, RunInfo, SinkSnapshot, StreamCounters, WorkerAccount,
-                                    decode_record, encode_record)
+from mailproof.load.results import (FaultRecord, HttpReply, RehearsalResults, RequestCounts, SinkSnapshot,
+                                    StreamCounters, WorkerAccount, decode_record, encode_record)
 from mailproof.mailbox import Mailbox
 
 log = logging.getLogger("mailproof.load.rehearsal")
-FINISH, REPORT = "mailproof_finish", "mailproof_report"
 ATTRIBUTE = "mailproof_rehearsal"  # where the rehearsal hangs on its Locust environment
 FAILURE_SAMPLE_CHARS = 2000
 DEFAULT_RESULTS = "reports/rehearsal/results.json"
 CATCH_UP_SECONDS = 10.0  # how long the stream may take to deliver what the sink had captured at the end
-LOOKUPS = 200  # owed addresses looked up in the sink service's records at most (each scans what it retains)
-LOOKUPS_WITHOUT_GAPS = 20  # ... when the harness had no gap: the ones the summary lists
 
 
 @dataclass(frozen=True)
@@ -360,244 +349,24 @@ class Rehearsal:
 
     # -- the results -----------------------------------------------------------------------------
 
-    def _streams(self) -> tuple[Optional[StreamCounters], int, int]:
-        """(summed stream counters, worst gap, worst lag) over the processes that streamed."""
-        if self.role == "master":
-            if not self.worker_streams:
-                return None, 0, max(self.worker_behind, default=0)
-            total = StreamCounters()
-            for counters in self.worker_streams:
-                total.add(counters)
-            return total, max(c.missing for c in self.worker_streams), max(self.worker_behind, default=0)
-        stream = self.stream_counters()
-        return stream, stream.missing if stream else 0, self.behind
-
-    def _foreign(self, address: str) -> bool:
-        found = TOKEN.search(address)
-        return bool(found) and found.group(1) not in self.run_ids
-
     def results(self, *, http: RequestCounts, locust: RequestCounts, finished_at: Optional[float] = None,
                 lookup: Optional[Callable[[str], Optional[list[Arrival]]]] = None) -> RehearsalResults:
-        """The run's results, judged by the gates. ``lookup`` (default: ask the sink service) finds
-        the service's own records of an address still owed an email."""
-        finished_at = time.time() if finished_at is None else finished_at
-        stream, gap, behind = self._streams()
-        errors: list[HarnessError] = []
-        if gap:
-            errors.append(HarnessError(kind="stream_gap", count=gap, detail=(
-                f"the event stream skipped {gap} message(s) the sink service no longer held when asked: the "
-                "harness never saw them (raise the service's --max-messages)")))
-        if behind:
-            errors.append(HarnessError(kind="stream_behind", count=behind, detail=(
-                f"{behind} message(s) the sink service had captured never reached the harness's stream within "
-                f"{CATCH_UP_SECONDS:g} s of the end")))
-        if self.ledger.unparsed:
-            errors.append(HarnessError(kind="unparsed", count=self.ledger.unparsed, detail=(
-                f"{self.ledger.unparsed} captured message(s) had no capture time or no recipient the ledger "
-                "could read")))
-        if self.harness_flow_errors:
-            count = sum(self.harness_flow_errors.values())
-            first = next(iter(sorted(self.harness_samples.items())), ("", ""))
-            errors.append(HarnessError(kind="flow_harness_error", count=count, detail=(
-                f"{count} flow run(s) stopped on an error of the harness or of the flow's own criteria, not a verdict "
-                f"on the app (they are left out of the failure rate): {first[0]}: {first[1][:300]}")))
-        foreign = self._foreign if self.missing_workers else None
-        if foreign is not None:
-            strays = self.ledger.count_foreign(foreign)
-            errors.append(HarnessError(kind="unreported_worker", count=len(self.missing_workers), detail=(
-                f"worker(s) {', '.join(self.missing_workers)} never sent their ledger: their flows are not in "
-                f"these numbers, and {strays} email(s) to addresses of theirs are left out")))
-        gaps = bool(gap or behind or self.ledger.unparsed)
+        """The run's results, judged by the gates (mailproof.load.outcome). ``lookup`` (default: ask
+        the sink service) finds the service's own records of an address still owed an email."""
+        from mailproof.load.outcome import judged_results  # here, not at the top: outcome imports this module
 
-        # Emails still owed: ask the sink service's own records before calling any of them lost.
-        lookup = lookup if lookup is not None else (self.lookup if self.options.sink_url else None)
-        sink_complete = all(s.evicted == 0 and s.cleared == 0 for s in self.sinks.values())
-        owed = self.ledger.lost_addresses()
-        unverified: set[str] = set()
-        sink_notes: dict[str, str] = {}
-        recovered = 0
-        limit = LOOKUPS if gaps else LOOKUPS_WITHOUT_GAPS
-        for index, address in enumerate(owed):
-            found = lookup(address) if lookup is not None and index < limit else None
-            if found is None:
-                if gaps:
-                    unverified.add(address)
-                    sink_notes[address] = "not looked up at the sink service, while the harness had gaps"
-                else:
-                    sink_notes[address] = ("the harness saw every message the sink service captured (no stream "
-                                           "gap); not looked up one by one")
-                continue
-            recovered += self.ledger.recover(address, found)
-            if not self.ledger.owes(address):
-                continue
-            if found:
-                subjects = ", ".join(sorted({a.subject for a in found}))[:200]
-                sink_notes[address] = f"the sink service holds {len(found)} other message(s) to it: {subjects}"
-            elif gaps and not sink_complete:
-                unverified.add(address)
-                sink_notes[address] = ("not at the sink service, which dropped messages (evicted or cleared): "
-                                       "cannot tell an app loss from a harness gap")
-            else:
-                sink_notes[address] = "the sink service captured no message to this address (checked)"
-        if recovered:
-            self.notes.append(f"{recovered} expected email(s) the stream had not delivered were found in the sink "
-                              "service's records and counted as delivered")
-        ledger = self.ledger.reconcile(unverified=unverified, sink_notes=sink_notes, foreign=foreign)
-        unverified_count = sum(row.unverified for row in ledger.flows.values())
-        if unverified_count:
-            errors.append(HarnessError(kind="unverified", count=unverified_count, detail=(
-                f"{unverified_count} expected email(s) never reached the harness, which had gaps of its own: "
-                "they may have been sent; not counted as lost")))
-
-        options = self.options
-        results = RehearsalResults(
-            run=RunInfo(started_at=self.started_at if self.started_at is not None else finished_at,
-                        finished_at=finished_at, host=options.host,
-                        mode="distributed" if self.role == "master" else "local",
-                        workers_expected=self.workers_expected, missing_workers=list(self.missing_workers),
-                        grace=options.grace, chaos_profile=options.chaos_profile, chaos_seed=options.chaos_seed,
-                        users=options.users, spawn_rate=options.spawn_rate, run_time=options.run_time,
-                        shape=options.shape, peak_users=self.peak_users, flows_source=options.flows_source),
-            ledger=ledger, latency=self.ledger.latency_histograms().summary(), http=http, locust=locust,
-            flows=FlowRuns(runs=dict(sorted(self.flow_runs.items())),
-                           failures=dict(sorted(self.flow_failures.items())),
-                           interrupted=dict(sorted(self.flow_interrupted.items())),
-                           harness_errors=dict(sorted(self.harness_flow_errors.items())),
-                           failure_samples=dict(sorted(self.failure_samples.items())),
-                           failure_kinds={k: dict(sorted(v.items())) for k, v in sorted(self.failure_kinds.items())}),
-            timeline=self.ledger.timeline(), workers=dict(sorted(self.workers.items())),
-            harness=Harness(stream=stream, sinks=[self.sinks[url] for url in sorted(self.sinks)],
-                            notes=list(self.notes), errors=errors, recovered=recovered),
-        )
-        return results.judge(list(options.gates))
+        return judged_results(self, http=http, locust=locust, finished_at=finished_at, lookup=lookup)
 
 
-# -- Locust: options and lifecycle -------------------------------------------------------------------
-
-_installed: set[int] = set()
-
-
-def install(events: Any) -> None:
-    """Register mailproof's options and listeners on Locust's ``events`` (once per events object)."""
-    if id(events) in _installed:
-        return
-    _installed.add(id(events))
-    events.init_command_line_parser.add_listener(_options)
-    events.init.add_listener(_on_init)
-    events.test_start.add_listener(_on_test_start)
-    events.test_stopping.add_listener(_on_test_stopping)
-    events.test_stop.add_listener(_on_test_stop)
-    events.quitting.add_listener(_on_quitting)
+# Names defined in listeners and outcome that code imports from here too. Looked up when asked
+# for: those modules import this one.
+_MOVED = {"install": "listeners", "FINISH": "listeners", "REPORT": "listeners",
+          "request_counts": "outcome", "LOOKUPS": "outcome", "LOOKUPS_WITHOUT_GAPS": "outcome"}
 
 
-def _options(parser: Any) -> None:
-    group = parser.add_argument_group("mailproof")
-    group.add_argument("--mailproof-sink-url", default="", env_var="MAILPROOF_SINK_URL",
-                       help="URL of the sink service (mailproof sink)")
-    group.add_argument("--mailproof-domain", default="mailproof.test", help="domain of test addresses")
-    group.add_argument("--mailproof-grace", type=float, default=10.0,
-                       help="seconds to wait for outstanding mail after the load stops before calling it lost")
-    group.add_argument("--mailproof-gate", action="append", default=[],
-                       help="an SLO gate, e.g. 'signup_confirms_account:p95<5s' (repeatable; added to the defaults "
-                            + ", ".join(DEFAULT_GATES).replace("%", "%%") + ")")
-    group.add_argument("--mailproof-results", default=DEFAULT_RESULTS,
-                       help="where the master (or a local run) writes results.json (docs/results.md)")
-    group.add_argument("--mailproof-chaos", default="",
-                       help="the fault profile the sink service was started with (recorded in the results)")
-    group.add_argument("--mailproof-chaos-seed", type=int, default=None, help="its seed (recorded in the results)")
-    group.add_argument("--mailproof-quiet", action="store_true", default=False,
-                       help="do not print the summary at the end (the mailproof command prints it)")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-
-def _role(runner: Any) -> str:
-    from locust.runners import MasterRunner, WorkerRunner
-
-    return "master" if isinstance(runner, MasterRunner) else "worker" if isinstance(runner, WorkerRunner) else "local"
-
-
-def _expected_workers(runner: Any) -> set[str]:
-    return {client.id for client in runner.clients.all}
-
-
-def _on_init(environment: Any, **_kw: Any) -> None:
-    runner = environment.runner
-    role = _role(runner)
-    rehearsal = Rehearsal(RehearsalOptions.from_parsed(environment.parsed_options, host=environment.host),
-                          role=role).attach(environment)
-    # spawning_complete names no environment: this one's listener is bound to its rehearsal.
-    environment.events.spawning_complete.add_listener(lambda user_count, **_kw: rehearsal.note_users(user_count))
-    if role == "master":
-        runner.register_message(REPORT, _on_worker_report)
-        return
-    rehearsal.connect()
-    if role == "worker":
-        runner.register_message(FINISH, _on_finish_request, concurrent=True)
-
-
-def _on_test_start(environment: Any, **_kw: Any) -> None:
-    rehearsal = Rehearsal.of(environment)
-    if rehearsal.started_at is None:
-        rehearsal.started_at = time.time()
-
-
-def _on_test_stopping(environment: Any, **_kw: Any) -> None:
-    rehearsal = Rehearsal.of(environment)
-    if environment.runner is not None:
-        rehearsal.note_users(environment.runner.user_count)
-
-
-def _on_finish_request(environment: Any, msg: Any, **_kw: Any) -> None:
-    """Worker: stop the users gracefully, let late mail land, then report everything once."""
-    rehearsal = Rehearsal.of(environment)
-    environment.runner.stop()
-    rehearsal.finish_load()
-    environment.runner.send_message(REPORT, rehearsal.report())
-
-
-def _on_worker_report(environment: Any, msg: Any, **_kw: Any) -> None:
-    Rehearsal.of(environment).add_report(msg.node_id, msg.data, _expected_workers(environment.runner))
-
-
-def _on_test_stop(environment: Any, **_kw: Any) -> None:
-    rehearsal = Rehearsal.of(environment)
-    if rehearsal.role == "worker":
-        return
-    if rehearsal.role == "local":
-        rehearsal.finish_load()
-        return
-    runner = environment.runner
-    expected = _expected_workers(runner)
-    rehearsal.reports_done.clear()
-    runner.send_message(FINISH)
-    timeout = (environment.stop_timeout or 0) + rehearsal.options.grace + CATCH_UP_SECONDS + 30
-    if not rehearsal.reports_done.wait(timeout):
-        log.error("mailproof: no ledger from workers %s within %.0f s; results cover the rest",
-                  sorted(expected - set(rehearsal.reports)), timeout)
-    rehearsal.merge_reports(expected)
-    rehearsal.snapshot_sink()  # the master's own view, when it knows the sink (newer than the workers')
-
-
-def _on_quitting(environment: Any, **_kw: Any) -> None:
-    from mailproof.load.summary import render_summary
-
-    rehearsal = Rehearsal.of(environment)
-    if rehearsal.role == "worker":
-        rehearsal.stop()
-        return
-    results = rehearsal.results(**request_counts(environment))
-    path = results.write(rehearsal.options.results_path)
-    if not rehearsal.options.quiet:
-        print(render_summary(results), flush=True)
-        print(f"mailproof: results written to {path}", flush=True)
-    if not results.passed:
-        environment.process_exit_code = 3
-    rehearsal.stop()
-
-
-def request_counts(environment: Any) -> dict[str, RequestCounts]:
-    """HTTP requests (Locust's rows other than MAIL and FLOW events) and all of Locust's requests."""
-    entries = environment.stats.entries.items()
-    http = RequestCounts(requests=sum(e.num_requests for (_, method), e in entries if method not in ("MAIL", "FLOW")),
-                         failures=sum(e.num_failures for (_, method), e in entries if method not in ("MAIL", "FLOW")))
-    total = environment.stats.total
-    return {"http": http, "locust": RequestCounts(requests=total.num_requests, failures=total.num_failures)}
+        return getattr(importlib.import_module(f"mailproof.load.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,8 +20,9 @@ Import this only in a locustfile (importing Locust monkey-patches the process). 
   interrupted, neither passed nor failed. The ledger (mailproof.load.ledger) gets every run: what
   it expected of which address, the emails its waits returned and the app's answers to the
   requests that triggered them.
-- The state of the run is the environment's ``Rehearsal`` (mailproof.load.rehearsal), whose
-  listeners this import installs; distributed runs merge the workers' reports on the master.
+- The state of the run is the environment's ``Rehearsal`` (mailproof.load.rehearsal); this
+  import installs its Locust listeners (mailproof.load.listeners); distributed runs merge the
+  workers' reports on the master.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from mailproof.criteria import Criteria
 from mailproof.errors import MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 from mailproof.flow import Flow, flow_info, run
 from mailproof.load.ledger import Claim, arrival_key
-from mailproof.load.rehearsal import Rehearsal, install
+from mailproof.load.listeners import install
+from mailproof.load.rehearsal import Rehearsal
 from mailproof.load.results import HttpReply
 from mailproof.mailbox import Mailbox
 from mailproof.message import Message
