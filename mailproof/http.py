@@ -21,20 +21,61 @@ _POSITIONAL = {"get": ("params",), "post": ("data", "json"), "put": ("data",), "
 REQUEST_TEXT_LIMIT = 256 * 1024  # characters of one request field searched for addresses
 
 
-class AppSession(requests.Session):
-    """A requests.Session whose relative URLs resolve against the application's base URL."""
+DEFAULT_HTTP_TIMEOUT = 10.0  # seconds a flow's request may take (ini mailproof_http_timeout)
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+
+# requests' own classes underneath: flows that catch them keep working, and QA's report files
+# them as application errors (the app, or the URL it was given), not as the harness's.
+class AppUnreachable(requests.ConnectionError):
+    """The application could not be reached at all; the message names the URL and its setting."""
+
+
+class AppTimeout(requests.Timeout):
+    """The application took longer than the flow HTTP timeout; the message names the setting."""
+
+
+class AppSession(requests.Session):
+    """A requests.Session whose relative URLs resolve against the application's base URL.
+
+    A request the application never answers costs ``timeout`` seconds, not requests' forever;
+    failures to reach it are raised as ``AppUnreachable`` / ``AppTimeout`` (still requests'
+    ConnectionError / Timeout), whose message says which setting gave the URL or the timeout.
+    """
+
+    def __init__(self, base_url: str, timeout: float = DEFAULT_HTTP_TIMEOUT, *,
+                 url_setting: str = "--app-url / mailproof_app_url",
+                 timeout_setting: str = "mailproof_http_timeout") -> None:
         super().__init__()
         self.base_url = base_url.rstrip("/") + "/"
         self.timeout = timeout
+        self.url_setting = url_setting
+        self.timeout_setting = timeout_setting
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
         # flow.http.post(..., expect=400): the answer a flow expects; only Locust's statistics use it
         # (a 4xx there is a failure unless expected), pytest flows assert on status codes themselves.
         kwargs.pop("expect", None)
-        return super().request(method, urljoin(self.base_url, url.lstrip("/")), *args, **kwargs)
+        full = urljoin(self.base_url, url.lstrip("/"))
+        try:
+            return super().request(method, full, *args, **kwargs)
+        except requests.Timeout as exc:
+            raise AppTimeout(
+                f"{str(method).upper()} {full} got no answer within {kwargs['timeout']} s, the flow HTTP "
+                f"timeout ({self.timeout_setting}; or timeout= on this call). Is the application at "
+                f"{self.base_url} ({self.url_setting}) stuck or overloaded?") from exc
+        except requests.ConnectionError as exc:
+            raise AppUnreachable(
+                f"cannot reach the application at {self.base_url} ({self.url_setting}) for "
+                f"{str(method).upper()} {full}: {_reason(exc)}. Is it running, and is that its URL?") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a requests failure, e.g. 'Connection refused'."""
+    while exc.__context__ is not None and exc.__context__ is not exc:
+        exc = exc.__context__
+    text = str(exc)
+    return text.split("] ", 1)[-1] if text.startswith("[Errno") else (text or type(exc).__name__)
 
 
 class TriggeringClient:

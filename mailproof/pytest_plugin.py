@@ -43,7 +43,7 @@ from mailproof.capture.tls import AUTH_ENV, TLS_MODES, parse_auth, parse_tls_mod
 from mailproof.errors import MailproofError
 from mailproof.faults import ScopedFaults
 from mailproof.flow import Flow, run
-from mailproof.http import AppSession
+from mailproof.http import DEFAULT_HTTP_TIMEOUT, AppSession
 from mailproof.extras import available
 from mailproof.mailbox import Mailbox
 from mailproof.reporting import NullReporter
@@ -81,6 +81,7 @@ class Settings:
     sink_tls: str = "off"
     sink_auth: Optional[tuple[str, str]] = field(default=None, repr=False)
     timeout: Optional[float] = None  # how long a wait waits for late mail (None: max(3*within, within+10))
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT  # seconds a flow's HTTP request may take
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -116,6 +117,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("mailproof_domain", "domain of the test addresses handed out", default="mailproof.test")
     parser.addini("mailproof_within", "default SLO of a wait_for: seconds from the trigger (later mail is MailLate)",
                   default="10")
+    parser.addini("mailproof_http_timeout", "seconds a flow's HTTP request to the app may take",
+                  default=str(DEFAULT_HTTP_TIMEOUT))
     parser.addini("mailproof_timeout", "default seconds a wait_for waits for late mail "
                   "(empty: max(3 * within, within + 10))", default="")
     for key, help_text in IMAP_SETTINGS.items():
@@ -246,6 +249,7 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
             domain=pytestconfig.getini("mailproof_domain"),
             within=float(pytestconfig.getini("mailproof_within")),
             timeout=float(pytestconfig.getini("mailproof_timeout")) if pytestconfig.getini("mailproof_timeout") else None,
+            http_timeout=float(pytestconfig.getini("mailproof_http_timeout")),
             imap={key: os.environ.get(f"MAILPROOF_IMAP_{key.upper()}") or pytestconfig.getini(f"mailproof_imap_{key}")
                   for key in IMAP_SETTINGS},
             sink_url=_setting(pytestconfig, "sink_url", "MAILPROOF_SINK_URL") or "",
@@ -254,7 +258,7 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
             sink_auth=parse_auth(_setting(pytestconfig, "sink_auth", AUTH_ENV)),
         )
     except ValueError as exc:
-        raise MailproofError(f"invalid mailproof setting: {exc}. Check --sink-port, mailproof_within and mailproof_timeout.") from exc
+        raise MailproofError(f"invalid mailproof setting: {exc}. Check --sink-port, mailproof_within, mailproof_timeout and mailproof_http_timeout.") from exc
     if settings.backend not in BACKENDS:
         raise MailproofError(f"unknown mailbox backend {settings.backend!r}: use one of {', '.join(BACKENDS)}")
     # Checked in pytest_configure already, except inside xdist workers (and for direct callers).
@@ -396,9 +400,9 @@ def mailproof_app_url(mailproof_settings: Settings) -> str:
 
 
 @pytest.fixture
-def flow(mailbox, mailproof_app_url, request) -> Flow:
+def flow(mailbox, mailproof_app_url, mailproof_settings, request) -> Flow:
     """A Flow bound to the application and this test's mailbox, reporting to Allure."""
-    session = AppSession(mailproof_app_url)
+    session = AppSession(mailproof_app_url, timeout=mailproof_settings.http_timeout)
     if ALLURE:
         from mailproof.report.allure_reporter import AllureReporter
 
