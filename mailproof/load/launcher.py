@@ -3,14 +3,16 @@
     mailproof rehearse -f FLOWS (--host URL | --app "CMD" --app-ready URL_OR_REGEX) \\
         (-u USERS -r SPAWN_RATE -t RUN_TIME | --shape burst|ramp|constant --peak-users N --duration S) \\
         [--workers N] [--smtp-port P] [--flow-mix name=W,...] [--gate GATE ...] \\
-        [--chaos PROFILE [--chaos-seed S]] [--grace S] [--out DIR]
+        [--chaos PROFILE [--chaos-seed S] | --sink-url URL] [--grace S] [--out DIR]
 
 Everything that can be wrong with the command is checked before anything starts (the gates, the
 chaos profile, FLOWS and its flow names, the ports); a setup error exits 2 with its cause and
 its fix. Then, in order:
 
 1. the sink service (``python -m mailproof.capture.service``, its own process) listens for SMTP
-   on ``--smtp-port`` (0: a free port) and serves its HTTP API on a free port;
+   on ``--smtp-port`` (0: a free port) and serves its HTTP API on a free port; with
+   ``--sink-url URL`` none is started: the service already running at URL is used (and left
+   running), its SMTP address read from its ``/health``;
 2. the application, with ``--app``: ``CMD`` runs through ``sh -c`` in its own process group, with
    ``MAILPROOF_SMTP_HOST`` and ``MAILPROOF_SMTP_PORT`` (the sink), ``MAILPROOF_APP_PORT`` (a free
    port mailproof chose) and each ``--app-env NAME=VALUE`` in its environment; ``{port}`` in
@@ -109,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mail = parser.add_argument_group("mail and verdict")
     mail.add_argument("--smtp-port", type=int, default=0, metavar="P",
                       help="the sink's SMTP port, for an app with a fixed relay (default 0: a free port)")
+    mail.add_argument("--sink-url", default=None, metavar="URL",
+                      help="use the sink service already running at URL (python -m mailproof.capture.service) "
+                           "instead of starting one: its SMTP address (from its /health) goes to --app; "
+                           "not with --smtp-port or --chaos (give those to the service)")
     mail.add_argument("--gate", action="append", default=[], metavar="GATE",
                       help="an SLO gate, e.g. 'signup_confirms_account:p95<2s' (repeatable), added to the "
                            "defaults: " + ", ".join(DEFAULT_GATES).replace("%", "%%"))
@@ -143,7 +149,15 @@ class Plan:
             parts = urllib.parse.urlsplit(self.host)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise SetupError(f"--host {args.host!r}: give the app's base URL, e.g. --host http://127.0.0.1:8000")
-        if args.smtp_port:
+        if getattr(args, "sink_url", None):
+            parts = urllib.parse.urlsplit(args.sink_url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise SetupError(f"--sink-url {args.sink_url!r}: give the sink service's HTTP URL, "
+                                 "e.g. --sink-url http://127.0.0.1:8025")
+            if args.smtp_port or args.chaos:
+                raise SetupError("--sink-url uses a running sink service: give --smtp-port and --chaos to the "
+                                 "service (python -m mailproof.capture.service --smtp-port P --chaos ...), not here")
+        elif args.smtp_port:
             _check_port_free(args.smtp_port, "--smtp-port")
         if args.workers < 0:
             raise SetupError("--workers must be 0 (one Locust process) or more")
@@ -283,6 +297,9 @@ class Run:
         from mailproof.servers.app_process import AppProcess
 
         plan = self.plan
+        if getattr(plan.args, "sink_url", None):
+            self._use_sink(plan.args.sink_url)
+            return
         command = [sys.executable, "-m", "mailproof.capture.service", "--host", LOOPBACK,
                    "--smtp-port", str(plan.args.smtp_port), "--http-port", "0"]
         if plan.chaos:
@@ -302,6 +319,20 @@ class Run:
         if found is None:
             raise SetupError(f"the sink service printed no SMTP address in its ready line {line!r}")
         self.smtp = (found.group(1).strip("[]"), int(found.group(2)))
+
+    def _use_sink(self, url: str) -> None:
+        """--sink-url: a sink service someone else started (and stops); its SMTP address from /health."""
+        from mailproof.capture.remote import RemoteSink
+        from mailproof.net import UNSPECIFIED
+
+        try:
+            health = RemoteSink(url, token=os.environ.get("MAILPROOF_SINK_TOKEN") or None).health()
+            host, port = health["smtp"]["host"], int(health["smtp"]["port"])
+        except (MailproofError, KeyError, TypeError, ValueError) as exc:
+            raise SetupError(f"--sink-url {url}: no sink service answers there ({exc}). Start one "
+                             "(python -m mailproof.capture.service), or drop --sink-url to let mailproof start it.") from None
+        self.sink_url = url.rstrip("/")
+        self.smtp = (urllib.parse.urlsplit(url).hostname if host in UNSPECIFIED else host, port)
 
     def start_app(self) -> None:
         from mailproof.servers.app_process import AppProcess

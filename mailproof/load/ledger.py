@@ -332,6 +332,16 @@ class Ledger:
             exp = self.expectations.get(address.lower())
             return exp is not None and self._awaited(exp) and self._account(address.lower(), exp).outstanding > 0
 
+    def owed_trigger(self, address: str) -> Optional[float]:
+        """The trigger of the first email ``address`` is still owed (None: owed nothing, or unknown)."""
+        with self._lock:
+            key = address.lower()
+            exp = self.expectations.get(key)
+            if exp is None or not self._awaited(exp):
+                return None
+            owed = self._account(key, exp).owed
+            return exp.slots()[owed[0]] if owed else None
+
     def lost_addresses(self) -> list[str]:
         """Addresses still owed an email, by trigger time."""
         with self._lock:

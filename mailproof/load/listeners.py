@@ -69,7 +69,13 @@ def _role(runner: Any) -> str:
 
 
 def _expected_workers(runner: Any) -> set[str]:
+    """Every worker the master knows, the ones gone missing (no heartbeat) included."""
     return {client.id for client in runner.clients.all}
+
+
+def _live_workers(runner: Any) -> set[str]:
+    """The workers that can still report: not gone missing (a killed worker never will)."""
+    return {client.id for client in runner.clients.all if getattr(client, "state", "") != "missing"}
 
 
 def _on_init(environment: Any, **_kw: Any) -> None:
@@ -97,6 +103,8 @@ def _on_test_stopping(environment: Any, **_kw: Any) -> None:
     rehearsal = Rehearsal.of(environment)
     if environment.runner is not None:
         rehearsal.note_users(environment.runner.user_count)
+        if rehearsal.role == "master":
+            rehearsal.seen_workers |= _expected_workers(environment.runner)
 
 
 def _on_finish_request(environment: Any, msg: Any, **_kw: Any) -> None:
@@ -108,7 +116,7 @@ def _on_finish_request(environment: Any, msg: Any, **_kw: Any) -> None:
 
 
 def _on_worker_report(environment: Any, msg: Any, **_kw: Any) -> None:
-    Rehearsal.of(environment).add_report(msg.node_id, msg.data, _expected_workers(environment.runner))
+    Rehearsal.of(environment).add_report(msg.node_id, msg.data, _live_workers(environment.runner))
 
 
 def _on_test_stop(environment: Any, **_kw: Any) -> None:
@@ -119,14 +127,22 @@ def _on_test_stop(environment: Any, **_kw: Any) -> None:
         rehearsal.finish_load()
         return
     runner = environment.runner
-    expected = _expected_workers(runner)
+    rehearsal.seen_workers |= _expected_workers(runner)
     rehearsal.reports_done.clear()
     runner.send_message(FINISH)
     timeout = (environment.stop_timeout or 0) + rehearsal.options.grace + CATCH_UP_SECONDS + 30
-    if not rehearsal.reports_done.wait(timeout):
-        log.error("mailproof: no ledger from workers %s within %.0f s; results cover the rest",
-                  sorted(expected - set(rehearsal.reports)), timeout)
-    rehearsal.merge_reports(expected)
+    deadline = time.monotonic() + timeout
+    # Wait for the live workers only: one that went missing (killed, no heartbeat) never reports,
+    # and is named in missing_workers (a harness error) instead of holding up the results.
+    while not rehearsal.reports_done.wait(1.0):
+        rehearsal.seen_workers |= _expected_workers(runner)
+        if _live_workers(runner) <= set(rehearsal.reports):
+            break
+        if time.monotonic() >= deadline:
+            log.error("mailproof: no ledger from workers %s within %.0f s; results cover the rest",
+                      sorted(rehearsal.seen_workers - set(rehearsal.reports)), timeout)
+            break
+    rehearsal.merge_reports(rehearsal.seen_workers | _expected_workers(runner))
     rehearsal.snapshot_sink()  # the master's own view, when it knows the sink (newer than the workers')
 
 

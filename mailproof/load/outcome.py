@@ -8,7 +8,9 @@ the HTTP and Locust request totals off Locust's statistics.
 The harness never blames the application for its own gaps: when the stream skipped messages, fell
 behind, or could not read one, every email still owed is looked up in the sink service's own
 records; found, it is delivered (``harness.recovered``); not found while the service itself
-dropped messages, it is ``unverified`` (a harness error), not lost.
+dropped messages, it is ``unverified`` (a harness error), not lost. When the sink service
+restarted (``harness.stream.restarts``; a ``sink_restart`` harness error), an email owed whose
+trigger came before the current service run started is ``unverified`` unless the new run holds it.
 
 No Locust here: ``request_counts`` only reads the environment it is given.
 """
@@ -82,7 +84,25 @@ def judged_results(rehearsal: "Rehearsal", *, http: RequestCounts, locust: Reque
         errors.append(HarnessError(kind="unreported_worker", count=len(rehearsal.missing_workers), detail=(
             f"worker(s) {', '.join(rehearsal.missing_workers)} never sent their ledger: their flows are not in "
             f"these numbers, and {strays} email(s) to addresses of theirs are left out")))
-    gaps = bool(gap or behind or rehearsal.ledger.unparsed)
+    restarts = stream.restarts if stream is not None else 0
+    # When the sink service restarted, its records begin again: what the old run captured and
+    # never streamed is gone. An email triggered before the current run started cannot be told
+    # lost from caught in the gap; one triggered after it was sent to a service that was up.
+    restarted_at = max(rehearsal.sink_started.values()) if restarts and rehearsal.sink_started else None
+    if restarts:
+        since = (f" (the current one started at {time.strftime('%H:%M:%S', time.gmtime(restarted_at))} UTC)"
+                 if restarted_at is not None else "")
+        errors.append(HarnessError(kind="sink_restart", count=restarts, detail=(
+            f"the sink service restarted during the run{since}, seen {restarts} time(s) by the harness's "
+            "stream(s): mail it captured before the restart and never streamed is gone; emails triggered "
+            "before the restart that never came are unverified, not lost")))
+    gaps = bool(gap or behind or rehearsal.ledger.unparsed or restarts)
+
+    def before_restart(address: str) -> bool:
+        if not restarts:
+            return False
+        trigger = rehearsal.ledger.owed_trigger(address)
+        return restarted_at is None or trigger is None or trigger < restarted_at
 
     # Emails still owed: ask the sink service's own records before calling any of them lost.
     lookup = lookup if lookup is not None else (rehearsal.lookup if rehearsal.options.sink_url else None)
@@ -105,7 +125,11 @@ def judged_results(rehearsal: "Rehearsal", *, http: RequestCounts, locust: Reque
         recovered += rehearsal.ledger.recover(address, found)
         if not rehearsal.ledger.owes(address):
             continue
-        if found:
+        if before_restart(address):
+            unverified.add(address)
+            sink_notes[address] = ("triggered before the sink service restarted, and not in the records of its "
+                                   "new run: cannot tell an app loss from mail lost with the old run")
+        elif found:
             subjects = ", ".join(sorted({a.subject for a in found}))[:200]
             sink_notes[address] = f"the sink service holds {len(found)} other message(s) to it: {subjects}"
         elif gaps and not sink_complete:

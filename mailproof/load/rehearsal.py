@@ -150,6 +150,8 @@ class Rehearsal:
         self.worker_behind: list[int] = []
         self.run_ids: set[str] = {self.address_book.run_id}
         self.sinks: dict[str, SinkSnapshot] = {}
+        self.sink_started: dict[str, float] = {}  # sink URL -> when its current run started (epoch s)
+        self.seen_workers: set[str] = set()  # master: every worker id seen connected during the run
         self.notes: list[str] = []
         self._lock = threading.Lock()
 
@@ -253,6 +255,9 @@ class Rehearsal:
             self.notes.append(f"sink service {url}: counters and faults not read: {exc}")
             log.warning("mailproof: cannot read the sink service's counters at %s: %s", url, exc)
             return
+        if stats.get("uptime") is not None:
+            started = time.time() - float(stats["uptime"])
+            self.sink_started[url] = max(self.sink_started.get(url, 0.0), started)
         faults = [FaultRecord(id=int(s["id"]), name=s.get("name"), stage=s["stage"], scope=s.get("scope"),
                               match={k: s[k] for k in ("to", "to_pattern", "sender") if s.get(k) is not None},
                               action=s["action"], fired=int(s.get("fired", 0)), acted=int(s.get("acted", 0)))

@@ -220,7 +220,7 @@ class WorkerAccount:
 class HarnessError:
     """Something the harness itself missed: the verdict cannot vouch for the emails it concerns."""
 
-    kind: str  # stream_gap, stream_behind, unparsed, unverified, unreported_worker
+    kind: str  # stream_gap, stream_behind, unparsed, unverified, unreported_worker, sink_restart, flow_harness_error
     count: int
     detail: str
 
