@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import queue
 import random
 import smtplib
@@ -570,3 +571,306 @@ def test_tls_and_auth_settings_are_checked_without_echoing_the_password():
         with pytest.raises(MailproofError, match="USER:PASSWORD") as failed:
             parse_auth(bad)
         assert "hunter2" not in str(failed.value)
+
+
+# -- hostile input and heavy use: long lines, timeouts, large DATA, repeated warnings -----------
+
+from mailproof.capture import smtp_sink as _smtp_sink  # noqa: E402
+
+
+class RawClient:
+    """A hand-driven SMTP client on a plain socket: for pacing bytes and pipelining at will."""
+
+    def __init__(self, port: int, timeout: float = 10) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        assert self.reply().startswith(b"220")
+
+    def reply(self) -> bytes:
+        """One whole reply (all its lines); b"" once the server has closed."""
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                return b"".join(lines)
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def cmd(self, line: str) -> bytes:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+    def envelope(self, rcpt: str = "slow@example.test") -> None:
+        assert self.cmd("EHLO raw.example.test").startswith(b"250")
+        assert self.cmd("MAIL FROM:<app@example.test>").startswith(b"250")
+        assert self.cmd(f"RCPT TO:<{rcpt}>").startswith(b"250")
+        assert self.cmd("DATA").startswith(b"354")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _sink(**options) -> Capture:
+    return Capture(**options)
+
+
+def test_a_10000_byte_data_line_is_accepted_byte_exact(capture):
+    long_line = b"X-Long: " + bytes(random.Random(7).choice(b"abcdefghij.") for _ in range(10_000 - 8))
+    raw = _raw("long@example.test").replace(b"\r\n\r\n", b"\r\n" + long_line + b"\r\n\r\n", 1)
+    raw += b"." * 5000 + b"\r\n" + b".leading dot\r\n"
+    with capture.smtp() as client:
+        assert client.sendmail("app@example.test", ["long@example.test"], raw) == {}
+    mail = capture.get()
+    assert mail.data == raw
+    assert long_line in mail.data.split(b"\r\n")
+
+
+def test_max_line_length_refuses_longer_lines_and_the_session_goes_on():
+    cap = _sink(max_line_length=100)
+    try:
+        with cap.smtp() as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("app@example.test", ["a@example.test"], b"Subject: x\r\n\r\n" + b"y" * 101 + b"\r\n")
+            assert refused.value.smtp_code == 500 and b"Line too long" in refused.value.smtp_error
+            client.rset()
+            ok = b"Subject: x\r\n\r\n" + b"y" * 100 + b"\r\n"
+            assert client.sendmail("app@example.test", ["a@example.test"], ok) == {}
+        assert cap.get().data == ok and cap.sink.captured_count == 1
+    finally:
+        cap.sink.stop()
+
+
+def test_command_lines_keep_their_limit(capture):
+    raw = RawClient(capture.port)
+    try:
+        assert raw.cmd("EHLO raw.example.test").startswith(b"250")
+        assert raw.cmd("NOOP " + "x" * 2000).startswith(b"500")
+        assert raw.cmd("NOOP").startswith(b"250")
+    finally:
+        raw.close()
+
+
+def _stuffed(body: bytes) -> bytes:
+    lines = body.split(b"\r\n")  # SMTP lines end at CRLF only, not at a bare CR or LF
+    return b"\r\n".join((b"." + line if line.startswith(b".") else line) for line in lines)
+
+
+def test_data_reader_undoes_dot_stuffing_across_any_chunk_boundary():
+    rng = random.Random(1)
+    atoms = [b".", b"..", b"\r\n", b"\r", b"\n", b"a", b"bc", b".\r", b"\r\n.", b"x" * 50]
+
+    async def read(stream: bytes, cuts: list[int]):
+        fake = type("Fake", (), {})()
+        fake._reader = asyncio.StreamReader(limit=1001)
+        task = asyncio.ensure_future(_smtp_sink._SinkSMTP._read_data(fake, None, None, 64))
+        prev = 0
+        for cut in cuts + [len(stream)]:
+            fake._reader.feed_data(stream[prev:cut])
+            prev = cut
+            await asyncio.sleep(0)
+        content, too_much, too_long = await task
+        return content, bytes(fake._reader._buffer)
+
+    for _ in range(300):
+        body = b"".join(rng.choice(atoms) for _ in range(rng.randint(0, 60)))
+        if body and not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        stream = _stuffed(body) + b".\r\nQUIT\r\n"
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 8))))
+        content, left = asyncio.run(read(stream, cuts))
+        assert content == body, (stream, cuts)
+        assert left == b"QUIT\r\n"
+
+
+def test_data_size_limit_counts_the_message_exactly():
+    body = b"Subject: s\r\n\r\n" + b"x" * 80 + b"\r\n..stuffed\r\n"  # sent with one dot more
+    cap = _sink(data_size_limit=len(body) + 1)
+    try:
+        with cap.smtp() as client:
+            assert client.sendmail("app@example.test", ["a@example.test"], body) == {}
+            # MAIL without SIZE= (smtplib's sendmail declares it, and aiosmtpd refuses at MAIL)
+            client.mail("app@example.test")
+            client.rcpt("a@example.test")
+            assert client.data(body + b"y\r\n")[0] == 552
+        assert cap.get().data == body and cap.sink.captured_count == 1
+    finally:
+        cap.sink.stop()
+
+
+def test_commands_pipelined_after_the_final_dot_are_answered(capture):
+    raw = RawClient(capture.port)
+    try:
+        raw.envelope()
+        raw.sock.sendall(b"Subject: p\r\n\r\nbody\r\n..dot\r\n.\r\nNOOP\r\nQUIT\r\n")
+        assert raw.reply().startswith(b"250 2.0.0 OK queued")
+        assert raw.reply().startswith(b"250")
+        assert raw.reply().startswith(b"221")
+        assert capture.get().data == b"Subject: p\r\n\r\nbody\r\n.dot\r\n"
+    finally:
+        raw.close()
+
+
+def test_a_slow_but_steady_data_stream_outlives_the_idle_timeout():
+    cap = _sink(timeout=0.5)
+    raw = RawClient(cap.port)
+    try:
+        raw.envelope()
+        sent = bytearray(b"Subject: slow\r\n\r\n")
+        raw.sock.sendall(sent)
+        started = time.monotonic()
+        i = 0
+        while time.monotonic() - started < 2.0:  # 2 s in all, 0.2 s apart: 4 idle timeouts' worth
+            piece = f"line {i} ".encode() * 20 + b"\r\n"
+            raw.sock.sendall(piece)
+            sent += piece
+            i += 1
+            time.sleep(0.2)  # pacing the client is the point of this test
+        raw.sock.sendall(b".\r\n")
+        assert raw.reply().startswith(b"250 2.0.0 OK queued")
+        assert cap.get().data == bytes(sent)
+    finally:
+        raw.close()
+        cap.sink.stop()
+
+
+def test_a_client_silent_mid_data_is_dropped_after_the_idle_timeout():
+    cap = _sink(timeout=0.5)
+    raw = RawClient(cap.port)
+    try:
+        raw.envelope()
+        raw.sock.sendall(b"Subject: silent\r\n\r\nhalf a mess")
+        started = time.monotonic()
+        reply = raw.reply()  # waits for the sink's 421, then its close
+        waited = time.monotonic() - started
+        assert reply.startswith(b"421 4.4.2") and b"timeout" in reply
+        assert raw.reply() == b""  # closed
+        assert 0.45 <= waited < 5
+        cap.assert_empty()
+    finally:
+        raw.close()
+        cap.sink.stop()
+
+
+def test_data_timeout_bounds_one_data_phase_even_if_bytes_keep_coming():
+    cap = _sink(timeout=5, data_timeout=0.6)
+    raw = RawClient(cap.port)
+    try:
+        raw.envelope()
+        stop = threading.Event()
+
+        def stream() -> None:  # bytes every 0.05 s: the idle timeout never fires
+            try:
+                while not stop.wait(0.05):
+                    raw.sock.sendall(b"still going\r\n")
+            except OSError:
+                pass  # the sink hung up
+
+        streamer = threading.Thread(target=stream)
+        started = time.monotonic()
+        streamer.start()
+        try:
+            reply = raw.reply()  # waits for the 421
+        finally:
+            stop.set()
+            streamer.join(timeout=5)
+        assert reply.startswith(b"421 4.4.2") and b"DATA took too long" in reply
+        assert 0.55 <= time.monotonic() - started < 5
+        cap.assert_empty()
+    finally:
+        raw.close()
+        cap.sink.stop()
+
+
+def test_noops_keep_a_session_open_past_the_idle_timeout_unless_session_timeout_is_set():
+    # Without session_timeout, a NOOP more often than the idle timeout keeps a session alive,
+    # as against Postfix (whose closest guard is smtpd_junk_command_limit). session_timeout ends it.
+    for session_timeout in (None, 1.0):
+        cap = _sink(timeout=0.5, session_timeout=session_timeout)
+        raw = RawClient(cap.port)
+        try:
+            started = time.monotonic()
+            replies = []
+            while time.monotonic() - started < 1.6:
+                replies.append(raw.cmd("NOOP"))
+                if not replies[-1].startswith(b"250"):
+                    break
+                time.sleep(0.2)  # pacing the client is the point
+            if session_timeout is None:
+                assert all(r.startswith(b"250") for r in replies)
+            else:
+                assert replies[-1].startswith(b"421 4.4.2") and b"session took too long" in replies[-1]
+                assert 0.95 <= time.monotonic() - started < 1.6
+        finally:
+            raw.close()
+            cap.sink.stop()
+
+
+def test_large_data_is_spooled_and_peak_memory_stays_under_one_and_a_half_times():
+    import tracemalloc
+
+    size = 24 * 1024 * 1024
+    line = b"0123456789abcdef" * 4 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * ((size - 20) // len(line))
+    payload = memoryview(body + b".\r\n")
+    cap = _sink(spool_threshold=4 * 1024 * 1024)
+    raw = RawClient(cap.port, timeout=60)
+    try:
+        raw.envelope("big@example.test")
+        tracemalloc.start()
+        try:
+            for off in range(0, len(payload), 1 << 20):
+                raw.sock.sendall(payload[off:off + (1 << 20)])
+            assert raw.reply().startswith(b"250 2.0.0 OK queued")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        mail = cap.get()
+        assert mail.data == body
+        assert peak < 1.5 * len(body), f"peak {peak / len(body):.2f} x the message"
+    finally:
+        raw.close()
+        cap.sink.stop()
+
+
+def test_repeated_warnings_pass_the_first_few_per_minute_and_are_counted():
+    now = [1000.0]
+    flt = _smtp_sink.RepeatedWarningFilter(burst=3, period=60, clock=lambda: now[0])
+
+    def rec(msg, *args, level=logging.WARNING):
+        return logging.LogRecord("mail.log", level, __file__, 1, msg, args, None)
+
+    passed = [flt.filter(rec("%r unrecognised: %s", ("127.0.0.1", i), f"CMD{i}")) for i in range(10)]
+    assert passed == [True] * 3 + [False] * 7
+    assert flt.filter(rec("%r too many bogus commands", ("127.0.0.1", 1)))  # another kind
+    assert flt.filter(rec("%r unrecognised: %s", "p", "X", level=logging.INFO))  # below WARNING
+    assert flt.suppressed["%r unrecognised: %s"] == 7
+    now[0] += 60
+    first = rec("%r unrecognised: %s", "p", "Y")
+    assert flt.filter(first) and "7 similar suppressed" in first.getMessage()
+
+
+def test_the_sink_rate_limits_aiosmtpd_unrecognised_command_warnings(capture, caplog):
+    logger = logging.getLogger("mail.log")
+    installed = [f for f in logger.filters if isinstance(f, _smtp_sink.RepeatedWarningFilter)]
+    assert len(installed) == 1  # SmtpSink() put it there, once
+    for f in installed:
+        logger.removeFilter(f)
+    fresh = _smtp_sink.install_warning_filter(burst=4)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mail.log"):
+            for _ in range(4):
+                raw = RawClient(capture.port)
+                try:
+                    for _ in range(4):  # aiosmtpd hangs up after 5 bogus commands
+                        assert raw.cmd("BOGUS").startswith(b"500")
+                finally:
+                    raw.close()
+        unrecognised = [r for r in caplog.records if "unrecognised" in r.msg]
+        assert len(unrecognised) == 4
+        assert fresh.suppressed["%r unrecognised: %s"] == 12
+    finally:
+        logger.removeFilter(fresh)
+        for f in installed:
+            logger.addFilter(f)

@@ -13,22 +13,42 @@ with 530), ``credentials`` offers AUTH PLAIN/LOGIN (``auth_required`` refuses ma
 530; a wrong password gets 535). ``mailproof.capture.tls`` makes the context from a throwaway CA
 and documents how the application under test trusts it. Every ``CapturedMail`` records ``tls``
 and ``auth_user``, and ``Message.from_captured`` carries them into the ``Message``.
+
+Timeouts (aiosmtpd's own ``timeout`` is a deadline since the last *command*, which cuts a client
+that streams a large DATA steadily): ``timeout`` here is an idle timeout that any received byte
+resets (421 4.4.2 then close, like Postfix's ``smtpd_timeout``). ``data_timeout`` bounds one DATA
+phase from the 354 to the final dot (421 4.4.2 ... DATA took too long). ``session_timeout``
+(off by default) bounds a whole connection: without it a client sending a NOOP more often than
+``timeout`` keeps its session open for ever, as it would against Postfix, whose closest guard is
+``smtpd_junk_command_limit``.
+
+DATA is read in chunks rather than lines: lines of any length up to ``max_line_length`` (1 MiB
+by default; ``None`` for no limit within ``data_size_limit``) are accepted byte-exact, where
+aiosmtpd refuses any line over 1,001 bytes and Postfix accepts them. A message above
+``spool_threshold`` is spooled to a temporary file, so the peak memory of a large message stays
+close to its size (aiosmtpd keeps a list of lines and then joins it: 2.4-3.6 times). Command
+lines keep aiosmtpd's limits (512 bytes, more with ESMTP extensions).
+
+aiosmtpd logs each unrecognised command at WARNING on ``mail.log``; a :class:`RepeatedWarningFilter`
+on that logger lets the first few of each kind through per minute and counts the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
 import logging
 import ssl
+import tempfile
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from mailproof.net import LOOPBACK
 
@@ -40,6 +60,61 @@ warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
 # ... and warns on every connection when AUTH is required without TLS, which is deliberate for a
 # loopback test double.
 warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+
+
+class RepeatedWarningFilter(logging.Filter):
+    """Let the first ``burst`` records of each kind through per ``period`` seconds; count the rest.
+
+    A kind is the record's level and unformatted message ("%r unrecognised: %s"), so a client
+    that sends thousands of bogus commands, each from a new peer or with a new verb, is still
+    one kind. Records below ``level`` always pass. The first record of a kind let through after
+    some were suppressed says how many; ``suppressed`` holds the running totals per kind.
+    """
+
+    def __init__(self, burst: int = 5, period: float = 60.0, *, level: int = logging.WARNING,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.burst = burst
+        self.period = period
+        self.level = level
+        self.clock = clock
+        self.suppressed: collections.Counter = collections.Counter()
+        self._windows: dict[tuple, list] = {}  # kind -> [window start, passed, suppressed in window]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level:
+            return True
+        kind = (record.levelno, str(record.msg))
+        now = self.clock()
+        with self._lock:
+            window = self._windows.get(kind)
+            if window is None or now - window[0] >= self.period:
+                held = window[2] if window is not None else 0
+                if len(self._windows) > 1000:  # bound the table; kinds are few in practice
+                    self._windows.clear()
+                self._windows[kind] = [now, 1, 0]
+                if held and isinstance(record.args, tuple):
+                    record.msg = f"{record.msg} (%d similar suppressed in the last %gs)"
+                    record.args = record.args + (held, self.period)
+                return True
+            if window[1] < self.burst:
+                window[1] += 1
+                return True
+            window[2] += 1
+            self.suppressed[kind[1]] += 1
+            return False
+
+
+def install_warning_filter(logger_name: str = "mail.log", **options) -> RepeatedWarningFilter:
+    """Put a :class:`RepeatedWarningFilter` on aiosmtpd's logger once; return the one in place."""
+    logger = logging.getLogger(logger_name)
+    for existing in logger.filters:
+        if isinstance(existing, RepeatedWarningFilter):
+            return existing
+    flt = RepeatedWarningFilter(**options)
+    logger.addFilter(flt)
+    return flt
 
 
 @dataclass(frozen=True)
@@ -108,23 +183,65 @@ class _Handler:
 _Handler.handle_EHLO.__signature__ = inspect.signature(_Handler.handle_EHLO)  # type: ignore[attr-defined]
 
 
+_CHUNK = 64 * 1024
+
+
 class _SinkSMTP(SMTP):
-    """aiosmtpd's SMTP with a greeting-stage fault seam and connection tracking for clean stops."""
+    """aiosmtpd's SMTP with a greeting-stage fault seam, connection tracking for clean stops,
+    an idle timeout any byte resets, DATA and session deadlines, and a chunked DATA reader."""
 
     def __init__(self, sink: "SmtpSink", *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._sink = sink
+        self._last_rx = 0.0
+        self._session_handle: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport) -> None:
         first = self.transport is None
+        self._last_rx = self.loop.time()
         super().connection_made(transport)
         if first:
             self._sink._connections.add(self)
             self._sink.connections_total += 1
+            if self._sink.session_timeout:
+                self._session_handle = self.loop.call_later(
+                    self._sink.session_timeout, self._close_with, "session took too long")
 
     def connection_lost(self, error) -> None:
         self._sink._connections.discard(self)
+        if self._session_handle is not None:
+            self._session_handle.cancel()
         super().connection_lost(error)
+
+    # -- idle timeout ------------------------------------------------------------------------
+    # aiosmtpd re-arms its timer only when a valid command arrives. Here every received byte
+    # counts: data_received stamps the time (cheap: no timer churn per packet) and the timer,
+    # when it fires, re-arms itself for the rest of the idle period if bytes came meanwhile.
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.loop.time()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
+        remaining = self._last_rx + self._timeout_duration - self.loop.time()
+        if remaining > 0.001:
+            self._timeout_handle = self.loop.call_later(remaining, self._timeout_cb)
+            return
+        log.info("%r idle for %ss: closing", self.session.peer if self.session else None,
+                 self._timeout_duration)
+        self._close_with("timeout exceeded")
+
+    def _close_with(self, why: str) -> None:
+        """Send 421 4.4.2 and close (the transport flushes the reply first)."""
+        if self.transport is None:
+            return
+        try:
+            self._writer.write(f"421 4.4.2 {self.hostname} Error: {why}\r\n".encode("ascii"))
+        except Exception:  # the transport may be closing already
+            pass
+        self.transport.close()
 
     async def _handle_client(self):
         reply = await self._sink._fault("connect", self, self.session, self.envelope)
@@ -135,6 +252,137 @@ class _SinkSMTP(SMTP):
             return
         await super()._handle_client()
 
+    # -- DATA ----------------------------------------------------------------------------------
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, read in chunks: long lines accepted, large messages spooled.
+
+        The checks, the replies and the hook call are aiosmtpd 1.4.6's; the reading is not.
+        Bytes read past the final dot (a pipelining client's next command) go back to the reader.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        sink = self._sink
+        deadline = (self.loop.call_later(sink.data_timeout, self._close_with, "DATA took too long")
+                    if sink.data_timeout else None)
+        try:
+            content, too_much, too_long = await self._read_data(
+                self.data_size_limit, sink.max_line_length, sink.spool_threshold)
+        except asyncio.CancelledError:
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+        if too_long or too_much:
+            self._set_post_data_state()
+            if too_long:
+                await self.push("500 5.5.2 Line too long (see max_line_length)")
+            else:
+                await self.push("552 Error: Too much mail data")
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self, limit: Optional[int], max_line: Optional[int],
+                         spool_threshold: Optional[int]) -> tuple[Optional[bytes], bool, bool]:
+        """Read DATA up to the lone dot; undo dot-stuffing. Returns (content, too_much, too_long).
+
+        The stream is scanned for CRLF "." with a virtual CRLF before the first byte: followed by
+        CRLF it is the end, otherwise the dot is a stuffed one and is dropped. ``pending`` holds
+        the few bytes that cannot be decided yet (a CRLF or CRLF "." at a chunk's end).
+        """
+        reader = self._reader
+        # In memory up to spool_threshold, then a temporary file (None or 0: never spooled).
+        out = tempfile.SpooledTemporaryFile(max_size=spool_threshold or 0)
+        write = out.write
+        # The reader's limit (aiosmtpd: 1,001 bytes, for command lines) also decides when it
+        # pauses the transport (twice the limit buffered): raised for DATA so that 64 KiB reads
+        # do not pause and resume the socket every 2 KB. Restored for the commands that follow.
+        command_limit = reader._limit  # type: ignore[attr-defined]
+        reader._limit = max(command_limit, _CHUNK)  # type: ignore[attr-defined]
+        pending = bytearray(b"\r\n")
+        skip = 2  # the virtual CRLF is not content
+        size = 0  # message bytes as sent, stuffed dots included (aiosmtpd's measure), CRLF "." CRLF not
+        too_much = too_long = False
+        line_len = 0  # length of the current (unfinished) line, for max_line (lines split at LF)
+        scan_middle = max_line is not None and max_line < _CHUNK
+
+        def emit(part) -> None:
+            nonlocal skip, size
+            if skip:
+                cut = min(skip, len(part))
+                part, skip = part[cut:], skip - cut
+            size += len(part)
+            if part and not (too_much or too_long):
+                write(part)
+
+        try:
+            while True:
+                chunk = await reader.read(_CHUNK)
+                if not chunk:  # EOF (eof_received normally cancels us first)
+                    raise asyncio.CancelledError()
+                if max_line is not None and not too_long:
+                    first = chunk.find(b"\n")
+                    if first < 0:
+                        line_len += len(chunk)
+                    else:
+                        if line_len + first - 1 > max_line:
+                            too_long = True
+                        elif scan_middle and max(map(len, chunk.split(b"\n")[1:-1]), default=0) - 1 > max_line:
+                            too_long = True
+                        line_len = len(chunk) - chunk.rfind(b"\n") - 1
+                    if line_len - 1 > max_line:
+                        too_long = True
+                pending += chunk
+                pos = 0
+                while True:
+                    i = pending.find(b"\r\n.", pos)
+                    if i < 0:
+                        keep = max(pos, len(pending) - 2)  # a trailing CRLF may start CRLF "."
+                        emit(memoryview(pending)[pos:keep])
+                        del pending[:keep]
+                        break
+                    if len(pending) < i + 5:  # cannot tell the end from a stuffed dot yet
+                        emit(memoryview(pending)[pos:i])
+                        del pending[:i]
+                        break
+                    emit(memoryview(pending)[pos:i + 2])  # the CRLF ends the previous line
+                    if pending[i + 3:i + 5] == b"\r\n":
+                        if limit and size > limit:
+                            too_much = True
+                        rest = pending[i + 5:]
+                        if rest:  # pipelined commands after the dot: hand them back
+                            reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+                        if too_much or too_long:
+                            return None, too_much, too_long
+                        out.seek(0)
+                        return out.read(), False, False
+                    pos = i + 3  # drop the stuffed dot
+                    size += 1
+                if limit and size > limit:
+                    too_much = True
+                if too_much or too_long:
+                    out.seek(0)
+                    out.truncate()  # discard what we had: no memory pressure while draining
+        finally:
+            reader._limit = command_limit  # type: ignore[attr-defined]
+            out.close()
 
 class SmtpSink:
     """A real SMTP server that captures mail in-process.
@@ -147,6 +395,11 @@ class SmtpSink:
     double on loopback). ``tls_context`` enables STARTTLS. ``faults`` is any object with an
     ``async def apply(stage, server, session, envelope, **details) -> Optional[str]`` method;
     a returned string is sent as the SMTP reply for that stage.
+
+    ``timeout`` is an idle timeout (any byte resets it), ``data_timeout`` bounds one DATA phase,
+    ``session_timeout`` (default None: unbounded) a whole connection; each ends the session with
+    421 4.4.2. ``max_line_length`` bounds a DATA line (1 MiB; None: only ``data_size_limit``);
+    ``spool_threshold`` is the size above which DATA is spooled to a temporary file.
     """
 
     def __init__(
@@ -162,6 +415,10 @@ class SmtpSink:
         auth_required: bool = False,
         data_size_limit: int = 64 * 1024 * 1024,
         timeout: float = 60,
+        data_timeout: Optional[float] = 600,
+        session_timeout: Optional[float] = None,
+        max_line_length: Optional[int] = 1024 * 1024,
+        spool_threshold: Optional[int] = 8 * 1024 * 1024,
         faults: Any = None,
     ) -> None:
         self.on_message = on_message
@@ -173,8 +430,13 @@ class SmtpSink:
         self.credentials = dict(credentials) if credentials else None
         self.auth_required = auth_required
         self.data_size_limit = data_size_limit
-        self.timeout = timeout
+        self.timeout = timeout  # idle: any received byte resets it
+        self.data_timeout = data_timeout  # one DATA phase, 354 to the final dot
+        self.session_timeout = session_timeout  # a whole connection; None: unbounded
+        self.max_line_length = max_line_length  # DATA lines, CRLF excluded; None: no limit
+        self.spool_threshold = spool_threshold  # DATA above this goes to a temporary file
         self.faults = faults
+        install_warning_filter()
         self.captured_count = 0
         self.connections_total = 0
         self._seq = itertools.count(1)
