@@ -232,6 +232,64 @@ def test_wait_near_miss_reasons_are_exactly_the_criteria_mismatches(service):
     assert [len(m["why"]) for m in near] == [1, 2, 1]  # both kinds of reason, alone and together
 
 
+def test_messages_are_paged_with_a_hard_bound_and_a_next_cursor(service):
+    to = addr("page")
+    since = service.last_seq()
+    for i in range(3):
+        service.send([to], make_raw(to, f"Page {i}"))
+    first = service.json(f"/messages?since={since}&limit=2")
+    assert [m["subject"] for m in first["messages"]] == ["Page 0", "Page 1"]
+    assert first["limit"] == 2 and first["next"] == first["messages"][-1]["seq"]
+    second = service.json(f"/messages?since={first['next']}&limit=2")
+    assert [m["subject"] for m in second["messages"]] == ["Page 2"] and second["next"] is None
+    by_rcpt = service.json(f"/messages?to={to}&since={since}&limit=2")  # the recipient index pages too
+    assert [m["subject"] for m in by_rcpt["messages"]] == ["Page 0", "Page 1"] and by_rcpt["next"]
+    assert service.json("/messages?limit=1000000")["limit"] == 1000  # the hard bound
+
+
+def test_wait_without_a_recipient_takes_the_earliest_retained_matches_in_order(service):
+    tag = f"Scan-{next(_counter)}"
+    since = service.last_seq()
+    for i in range(250):  # more than one SCAN_CHUNK: the scan yields to the loop in between
+        to = addr("scan")
+        service.send([to], make_raw(to, f"{tag} {i}" if i % 50 == 0 else "Noise"))
+    body = service.json(f"/wait?subject={tag}&count=3&since={since}&timeout=10")
+    assert [m["subject"] for m in body["messages"]] == [f"{tag} 0", f"{tag} 50", f"{tag} 100"]
+
+
+def test_a_large_message_is_parsed_off_the_loop_and_capture_goes_on(service):
+    to = addr("big")
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "app@example.test", to, "Many parts"
+    msg.set_content("body\n")
+    for i in range(300):
+        msg.add_attachment(b"x" * 200, maintype="application", subtype="octet-stream", filename=f"a{i}.bin")
+    raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    since = service.last_seq()
+    service.send([to], raw)
+    seq = service.json(f"/messages?to={to}&since={since}")["messages"][0]["seq"]
+    parsed = service.json(f"/messages/{seq}")
+    assert parsed["subject"] == "Many parts" and len(parsed["attachments"]) == 300
+
+
+def test_a_wait_whose_client_hangs_up_is_removed_at_once(service):
+    """The waiter goes when the client does, not at its 3,600 s timeout. No polling: /stats?waiters=N
+    is itself a long-poll that answers once N waiters are registered."""
+    import socket
+    before = service.json("/stats")
+    assert before["waiters"] == 0
+    sock = socket.create_connection(("127.0.0.1", service.http_port), timeout=10)
+    try:
+        sock.sendall(f"GET /wait?to={addr('gone')}&timeout=3600 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert service.json("/stats?waiters=1&timeout=10")["waiters"] == 1  # registered
+    finally:
+        sock.close()
+    started = time.monotonic()
+    after = service.json("/stats?waiters=0&timeout=10")
+    assert after["waiters"] == 0 and after["waiters_abandoned"] == before["waiters_abandoned"] + 1
+    assert time.monotonic() - started < 5
+
+
 # -- the event stream ----------------------------------------------------------------------------
 
 
@@ -412,6 +470,15 @@ def test_bounded_retention_counts_evictions_and_streams_say_what_is_missing():
             assert read_event(response)["seq"] == 3
         finally:
             conn.close()
+        assert [m["seq"] for m in svc.json("/messages?to=R0@svc.test")["messages"]] == []  # index follows eviction
+        assert [m["seq"] for m in svc.json("/messages?to=r4@svc.test")["messages"]] == [5]
+        late = svc.get("/wait?to=r0@svc.test&since=0&timeout=0")  # its mail was evicted: it must say so
+        assert late.status_code == 408
+        body = late.json()
+        assert (body["evicted_since"], body["evicted"]) == (2, 2)
+        assert "no mail" in body["error"] and "2 message(s) after seq 0 were evicted" in body["error"]
+        later = svc.get("/wait?to=r0@svc.test&since=2&timeout=0").json()
+        assert later["evicted_since"] == 0 and "none evicted after seq 2" in later["error"]
         assert svc.json("/messages", method="DELETE")["cleared"] == 3
         stats = svc.json("/stats")
         assert (stats["retained"], stats["cleared"], stats["evicted"], stats["last_seq"]) == (0, 3, 2, 5)

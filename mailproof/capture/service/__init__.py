@@ -16,7 +16,9 @@ with a token every endpoint requires ``Authorization: Bearer TOKEN`` (401 otherw
 may also come from the environment variable ``MAILPROOF_SINK_TOKEN`` (kept out of ``ps``).
 
 Capture keeps raw bytes and the envelope only; headers are parsed when a client asks for a parsed
-view. Retention is bounded (``--max-messages``, oldest first); every eviction is counted in
+view. SMTP capture shares the loop with the API, so no request holds it long: listings are pages,
+recipients are indexed, remaining scans yield to the loop, and big parses (a parsed view, many
+Subjects at once) run in parser processes (``benchmarks/service_canary.py`` measures it). Retention is bounded (``--max-messages``, oldest first); every eviction is counted in
 ``/stats`` and the first one is logged.
 
 HTTP API (JSON unless said otherwise):
@@ -26,8 +28,10 @@ HTTP API (JSON unless said otherwise):
     "instance", "pid"}`` (``instance``: a random id of this run of the service; ``status`` is
     ``"stopping"`` once it stops).
 ``GET /messages?to=&since=SEQ&limit=N``
-    Summaries of retained messages with seq > SEQ, oldest first: seq, mail_from, rcpt_tos,
-    received_at, size, subject (parsed on request).
+    One page of summaries of retained messages with seq > SEQ, oldest first: seq, mail_from,
+    rcpt_tos, received_at, size, subject (parsed on request, once). ``limit`` (default 100) is
+    capped at 1,000 (the answer says the ``limit`` used); ``next`` is the ``since`` of the next
+    page, null on the last. ``to=`` reads a per-recipient index of retained seqs.
 ``GET /messages/{seq}``
     Parsed view (``mailproof.message.Message``): the summary fields, then headers (``[name,
     value]`` pairs, decoded and unfolded), from, to, cc, message_id, date (the header text),
@@ -44,7 +48,10 @@ HTTP API (JSON unless said otherwise):
     count); matched by ``mailproof.criteria.Criteria``, as a Mailbox wait is. 200
     ``{"messages": [summaries], "waited"}``; 408 with ``error``, ``found``, ``other_count`` and
     ``near_misses`` (other mail since ``since``, same recipient first, each with ``why``: the
-    ``Criteria.mismatches`` reasons it did not match).
+    ``Criteria.mismatches`` reasons it did not match), ``evicted_since`` (messages after
+    ``since`` evicted by the retention limit: they may have matched; the ``error`` says so) and
+    the ``evicted`` and ``cleared`` totals. A client that hangs up ends its wait at once
+    (counted in ``/stats`` as ``waiters_abandoned``).
 ``GET /stream?since=SEQ&heartbeat=SECONDS&instance=ID``
     Chunked NDJSON. First a ``{"hello": {"instance", "since", "last_seq", "reset"}}`` line, then
     every retained message with seq > SEQ, then every new arrival, one line each
@@ -61,7 +68,9 @@ HTTP API (JSON unless said otherwise):
     ``since`` and lose nothing).
 ``GET /stats``
     received, retained, retained_bytes, evicted, cleared, bytes, last_seq, max_messages,
-    connections {total, active}, streams, waiters, faults (per rule: fired, acted), uptime.
+    connections {total, active}, streams, waiters, waiters_abandoned, faults (per rule: fired,
+    acted), uptime. ``?waiters=N&timeout=S`` (at most 60, default 10) answers once N ``/wait``
+    waiters are registered, or after S seconds: see a wait begin or end without polling.
 ``GET /faults`` / ``POST /faults`` / ``DELETE /faults/{id}`` / ``DELETE /faults?scope=S``
     Fault rules as JSON (``mailproof.faults.specs``). POST takes one rule spec (201, the rule with its
     id) or ``{"profile": "5%:rcpt:451,...", "seed": 1, "scope": "s"}`` (201, ``{"faults": [...]}``).

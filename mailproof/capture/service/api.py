@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Optional
 
 from aiohttp import web
 
-from mailproof.capture.service.store import DATA, SEQ, Record, Stream, Waiter, message_of
-from mailproof.capture.service.views import near_misses, parsed_view, stream_line, summary
+from mailproof.capture.service.store import (DATA, OFF_LOOP_BYTES, SEQ, Record, Slicer, Stream, Waiter)
+from mailproof.capture.service.views import near_misses, parsed_view_json, record_summary, stream_line, summary
 from mailproof.criteria import Criteria
 from mailproof.faults.specs import FaultError, parse_chaos_profile, rule_from_spec, rule_to_spec
 
@@ -36,6 +36,8 @@ DEFAULT_HEARTBEAT = 5.0
 MAX_WAIT_TIMEOUT = 3600.0
 STREAM_BATCH = 256  # messages per write on a stream (backpressure is applied per write)
 CLIENT_MAX_SIZE = 1024 * 1024  # request bodies (fault specs) are small
+MAX_PAGE = 1000  # summaries per GET /messages answer at most (``limit`` is capped; ``next`` pages on)
+MAX_STATS_WAIT = 60.0
 
 
 def _bad(message: str, status: int = 400) -> web.Response:
@@ -74,6 +76,22 @@ def _float_param(request: web.Request, name: str, default: float, *, minimum: fl
 
 def _line(event: dict) -> bytes:
     return json.dumps(event).encode() + b"\n"
+
+
+async def _summaries_json(store, records: list[Record]) -> str:
+    """The JSON array of the summaries of ``records``, made yielding to the loop as it goes (a
+    Subject is parsed once, then remembered by the store; one big ``json.dumps`` would hold
+    the loop for a whole page)."""
+    await store.remember_subjects(records)
+    found = []
+    slicer = Slicer()
+    for rec in records:
+        await slicer.tick()
+        subject = store.subjects.get(rec[SEQ])
+        if subject is None:  # evicted meanwhile, or never remembered
+            subject = await store.subject(rec)
+        found.append(json.dumps(record_summary(rec, subject)))
+    return "[" + ",".join(found) + "]"
 
 
 class SinkApi:
@@ -129,18 +147,25 @@ class SinkApi:
         })
 
     async def list_messages(self, request: web.Request) -> web.Response:
-        criteria = Criteria(to=request.query.get("to") or None)
+        """One page, at most ``MAX_PAGE`` summaries; ``next`` is the ``since`` of the next page
+        (null on the last one). ``to=`` reads the store's recipient index, not every record."""
+        to = request.query.get("to") or None
         since = _int_param(request, "since", 0)
-        limit = _int_param(request, "limit", 100, minimum=1)
-        found = []
-        for rec in self.store.since(since):
-            msg = message_of(rec)
-            if criteria.matches(msg):
-                found.append(summary(msg))
-                if len(found) >= limit:
-                    break
-        return web.json_response({"messages": found, "last_seq": self.store.last_seq,
-                                  "retained": len(self.store.messages)})
+        limit = min(_int_param(request, "limit", 100, minimum=1), MAX_PAGE)
+        store = self.store
+        if to:
+            seqs = store.seqs_to(to, since)
+            more = len(seqs) > limit
+            records = [rec for rec in map(store.get, seqs[:limit]) if rec is not None]
+        else:
+            records = store.after(since, limit + 1)
+            more = len(records) > limit
+            del records[limit:]
+        next_since = records[-1][SEQ] if more and records else None
+        found = await _summaries_json(store, records)
+        rest = json.dumps({"last_seq": store.last_seq, "retained": len(store.messages), "limit": limit,
+                           "next": next_since})
+        return web.Response(text='{"messages": ' + found + ", " + rest[1:], content_type="application/json")
 
     def _record_or_404(self, request: web.Request) -> Record:
         raw = request.match_info["seq"]
@@ -157,7 +182,12 @@ class SinkApi:
         return rec
 
     async def get_message(self, request: web.Request) -> web.Response:
-        return web.json_response(parsed_view(self._record_or_404(request)))
+        rec = self._record_or_404(request)
+        if len(rec[DATA]) < OFF_LOOP_BYTES // 16:
+            text = parsed_view_json(rec)
+        else:  # a full parse (10,000 parts, many MB) must not stall SMTP capture on the loop
+            text = await self.store.off_process(parsed_view_json, rec)
+        return web.Response(text=text, content_type="application/json")
 
     async def get_raw(self, request: web.Request) -> web.Response:
         return web.Response(body=self._record_or_404(request)[DATA], content_type="message/rfc822")
@@ -174,22 +204,32 @@ class SinkApi:
         timeout = _float_param(request, "timeout", 10.0, minimum=0.0, maximum=MAX_WAIT_TIMEOUT)
         waiter = Waiter(criteria, count, since)
         started = time.time()
-        self.store.add_waiter(waiter)  # retained mail counts; registered before any await
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
+            await self.store.add_waiter(waiter)  # retained mail counts; registered before any await
             if not waiter.future.done():
-                await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+                await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             pass
         except asyncio.CancelledError:
             if not self.service.stopping:
+                # The client hung up (the runner cancels the handler: handler_cancellation): the
+                # waiter goes now, not at its timeout.
+                self.store.waiters_abandoned += 1
+                log.info("a /wait client hung up after %.3f s: its waiter is removed", time.time() - started)
                 raise
             return _bad("the sink service is stopping", status=503)
         finally:
             self.store.remove_waiter(waiter)
         if waiter.future.done() and not waiter.future.cancelled():
-            return web.json_response({"messages": [summary(m) for m in waiter.found[:count]],
-                                      "waited": round(time.time() - started, 6)})
-        return web.json_response(near_misses(waiter, self.store.since(since), timeout), status=408)
+            found = []
+            slicer = Slicer()
+            for msg in waiter.found[:count]:
+                await slicer.tick()
+                found.append(summary(msg))
+            return web.json_response({"messages": found, "waited": round(time.time() - started, 6)})
+        return web.json_response(await near_misses(waiter, self.store, timeout), status=408)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         since = _int_param(request, "since", None)
@@ -257,13 +297,20 @@ class SinkApi:
     # -- stats and faults ------------------------------------------------------------------------
 
     async def stats(self, request: web.Request) -> web.Response:
+        """``?waiters=N&timeout=S``: answer once N ``/wait`` waiters are registered (or after S
+        seconds, default 10): a client can see a waiter come or go without polling."""
         store, service = self.store, self.service
+        settle = _int_param(request, "waiters", None)
+        if settle is not None:
+            await store.waiters_settle(settle, _float_param(request, "timeout", 10.0, minimum=0.0,
+                                                            maximum=MAX_STATS_WAIT))
         return web.json_response({
             "received": store.received, "retained": len(store.messages),
             "retained_bytes": store.retained_bytes, "evicted": store.evicted, "cleared": store.cleared,
             "bytes": store.bytes, "last_seq": store.last_seq, "max_messages": store.max_messages,
             "connections": {"total": service.sink.connections_total, "active": len(service.sink._connections)},
             "streams": len(store.streams), "waiters": store.waiter_count,
+            "waiters_abandoned": store.waiters_abandoned,
             "faults": [{"id": r.id, "name": r.name, "stage": r.stage, "scope": r.scope,
                         "fired": r.fired, "acted": r.acted} for r in service.faults.rules],
             "uptime": round(time.time() - service.started_at, 3),

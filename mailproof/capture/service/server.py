@@ -82,7 +82,9 @@ class SinkService:
             raise
         app = SinkApi(self).app()
         app.on_shutdown.append(self._on_shutdown)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        # handler_cancellation: a client that hangs up cancels its handler (aiohttp 3.9+; off by
+        # default), so a /wait waiter goes at once, not at its timeout.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.http_port)
         try:
@@ -102,6 +104,7 @@ class SinkService:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.store.close()
         await self.sink.stop_async()
         self._drop_ca()
 

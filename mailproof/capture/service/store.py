@@ -3,6 +3,11 @@
 It keeps bytes and the envelope, never a parsed message: a ``Message`` is built from a record
 when somebody asks (``message_of``), and a ``Criteria`` decides what a waiter takes. Everything
 runs on the service's one event loop, so nothing here needs a lock.
+
+The loop also runs SMTP capture, so no request may hold it for long: the store keeps the seqs of
+each (lower-cased) envelope recipient (``seqs_to``), so a wait or listing for one recipient never
+scans the rest; whatever still walks retained records yields to the loop every ``SCAN_CHUNK``
+records; and a large message is parsed in a worker thread (``prepared``), never on the loop.
 """
 
 from __future__ import annotations
@@ -10,17 +15,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import multiprocessing
+import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Optional
 
 from mailproof.capture.service import ServiceError
 from mailproof.capture.smtp_sink import CapturedMail
-from mailproof.criteria import Criteria
+from mailproof.criteria import Criteria, _text_matches
 from mailproof.message import Message
 
 log = logging.getLogger("mailproof.sink_service")
 
 DEFAULT_MAX_MESSAGES = 200_000
+SCAN_CHUNK = 100  # records handled between two yields to the loop (SMTP capture shares it)
+SUBJECT_BATCH = 500  # Subjects parsed per trip to a parser process
+INLINE_SUBJECTS = 50  # fewer missing Subjects than this are parsed on the loop (no trip)
+PARSER_PROCESSES = 2
+SLICE_SECONDS = 0.0005  # ... or sooner: a scan holds the loop this long at most between yields
+OFF_LOOP_BYTES = 64 * 1024  # a message at least this big is parsed in a worker thread
 
 # A retained message is a plain tuple in CapturedMail's field order, not a CapturedMail: the
 # garbage collector untracks tuples of atomic values, so 200,000 retained messages add nothing
@@ -35,10 +50,55 @@ def message_of(rec: Record) -> Message:
                    seq=rec[SEQ], source="sink-service")
 
 
+def _touch_head(msg: Message) -> Message:
+    msg.recipients, msg.subject  # the header section, parsed (and cached on msg)
+    return msg
+
+
+async def prepared(rec: Record, work=_touch_head):
+    """``work(message_of(rec))``: on the loop for a small message, in a worker thread for a large
+    one (parsing many megabytes, or 10,000 parts, must not stall SMTP capture)."""
+    msg = message_of(rec)
+    if len(rec[DATA]) < OFF_LOOP_BYTES:
+        return work(msg)
+    return await asyncio.get_running_loop().run_in_executor(None, work, msg)
+
+
+class Slicer:
+    """``await slicer.tick()`` in a loop over records: yields to the event loop every
+    ``SCAN_CHUNK`` records or ``SLICE_SECONDS``, whichever comes first."""
+
+    __slots__ = ("count", "since")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.since = time.perf_counter()
+
+    async def tick(self) -> None:
+        self.count += 1
+        if self.count >= SCAN_CHUNK or (self.count % 8 == 0 and time.perf_counter() - self.since > SLICE_SECONDS):
+            await asyncio.sleep(0)
+            self.count = 0
+            self.since = time.perf_counter()
+
+
+def _subject(msg: Message) -> str:
+    return msg.subject
+
+
+def subjects_of(datas: list[bytes]) -> list[str]:
+    """The decoded Subject of each raw message: run in a parser process (``CaptureStore.off_process``)."""
+    return [Message(data).subject for data in datas]
+
+
+def _rcpt_keys(rec: Record) -> set:
+    return {str(r).lower() for r in rec[RCPTS]}
+
+
 class Waiter:
     """One ``/wait`` long-poll: what it waits for, how many, after which seq, and its future."""
 
-    __slots__ = ("criteria", "count", "since", "found", "future")
+    __slots__ = ("criteria", "count", "since", "found", "future", "scanning")
 
     def __init__(self, criteria: Criteria, count: int, since: int) -> None:
         self.criteria = criteria
@@ -46,16 +106,24 @@ class Waiter:
         self.since = since
         self.found: list[Message] = []
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.scanning = False  # still reading the retained mail: arrivals are kept, not yet enough
 
     def offer(self, msg: Message) -> bool:
         """Take ``msg`` if it matches; True once the waiter has all it waits for."""
         if msg.seq <= self.since or self.future.done() or not self.criteria.matches(msg):
             return False
         self.found.append(msg)
-        if len(self.found) >= self.count:
+        if not self.scanning and len(self.found) >= self.count:
             self.future.set_result(None)
             return True
         return False
+
+    def end_scan(self) -> None:
+        """The retained mail is read: the earliest ``count`` matches win, retained or arrived."""
+        self.scanning = False
+        self.found.sort(key=lambda m: m.seq)
+        if len(self.found) >= self.count and not self.future.done():
+            self.future.set_result(None)
 
 
 class Stream:
@@ -89,9 +157,17 @@ class CaptureStore:
         self.evicted = 0
         self.cleared = 0
         self.last_seq = 0
+        self.by_rcpt: dict[str, deque[int]] = {}  # lower-cased envelope recipient -> retained seqs
+        self.subjects: dict[int, str] = {}  # seq -> decoded Subject, once some request parsed it
+        # Evicted seqs as [first, last] runs (a clear starts a new run): how many were evicted
+        # after any seq, for a /wait that found nothing.
+        self.evicted_runs: list[list[int]] = []
         self.waiters_by_rcpt: dict[str, list[Waiter]] = {}
         self.waiters_any: list[Waiter] = []
+        self.waiters_abandoned = 0  # /wait clients that hung up before their answer
         self.streams: set[Stream] = set()
+        self._watchers: list[asyncio.Future] = []  # woken when the waiters change
+        self._parsers: Optional[ProcessPoolExecutor] = None
 
     # -- capture (hot path: keep it short) -------------------------------------------------------
 
@@ -99,6 +175,12 @@ class CaptureStore:
         rec = (msg.seq, msg.mail_from, msg.rcpt_tos, msg.data, msg.received_at, msg.peer, msg.helo,
                msg.smtputf8, msg.tls, msg.auth_user, msg.mail_options)
         self.messages.append(rec)
+        by_rcpt = self.by_rcpt
+        for key in _rcpt_keys(rec):
+            seqs = by_rcpt.get(key)
+            if seqs is None:
+                by_rcpt[key] = seqs = deque()
+            seqs.append(msg.seq)
         size = len(msg.data)
         self.received += 1
         self.bytes += size
@@ -108,6 +190,13 @@ class CaptureStore:
             old = self.messages.popleft()
             self.retained_bytes -= len(old[DATA])
             self.evicted += 1
+            self._unindex(old)
+            self.subjects.pop(old[SEQ], None)
+            runs = self.evicted_runs
+            if runs and runs[-1][1] == old[SEQ] - 1:
+                runs[-1][1] = old[SEQ]
+            else:
+                runs.append([old[SEQ], old[SEQ]])
             if self.evicted == 1:
                 log.warning("retention limit of %d messages reached: evicting the oldest (counted in "
                             "/stats as 'evicted'); raise --max-messages to keep more", self.max_messages)
@@ -130,8 +219,101 @@ class CaptureStore:
                     del self.waiters_by_rcpt[rcpt]
         if self.waiters_any:
             self.waiters_any[:] = [w for w in self.waiters_any if not w.offer(msg)]
+        if self._watchers:
+            self._waiters_changed()
+
+    def _unindex(self, rec: Record) -> None:
+        for key in _rcpt_keys(rec):
+            seqs = self.by_rcpt.get(key)
+            if seqs and seqs[0] == rec[SEQ]:  # the evicted one is always the oldest retained
+                seqs.popleft()
+            elif seqs:
+                try:
+                    seqs.remove(rec[SEQ])
+                except ValueError:
+                    pass
+            if seqs is not None and not seqs:
+                del self.by_rcpt[key]
 
     # -- reading ---------------------------------------------------------------------------------
+
+    # -- parsing off the loop ----------------------------------------------------------------------
+
+    async def off_process(self, fn, *args):
+        """``fn(*args)`` in a parser process: parsing in a thread would still hold this process's
+        GIL, and with it the loop that captures SMTP. A thread is the fallback if the parser
+        process cannot run."""
+        loop = asyncio.get_running_loop()
+        if self._parsers is None:
+            self._parsers = ProcessPoolExecutor(max_workers=PARSER_PROCESSES,
+                                                mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await loop.run_in_executor(self._parsers, fn, *args)
+        except BrokenProcessPool:
+            log.warning("a parser process died: parsing in a thread instead")
+            self._parsers = None
+            return await loop.run_in_executor(None, fn, *args)
+
+    def close(self) -> None:
+        parsers, self._parsers = self._parsers, None
+        if parsers is not None:
+            parsers.shutdown(wait=False, cancel_futures=True)
+
+    async def remember_subjects(self, records: list[Record]) -> None:
+        """Parse (once) the Subject of every record in ``records``: in parser processes, in
+        batches, when there are many."""
+        missing = [rec for rec in records if rec[SEQ] not in self.subjects]
+        if len(missing) < INLINE_SUBJECTS:
+            for rec in missing:
+                await self.subject(rec)
+            return
+        for start in range(0, len(missing), SUBJECT_BATCH):
+            chunk = missing[start:start + SUBJECT_BATCH]
+            subjects = await self.off_process(subjects_of, [rec[DATA] for rec in chunk])
+            for rec, subject in zip(chunk, subjects):
+                if self.get(rec[SEQ]) is rec:  # still retained
+                    self.subjects[rec[SEQ]] = subject
+
+    async def subject(self, rec: Record) -> str:
+        """The record's decoded Subject: parsed once (off the loop if large), then remembered."""
+        seq = rec[SEQ]
+        subject = self.subjects.get(seq)
+        if subject is None:
+            subject = await prepared(rec, _subject)
+            if self.get(seq) is rec:  # still retained (not evicted or cleared meanwhile)
+                self.subjects[seq] = subject
+        return subject
+
+    def seqs_to(self, recipient: str, since: int = 0) -> list[int]:
+        """Retained seqs > ``since`` of mail to ``recipient`` (envelope, case-insensitive), oldest first."""
+        seqs = self.by_rcpt.get(recipient.lower())
+        if not seqs:
+            return []
+        found = []
+        for seq in reversed(seqs):  # ints only: cheap even for a recipient with many messages
+            if seq <= since:
+                break
+            found.append(seq)
+        found.reverse()
+        return found
+
+    def after(self, seq: int, limit: int) -> list[Record]:
+        """At most ``limit`` retained records with seq > ``seq``, oldest first (a page)."""
+        messages = self.messages
+        if not messages or seq >= messages[-1][SEQ]:
+            return []
+        skip = max(0, seq - messages[0][SEQ] + 1)
+        return [m for m in itertools.islice(messages, skip, skip + limit) if m[SEQ] > seq]
+
+    def count_after(self, seq: int) -> int:
+        """How many retained records have seq > ``seq``."""
+        if not self.messages:
+            return 0
+        return max(0, min(len(self.messages), self.messages[-1][SEQ] - seq))
+
+    def evicted_after(self, seq: int) -> int:
+        """How many messages with seq > ``seq`` were evicted (not cleared)."""
+        return sum(max(0, last - max(first, seq + 1) + 1) for first, last in self.evicted_runs)
 
     @property
     def first_seq(self) -> int:
@@ -163,23 +345,68 @@ class CaptureStore:
     def clear(self) -> int:
         count = len(self.messages)
         self.messages.clear()
+        self.by_rcpt.clear()
+        self.subjects.clear()
         self.retained_bytes = 0
         self.cleared += count
         return count
 
     # -- waiters ---------------------------------------------------------------------------------
 
-    def add_waiter(self, waiter: Waiter) -> None:
-        """Offer ``waiter`` the retained mail after its ``since``, then, unless that was enough,
-        every arrival (keyed by its recipient). No await in between: nothing slips past."""
-        for rec in self.since(waiter.since):
-            if waiter.offer(message_of(rec)):
-                return
+    async def add_waiter(self, waiter: Waiter) -> None:
+        """Offer ``waiter`` every arrival (keyed by its recipient) and the retained mail after its
+        ``since``. It is registered and the retained candidates are snapshot in one step, so
+        nothing slips past; the snapshot is then read yielding to the loop (a recipient's own
+        mail only, through ``seqs_to``), and the earliest ``count`` matches win."""
         rcpt = waiter.criteria.recipient
         if rcpt:
+            backlog = [rec for rec in map(self.get, self.seqs_to(rcpt, waiter.since)) if rec is not None]
             self.waiters_by_rcpt.setdefault(rcpt, []).append(waiter)
         else:
+            backlog = self.since(waiter.since)
             self.waiters_any.append(waiter)
+        self._waiters_changed()
+        waiter.scanning = True
+        taken = 0  # matches among the retained mail (arrivals meanwhile have later seqs)
+        wanted = waiter.criteria.subject
+        slicer = Slicer()
+        try:
+            for i, rec in enumerate(backlog):
+                if wanted is not None and i % SUBJECT_BATCH == 0:
+                    await self.remember_subjects(backlog[i:i + SUBJECT_BATCH])
+                await slicer.tick()
+                if waiter.future.done():
+                    return
+                if wanted is not None and not _text_matches(wanted, await self.subject(rec)):
+                    continue  # the very test Criteria makes, on the remembered Subject
+                before = len(waiter.found)
+                waiter.offer(await prepared(rec))
+                taken += len(waiter.found) - before
+                if taken >= waiter.count:
+                    break  # in seq order: these are the earliest matches
+        finally:
+            waiter.end_scan()
+
+    def _waiters_changed(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for future in watchers:
+            if not future.done():
+                future.set_result(None)
+
+    async def waiters_settle(self, count: int, timeout: float) -> None:
+        """Return once ``waiter_count == count`` (or after ``timeout``): ``/stats?waiters=N``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.waiter_count != count:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            future = loop.create_future()
+            self._watchers.append(future)
+            try:
+                await asyncio.wait_for(future, left)
+            except asyncio.TimeoutError:
+                return
 
     def remove_waiter(self, waiter: Waiter) -> None:
         rcpt = waiter.criteria.recipient
@@ -188,6 +415,7 @@ class CaptureStore:
             waiters.remove(waiter)
         if rcpt and rcpt in self.waiters_by_rcpt and not self.waiters_by_rcpt[rcpt]:
             del self.waiters_by_rcpt[rcpt]
+        self._waiters_changed()
 
     @property
     def waiters(self) -> list[Waiter]:
@@ -215,3 +443,4 @@ class CaptureStore:
         for waiter in self.waiters:
             if not waiter.future.done():
                 waiter.future.cancel()
+        self._waiters_changed()

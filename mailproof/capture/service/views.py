@@ -9,10 +9,16 @@ from __future__ import annotations
 import base64
 import json
 
+from typing import TYPE_CHECKING
+
 from mailproof.capture.service.store import (AT, AUTH_USER, DATA, FROM, HELO, MAIL_OPTIONS, PEER, RCPTS,
-                                             SEQ, SMTPUTF8, TLS, Record, Waiter, message_of)
+                                             SEQ, SMTPUTF8, TLS, Record, Waiter, _rcpt_keys, message_of,
+                                             prepared)
 from mailproof.criteria import Criteria
 from mailproof.message import Message
+
+if TYPE_CHECKING:
+    from mailproof.capture.service.store import CaptureStore
 
 NEAR_MISSES_SHOWN = 10
 
@@ -21,6 +27,17 @@ def summary(msg: Message) -> dict:
     """What a listing shows of one message (the subject is the only header it parses)."""
     return {"seq": msg.seq, "mail_from": msg.mail_from, "rcpt_tos": list(msg.rcpt_tos),
             "received_at": msg.received_at, "size": msg.size, "subject": msg.subject}
+
+
+def record_summary(rec: Record, subject: str) -> dict:
+    """``summary`` made from the record and its (remembered) Subject, without a ``Message``."""
+    return {"seq": rec[SEQ], "mail_from": rec[FROM], "rcpt_tos": list(rec[RCPTS]),
+            "received_at": rec[AT], "size": len(rec[DATA]), "subject": subject}
+
+
+def parsed_view_json(rec: Record) -> str:
+    """``parsed_view`` as JSON text: what a worker thread makes for ``GET /messages/{seq}``."""
+    return json.dumps(parsed_view(rec))
 
 
 def parsed_view(rec: Record) -> dict:
@@ -51,28 +68,44 @@ def stream_line(rec: Record) -> bytes:
             + "\n").encode("ascii")
 
 
-def near_misses(waiter: Waiter, retained: list[Record], timeout: float) -> dict:
+async def near_misses(waiter: Waiter, store: "CaptureStore", timeout: float) -> dict:
     """The 408 answer of a ``/wait`` that timed out: what it found, and the mail it did not take.
 
-    ``retained`` is the mail since the waiter's ``since``. The near misses shown are the latest
-    mail to the same recipient first, then the latest other mail, each with ``why``: its
-    ``Criteria.mismatches``.
+    The near misses shown are the latest mail since the waiter's ``since`` to the same recipient
+    first (through the store's recipient index), then the latest other mail, each with ``why``:
+    its ``Criteria.mismatches``. It also says how many messages after ``since`` were evicted
+    (``evicted_since``): "no mail" is never said of mail the service may have thrown away.
+    Only the few messages shown are parsed, never every retained one.
     """
-    criteria = waiter.criteria
+    criteria, since = waiter.criteria, waiter.since
     taken = {m.seq for m in waiter.found}
-    others = [message_of(rec) for rec in retained if rec[SEQ] not in taken]
-    same: list[Message] = []
-    if criteria.to:
-        same_recipient = Criteria(to=criteria.to)
-        same = [m for m in others if same_recipient.matches(m)]
-    same_seqs = {m.seq for m in same}
-    rest = [m for m in reversed(others) if m.seq not in same_seqs][:NEAR_MISSES_SHOWN]
-    shown = (same[-NEAR_MISSES_SHOWN:] + rest)[:NEAR_MISSES_SHOWN]
+    other_count = store.count_after(since) - sum(1 for seq in taken if seq > since and store.get(seq) is not None)
+    rcpt = criteria.recipient
+    shown_seqs: list[int] = []
+    if rcpt:
+        shown_seqs = [seq for seq in store.seqs_to(rcpt, since) if seq not in taken][-NEAR_MISSES_SHOWN:]
+    rest: list[int] = []
+    if len(shown_seqs) < NEAR_MISSES_SHOWN:
+        for rec in reversed(store.messages):  # no await here: skips only taken and same-recipient mail
+            if rec[SEQ] <= since or len(shown_seqs) + len(rest) >= NEAR_MISSES_SHOWN:
+                break
+            if rec[SEQ] in taken or (rcpt and rcpt in _rcpt_keys(rec)):
+                continue
+            rest.append(rec[SEQ])
+    records = [rec for rec in map(store.get, shown_seqs + rest) if rec is not None]
+    shown = [await prepared(rec, lambda m: {**summary(m), "why": criteria.mismatches(m)}) for rec in records]
+    evicted_since = store.evicted_after(since)
     wanted = "at all" if criteria == Criteria() else criteria.describe()
     have = f"only {len(waiter.found)} of {waiter.count} mails" if waiter.found else "no mail"
+    if evicted_since:
+        evictions = (f"{evicted_since} message(s) after seq {since} were evicted (retention limit "
+                     f"{store.max_messages}): the mail may have been among them; raise --max-messages")
+    else:
+        evictions = f"none evicted after seq {since}"
     return {
-        "error": f"{have} {wanted} within {timeout:g} s; {len(others)} other mail(s) since seq {waiter.since}",
+        "error": f"{have} {wanted} within {timeout:g} s; {other_count} other mail(s) since seq {since}; {evictions}",
         "found": [summary(m) for m in waiter.found],
-        "near_misses": [{**summary(m), "why": criteria.mismatches(m)} for m in shown],
-        "other_count": len(others),
+        "near_misses": shown,
+        "other_count": other_count,
+        "evicted_since": evicted_since, "evicted": store.evicted, "cleared": store.cleared,
     }
