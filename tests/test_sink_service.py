@@ -499,6 +499,36 @@ def test_non_loopback_host_without_token_is_refused_before_listening():
     assert "refusing to listen on '0.0.0.0'" in done.stderr and "--token" in done.stderr
 
 
+def test_a_token_of_only_white_space_is_refused_at_start():
+    from mailproof.capture.service.cli import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--token", "   "])
+    assert exited.value.code == 2
+
+
+def test_off_loopback_smtp_requires_auth_derived_from_the_token_unless_open(monkeypatch, capsys):
+    from mailproof.capture.service.cli import TOKEN_USER, parse_args
+
+    monkeypatch.delenv("MAILPROOF_SINK_AUTH", raising=False)
+    assert parse_args(["--host", "0.0.0.0", "--token", "t0k"]).auth == (TOKEN_USER, "t0k")
+    assert parse_args(["--host", "0.0.0.0", "--token", "t0k", "--open-smtp"]).auth is None
+    assert parse_args(["--host", "0.0.0.0", "--token", "t0k", "--auth", "app:pw"]).auth == ("app", "pw")
+    assert parse_args([]).auth is None  # loopback: open, as a local test double
+
+
+def test_a_deeply_nested_fault_rule_is_a_400_not_a_500(service):
+    # Written as text: json.dumps itself would refuse to encode this much nesting.
+    body = '{"stage": "rcpt", "action": ' + '{"delay": 0.1, "then": ' * 5000 + '"451 4.3.0 later"' + "}" * 5001
+    answer = requests.post(service.url + "/faults", data=body, timeout=30,
+                           headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "nested" in answer.json()["error"], answer.text
+    shallow = '{"stage": "rcpt", "to": "x@deep.test", "action": ' + '{"delay": 0.1, "then": ' * 3 + '"451 4.3.0 later"' + "}" * 4
+    added = requests.post(service.url + "/faults", data=shallow, timeout=30, headers={"Content-Type": "application/json"})
+    assert added.status_code == 201, added.text  # a real rule of a few levels still goes in
+    service.json(f"/faults/{added.json()['id']}", method="DELETE")
+
+
 def test_with_a_token_every_endpoint_requires_it():
     svc = Service(token="s3cret-token")
     try:

@@ -13,7 +13,9 @@ loop: a captured message reaches waiters and streams without a cross-thread hop.
 
 Safe by default: it refuses a non-loopback ``--host`` unless ``--token`` is given (exit code 2);
 with a token every endpoint requires ``Authorization: Bearer TOKEN`` (401 otherwise). The token
-may also come from the environment variable ``MAILPROOF_SINK_TOKEN`` (kept out of ``ps``).
+may also come from the environment variable ``MAILPROOF_SINK_TOKEN`` (kept out of ``ps``); one of
+only white space is refused. Off loopback, SMTP requires AUTH too (user ``mailproof``, the token
+as password, unless ``--auth`` gives others or ``--open-smtp`` accepts anyone's mail).
 
 Capture keeps raw bytes and the envelope only; headers are parsed when a client asks for a parsed
 view. SMTP capture shares the loop with the API, so no request holds it long: listings are pages,

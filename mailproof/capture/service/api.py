@@ -40,6 +40,20 @@ MAX_PAGE = 1000  # summaries per GET /messages answer at most (``limit`` is capp
 MAX_STATS_WAIT = 60.0
 
 
+MAX_SPEC_DEPTH = 32  # a Script of Delays of Chaos is about 6 levels deep; more is an attack or a bug
+
+
+def _depth(value, limit: int = MAX_SPEC_DEPTH + 1) -> int:
+    """How deeply ``value`` nests lists and dicts, counting no further than ``limit``."""
+    depth, level = 0, [value]
+    while level and depth < limit:
+        depth += 1
+        level = [child for item in level if isinstance(item, (list, dict))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        level = [child for child in level if isinstance(child, (list, dict))]
+    return depth
+
+
 def _bad(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -325,6 +339,10 @@ class SinkApi:
             spec = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _bad(f"the body must be a JSON fault rule: {exc}")
+        except RecursionError:
+            return _bad("the body is nested too deeply to be a fault rule (a rule nests a few levels)")
+        if _depth(spec) > MAX_SPEC_DEPTH:
+            return _bad(f"the fault rule is nested deeper than {MAX_SPEC_DEPTH} levels; a rule needs a few")
         try:
             if isinstance(spec, dict) and "profile" in spec:
                 extra = sorted(set(spec) - {"profile", "seed", "scope", "to_pattern"})

@@ -39,6 +39,9 @@ from mailproof.faults.specs import FaultError, parse_chaos_profile
 from mailproof.net import LOOPBACK, is_loopback
 
 
+TOKEN_USER = "mailproof"  # SMTP user of the credentials derived from the token off loopback
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mailproof.capture.service",
@@ -51,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"require 'Authorization: Bearer TOKEN' on every endpoint (or set {TOKEN_ENV})")
     parser.add_argument("--max-messages", type=int, default=DEFAULT_MAX_MESSAGES,
                         help=f"messages retained, oldest evicted first and counted (default {DEFAULT_MAX_MESSAGES})")
-    parser.add_argument("--smtp-timeout", type=float, default=60.0, help="idle SMTP session timeout, seconds")
+    parser.add_argument("--smtp-timeout", type=float, default=60.0,
+                        help="idle SMTP timeout: seconds without a byte from the client (default 60)")
+    parser.add_argument("--data-timeout", type=float, default=600.0,
+                        help="longest one DATA phase may take, 354 to the final dot, seconds (default 600)")
     parser.add_argument("--chaos", default=None, metavar="PROFILE",
                         help="fault rules to install at start, e.g. '5%%:rcpt:451,1%%:after_data:disconnect' "
                              "(see mailproof.faults.specs.parse_chaos_profile); scope 'chaos'")
@@ -66,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="another name or address for the certificate (repeatable); localhost, "
                              "127.0.0.1, ::1, --host and this machine's name are always in it")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
-                        help=f"require SMTP AUTH with these credentials (or set {AUTH_ENV})")
+                        help=f"require SMTP AUTH with these credentials (or set {AUTH_ENV}); on a "
+                             "non-loopback --host the default is user 'mailproof' with the token as password")
+    parser.add_argument("--open-smtp", action="store_true",
+                        help="on a non-loopback --host, accept SMTP without AUTH (anyone who reaches the "
+                             "port can then put mail in front of the flows)")
     return parser
 
 
@@ -74,6 +84,9 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     args.token = args.token or os.environ.get(TOKEN_ENV) or None
+    if args.token is not None and not args.token.strip():
+        parser.error(f"--token (or {TOKEN_ENV}) is only white space: no client header could ever match it; "
+                     "give a real token")
     if not is_loopback(args.host) and not args.token:
         parser.error(  # exits with code 2 before anything listens
             f"refusing to listen on {args.host!r}: it is not a loopback address, and the API reads "
@@ -86,6 +99,10 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
                                source=f"--auth (or {AUTH_ENV})")
     except MailproofError as exc:
         parser.error(str(exc))
+    if not is_loopback(args.host) and args.auth is None and not args.open_smtp:
+        # Off loopback anyone could inject mail the flows would take for the app's: require AUTH,
+        # with credentials the clients already have (the token), unless told otherwise.
+        args.auth = parse_auth(f"{TOKEN_USER}:{args.token}", source="the derived SMTP credentials")
     if args.tls != "off" and not trustme_available():
         parser.error(f"--tls {args.tls} needs a throwaway CA, made with trustme, which is not installed: "
                      "pip install 'mailproof[tls]' (or drop --tls)")
@@ -104,6 +121,7 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> int:
     service = SinkService(host=args.host, smtp_port=args.smtp_port, http_port=args.http_port,
                           token=args.token, max_messages=args.max_messages, smtp_timeout=args.smtp_timeout,
+                          data_timeout=args.data_timeout,
                           tls=args.tls, auth=args.auth, tls_hostnames=tuple(args.tls_hostname),
                           ca_file=args.tls_ca_file)
     for rule in args.chaos_rules:

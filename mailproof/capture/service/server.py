@@ -30,7 +30,8 @@ class SinkService:
 
     def __init__(self, *, host: str = LOOPBACK, smtp_port: int = 0, http_port: int = 0,
                  token: Optional[str] = None, max_messages: int = DEFAULT_MAX_MESSAGES,
-                 smtp_timeout: float = 60.0, data_size_limit: int = 64 * 1024 * 1024,
+                 smtp_timeout: float = 60.0, data_timeout: float = 600.0,
+                 data_size_limit: int = 64 * 1024 * 1024,
                  tls: str = "off", auth: Optional[Credentials] = None,
                  tls_hostnames: tuple[str, ...] = (), ca_file: Optional[str] = None) -> None:
         self.host = host
@@ -44,7 +45,7 @@ class SinkService:
         self.store = CaptureStore(max_messages)
         self.faults = FaultPlan()
         self.sink = SmtpSink(on_message=self.store.add, host=host, port=smtp_port, faults=self.faults,
-                             timeout=smtp_timeout, data_size_limit=data_size_limit)
+                             timeout=smtp_timeout, data_timeout=data_timeout, data_size_limit=data_size_limit)
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex[:16]  # a restarted service numbers from 1 again: clients must know
         self.stopping = False
