@@ -62,12 +62,18 @@ class AppSession(requests.Session):
         except requests.Timeout as exc:
             raise AppTimeout(
                 f"{str(method).upper()} {full} got no answer within {kwargs['timeout']} s, the flow HTTP "
-                f"timeout ({self.timeout_setting}; or timeout= on this call). Is the application at "
-                f"{self.base_url} ({self.url_setting}) stuck or overloaded?") from exc
+                f"timeout ({self.timeout_setting}; or timeout= on this call). Is {self._where(full)} "
+                "stuck or overloaded?") from exc
         except requests.ConnectionError as exc:
             raise AppUnreachable(
-                f"cannot reach the application at {self.base_url} ({self.url_setting}) for "
-                f"{str(method).upper()} {full}: {_reason(exc)}. Is it running, and is that its URL?") from exc
+                f"cannot reach {self._where(full)} for {str(method).upper()} {full}: {_reason(exc)}. "
+                "Is it running, and is that its URL?") from exc
+
+    def _where(self, url: str) -> str:
+        """The application and the setting its URL came from, or just the URL a flow gave itself."""
+        if url.startswith(self.base_url):
+            return f"the application at {self.base_url} ({self.url_setting})"
+        return url
 
 
 def _reason(exc: BaseException) -> str:

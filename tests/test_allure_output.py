@@ -403,7 +403,7 @@ def test_failures_fall_into_the_categories_qa_filters_by(qa_run):
     assert message("test_welcome_never_sent").startswith("mailproof.errors.MailNotDelivered: no mail")
     assert message("test_receipt_is_late").startswith("mailproof.errors.MailLate: ")
     assert message("test_no_mail_expected").startswith("mailproof.errors.UnexpectedMail: ")
-    assert message("test_app_unreachable").startswith("requests.exceptions.ConnectionError")
+    assert message("test_app_unreachable").startswith("mailproof.http.AppUnreachable: cannot reach http://127.0.0.1:")
 
 
 def test_a_content_mismatch_in_a_flow_module_shows_a_readable_diff(qa_run):

@@ -62,7 +62,7 @@ export default {
       name: "Application error (HTTP 5xx, unreachable)",
       matchers: [
         byLabel("Application error"),
-        byMessage(/^(requests\.exceptions\.(ConnectionError|Timeout|ReadTimeout|ConnectTimeout)|ConnectionRefusedError)\b/),
+        byMessage(/^(requests\.exceptions\.(ConnectionError|Timeout|ReadTimeout|ConnectTimeout)|mailproof\.http\.(AppUnreachable|AppTimeout)|ConnectionRefusedError)\b/),
       ],
       groupByMessage: false,
       groupBy: [{ label: "feature" }],
