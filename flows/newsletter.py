@@ -12,10 +12,10 @@ from mailproof import flow
 _ANGLE_URLS = re.compile(r"<([^>]+)>")
 
 
-@flow(feature="Newsletter", story="One-click unsubscribe", severity="normal")
-def newsletter_one_click_unsubscribe(flow) -> None:
-    """Two subscribers get the newsletter with List-Unsubscribe headers; after a one-click
-    unsubscribe, the next issue reaches only the one who stayed."""
+def two_readers_one_unsubscribes(flow) -> tuple[str, str, str]:
+    """Subscribe two readers, send the first issue with one-click unsubscribe headers, and let
+    the first reader unsubscribe (RFC 8058 POST). Returns (list_id, leaving, staying); the load
+    version of the flow (loadtests/flows.py) shares it and differs only in its negative check."""
     list_id = f"launch-{secrets.token_hex(4)}"
     leaving, staying = flow.mailbox.address("leaving"), flow.mailbox.address("staying")
     with flow.step("Subscribe two readers"):
@@ -36,6 +36,14 @@ def newsletter_one_click_unsubscribe(flow) -> None:
     with flow.step("One-click unsubscribe (RFC 8058 POST)"):
         response = flow.http.post(https[0], data={"List-Unsubscribe": "One-Click"})
         assert response.status_code == 200, response.text
+    return list_id, leaving, staying
+
+
+@flow(feature="Newsletter", story="One-click unsubscribe", severity="normal")
+def newsletter_one_click_unsubscribe(flow) -> None:
+    """Two subscribers get the newsletter with List-Unsubscribe headers; after a one-click
+    unsubscribe, the next issue reaches only the one who stayed."""
+    list_id, leaving, staying = two_readers_one_unsubscribes(flow)
     with flow.step("The next issue reaches only the remaining reader"):
         response = flow.http.post(f"/newsletter/{list_id}/send",
                                   json={"subject": "Day two", "body": "Still live."})

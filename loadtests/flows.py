@@ -15,13 +15,8 @@ per user.
 
 from __future__ import annotations
 
-import re
-import secrets
-
-from flows import accounts, orders, slo
+from flows import accounts, newsletter, orders, slo
 from mailproof import flow
-
-_ANGLE_URLS = re.compile(r"<([^>]+)>")
 
 
 @flow(feature="Accounts", story="Signup confirmation", severity="critical", weight=6)
@@ -60,25 +55,7 @@ def password_reset_code_works_once(flow) -> None:
 def newsletter_one_click_unsubscribe(flow) -> None:
     """Two subscribers get the newsletter with List-Unsubscribe headers; after a one-click
     unsubscribe, the next issue is queued for, and reaches, only the one who stayed."""
-    list_id = f"launch-{secrets.token_hex(4)}"
-    leaving, staying = flow.mailbox.address("leaving"), flow.mailbox.address("staying")
-    with flow.step("Subscribe two readers"):
-        for address in (leaving, staying):
-            response = flow.http.post(f"/newsletter/{list_id}/subscribers", json={"email": address})
-            assert response.status_code == 201, response.text
-    with flow.step("Send the first issue"):
-        response = flow.http.post(f"/newsletter/{list_id}/send",
-                                  json={"subject": "Launch day is here", "body": "We are live."})
-        assert response.status_code == 202 and response.json()["queued"] == 2, response.text
-    with flow.step("Both receive it, with one-click unsubscribe headers"):
-        first = flow.mailbox.wait_for(to=leaving, subject="Launch day is here", within=slo.BULK)
-        flow.mailbox.wait_for(to=staying, subject="Launch day is here", within=slo.BULK)
-        assert first.header("List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"
-        https = [t for t in _ANGLE_URLS.findall(first.header("List-Unsubscribe") or "") if t.startswith("http")]
-        assert https, first.header("List-Unsubscribe")
-    with flow.step("One-click unsubscribe (RFC 8058 POST)"):
-        response = flow.http.post(https[0], data={"List-Unsubscribe": "One-Click"})
-        assert response.status_code == 200, response.text
+    list_id, leaving, staying = newsletter.two_readers_one_unsubscribes(flow)
     with flow.step("The next issue reaches only the remaining reader"):
         response = flow.http.post(f"/newsletter/{list_id}/send", json={"subject": "Day two", "body": "Still live."})
         assert response.status_code == 202 and response.json()["queued"] == 1, response.text
