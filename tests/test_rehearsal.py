@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from mailproof.load.gates import Gate
-from mailproof.load.ledger import FAILED, INTERRUPTED, PASSED, Arrival, Claim, Ledger
+from mailproof.load.ledger import FAILED, INTERRUPTED, PASSED, Arrival, Claim, Ledger, arrival_key
 from mailproof.load.rehearsal import Rehearsal, RehearsalOptions
 from mailproof.load.results import RehearsalResults, RequestCounts, SinkSnapshot
 from mailproof.mailbox import Mailbox, MailStore
@@ -414,6 +414,24 @@ def test_extra_copies_are_duplicated_other_extra_mail_and_mail_where_none_was_ex
     whys = {s.address: s.why for s in counts.unexpected_emails}
     assert whys[quiet.lower()] == "the address expected no mail"
     assert whys[receipt.lower()] == "an email beyond the 1 expected, and no copy of one"
+
+
+def test_a_restarted_services_seqs_are_new_emails_not_copies(ledger_and_store):
+    """A restarted sink service numbers its mail from 1 again: seq 1 of each run is its own email,
+    never dropped as one already seen (that read as a lost second email)."""
+    ledger, store = ledger_and_store
+    run = Run(ledger, store)
+    address = run.address(trigger=T0, expect=2)
+    before, after = (Message(RAW % (b"Issue %d" % n, b"m%d" % n), rcpt_tos=[address], received_at=T0 + n,
+                             extra={"service_seq": 1, "service_instance": instance})
+                     for n, instance in ((1, "run-a"), (2, "run-b")))
+    store.deliver(before)
+    store.deliver(after)
+    assert arrival_key(before) != arrival_key(after)
+    run.record()
+    counts = ledger.reconcile()
+    row = counts.flows["order"]
+    assert (row.expected, row.delivered, row.lost, row.duplicated) == (2, 2, 0, 0)
 
 
 def test_a_failed_runs_mail_after_its_last_wait_is_unawaited_and_mail_after_its_gave_up_wait_delivered(

@@ -456,7 +456,8 @@ class RemoteSink:
                 log.warning("sink service stream skipped seqs %d..%d (no longer retained)", self.last_seq + 1, seq - 1)
             msg = Message(base64.b64decode(event["raw"]), mail_from=event.get("mail_from") or "",
                                   rcpt_tos=event.get("rcpt_tos") or (), received_at=event.get("received_at"),
-                                  source="sink-service", extra={"service_seq": seq},
+                                  source="sink-service",
+                                  extra={"service_seq": seq, "service_instance": self.instance},
                                   tls=event.get("tls"), auth_user=event.get("auth_user"))
             self.last_seq = seq
             if self.accept is not None and not self._accepts(msg):

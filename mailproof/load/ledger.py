@@ -33,8 +33,8 @@ A run that is stopped (killed) in the middle is recorded like any other (``FlowU
 it in ``finally``): what it had armed after a trigger is still awaited through the grace period.
 
 Snapshots merge (distributed runs: one ledger per Locust worker, every worker streams all of
-the sink's mail); arrivals are keyed by the sink service's seq, so one email seen by several
-workers counts once.
+the sink's mail); arrivals are keyed by the sink service's run and seq, so one email seen by
+several workers counts once, and two emails a restarted service gave the same seq count twice.
 """
 
 from __future__ import annotations
@@ -133,9 +133,13 @@ class Delivery:
 
 
 def arrival_key(msg: Message) -> Optional[str]:
-    seq = (msg.extra or {}).get("service_seq") if hasattr(msg, "extra") else None
+    """One email's identity across workers: the sink service's seq, qualified by the service run
+    (a restarted service numbers its mail from 1 again: seq 7 before and after is two emails)."""
+    extra = (msg.extra or {}) if hasattr(msg, "extra") else {}
+    seq = extra.get("service_seq")
     if seq is not None:
-        return f"s{seq}"
+        instance = extra.get("service_instance")
+        return f"s{instance}:{seq}" if instance else f"s{seq}"
     return None if msg.received_at is None else f"t{msg.received_at!r}"
 
 
