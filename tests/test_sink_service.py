@@ -29,6 +29,9 @@ from mailproof.criteria import Criteria
 from mailproof.faults.specs import (FaultError, action_from_spec, action_to_spec, parse_chaos_profile,
                                rule_from_spec, rule_to_spec)
 from mailproof.faults import Chaos, Delay, Disconnect, RateLimit, Reply, Script, Stall
+from mailproof.capture.remote import RemoteSink
+from mailproof.capture.service.store import SEQ, CaptureStore
+from mailproof.capture.smtp_sink import CapturedMail
 from mailproof.message import Message
 from mailproof.servers.app_process import AppProcess
 
@@ -484,6 +487,76 @@ def test_bounded_retention_counts_evictions_and_streams_say_what_is_missing():
         assert (stats["retained"], stats["cleared"], stats["evicted"], stats["last_seq"]) == (0, 3, 2, 5)
     finally:
         assert svc.stop() == 0
+
+
+def _captured(seq: int, to: str = "held@svc.test") -> CapturedMail:
+    return CapturedMail(seq=seq, mail_from="app@example.test", rcpt_tos=(to,),
+                        data=make_raw(to, f"N{seq}"), received_at=time.time())
+
+
+def test_the_store_keeps_what_a_named_client_was_not_sent_and_evicts_it_once_sent():
+    store = CaptureStore(max_messages=3)
+    cursor = store.attach("worker-1", since=0)
+    for seq in range(1, 6):
+        store.add(_captured(seq))
+    assert (len(store.messages), store.evicted, store.over_cap) == (5, 0, 2)  # kept past the cap, counted
+    store.sent(cursor, 1)  # the client has seq 1 now: that one may go, seq 2 not yet
+    assert ([r[SEQ] for r in store.messages], store.evicted) == ([2, 3, 4, 5], 1)
+    store.sent(cursor, 5)
+    assert ([r[SEQ] for r in store.messages], store.evicted) == ([3, 4, 5], 2)
+    store.add(_captured(6))  # every cursor is past the oldest: plain first-in first-out again
+    assert ([r[SEQ] for r in store.messages], store.evicted, store.over_cap) == ([4, 5, 6], 3, 2)
+
+
+def test_a_disconnected_client_holds_mail_for_its_hold_then_nothing():
+    store = CaptureStore(max_messages=2, stream_hold=3600)
+    store.detach(store.attach("gone", since=0))  # its connection ended: the hold runs
+    for seq in range(1, 5):
+        store.add(_captured(seq))
+    assert (len(store.messages), store.evicted) == (4, 0)  # a reconnect within the hold finds it all
+    brief = CaptureStore(max_messages=2, stream_hold=0)
+    brief.detach(brief.attach("gone", since=0))
+    for seq in range(1, 5):
+        brief.add(_captured(seq))
+    assert ([r[SEQ] for r in brief.messages], brief.evicted, brief.cursors) == ([3, 4], 2, {})
+    assert store.release("gone") and not store.release("gone")  # DELETE /streams/ID
+    assert ([r[SEQ] for r in store.messages], store.evicted) == ([3, 4], 2)
+
+
+def test_a_named_stream_client_finds_no_gap_after_a_reconnect_past_the_cap():
+    """A worker's stream drops while mail pours in past --max-messages: its reconnect with since=
+    must replay every message (with an anonymous client they were evicted and reported missing)."""
+    svc = Service("--max-messages", "3")
+    try:
+        conn, response = open_stream(svc, "since=0&client=worker-1")
+        assert read_event(response)["hello"]["since"] == 0
+        conn.close()
+        with smtplib.SMTP("127.0.0.1", svc.smtp_port, timeout=10) as smtp:
+            for i in range(6):
+                smtp.sendmail("app@example.test", [f"h{i}@svc.test"], make_raw(f"h{i}@svc.test", f"H{i}"))
+        stats = svc.json("/stats")
+        assert (stats["retained"], stats["evicted"], stats["over_cap"], stats["stream_clients"]) == (6, 0, 3, 1)
+        conn, response = open_stream(svc, "since=0&client=worker-1")
+        try:
+            assert read_event(response)["hello"]["since"] == 0
+            assert [read_event(response)["seq"] for _ in range(6)] == [1, 2, 3, 4, 5, 6]  # no 'missing' line
+        finally:
+            conn.close()
+        assert svc.json("/streams/worker-1", method="DELETE")["released"] is True
+        stats = svc.json("/stats")
+        assert (stats["retained"], stats["evicted"], stats["stream_clients"]) == (3, 3, 0)
+    finally:
+        assert svc.stop() == 0
+
+
+def test_remote_sink_names_its_stream_and_releases_it_when_stopped(service):
+    remote = RemoteSink(service.url).start()
+    try:
+        assert service.json("/stats")["stream_clients"] >= 1
+        assert remote.client_id in service.json("/stats?waiters=0")["stream_client_ids"]
+    finally:
+        remote.stop()
+    assert remote.client_id not in service.json("/stats")["stream_client_ids"]
 
 
 # -- safe by default -----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -250,6 +251,8 @@ class RemoteSink:
         self.stream_connections = 0  # successful (re)connections of the stream
         self.restarts = 0  # times the stream found a restarted service (seqs begin again at 1)
         self.instance: Optional[str] = None  # the service run whose seqs last_seq counts
+        # Named to the service: mail not yet sent to this client is not evicted (nor across a reconnect).
+        self.client_id = uuid.uuid4().hex
         self.last_heartbeat: Optional[float] = None
         self.last_error: Optional[BaseException] = None
         self._fatal: Optional[BaseException] = None
@@ -340,9 +343,17 @@ class RemoteSink:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
+            self._release()
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+    def _release(self) -> None:
+        """Tell the service this client holds no mail any more (best effort: the hold expires)."""
+        try:
+            self._api.call("DELETE", f"/streams/{self.client_id}", timeout=2.0)
+        except (OSError, SinkServiceError, http.client.HTTPException, ValueError) as exc:
+            log.debug("could not release the stream cursor at %s: %s", self.url, exc)
 
     def __enter__(self) -> "RemoteSink":
         return self.start()
@@ -400,7 +411,7 @@ class RemoteSink:
             try:
                 if self._stopping.is_set():
                     break
-                params = {"since": self.last_seq, "heartbeat": self.heartbeat}
+                params = {"since": self.last_seq, "heartbeat": self.heartbeat, "client": self.client_id}
                 if self.instance:
                     params["instance"] = self.instance
                 query = urllib.parse.urlencode(params)

@@ -264,7 +264,7 @@ class Rehearsal:
                   for s in specs]
         self._keep_sink(SinkSnapshot(url=url, fetched_at=time.time(), received=int(stats["received"]),
                                      retained=int(stats["retained"]), evicted=int(stats["evicted"]),
-                                     cleared=int(stats["cleared"]),
+                                     cleared=int(stats["cleared"]), over_cap=int(stats.get("over_cap", 0)),
                                      smtp_connections=int(stats.get("connections", {}).get("total", 0)),
                                      faults=faults))
 

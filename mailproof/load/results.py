@@ -205,6 +205,7 @@ class SinkSnapshot:
     evicted: int
     cleared: int
     smtp_connections: int
+    over_cap: int = 0  # deliveries kept past its cap: a stream client had not been sent the oldest yet
     faults: list[FaultRecord] = field(default_factory=list)
 
 

@@ -113,6 +113,10 @@ def render_summary(results: RehearsalResults) -> str:
     if stream is not None:
         lines.append(f"stream: {stream.received} received, {stream.missing} missing, {stream.duplicates} duplicates, "
                      f"{stream.reconnects} reconnects, {stream.restarts} restarts, {stream.evicted} evicted")
+    for sink in results.harness.sinks:
+        if sink.evicted or sink.over_cap or sink.cleared:
+            lines.append(f"sink service {sink.url}: {sink.evicted} evicted, {sink.over_cap} kept past its bound, "
+                         f"{sink.cleared} cleared")
     for error in results.harness.errors:
         lines.append(f"HARNESS ERROR ({error.kind}): {error.detail}")
     if run.missing_workers:

@@ -64,13 +64,18 @@ HTTP API (JSON unless said otherwise):
     get ``{"heartbeat": time, "last_seq": N}`` every ``heartbeat`` seconds (default 5) so a
     client can tell a dead connection from a quiet one. If messages after SEQ are no longer
     retained, a ``{"missing": {"from", "to", "evicted", "cleared"}}`` line says so first.
-    Without ``since`` the stream starts with the next arrival.
+    Without ``since`` the stream starts with the next arrival. ``client=ID`` names the client:
+    mail it has not been sent yet is then never evicted, for ``--stream-hold`` seconds after its
+    connection ends too (a reconnect replays instead of finding a gap); past the cap such mail
+    is kept and counted in ``over_cap``.
+``DELETE /streams/{client}``
+    The named client is done: it holds no mail any more (``RemoteSink.stop`` sends it).
 ``DELETE /streams``
     Drop every open stream connection abruptly (a chaos hook: clients must reconnect with
     ``since`` and lose nothing).
 ``GET /stats``
-    received, retained, retained_bytes, evicted, cleared, bytes, last_seq, max_messages,
-    connections {total, active}, streams, waiters, waiters_abandoned, faults (per rule: fired,
+    received, retained, retained_bytes, evicted, cleared, over_cap, stream_clients, bytes,
+    last_seq, max_messages, connections {total, active}, streams, waiters, waiters_abandoned, faults (per rule: fired,
     acted), uptime. ``?waiters=N&timeout=S`` (at most 60, default 10) answers once N ``/wait``
     waiters are registered, or after S seconds: see a wait begin or end without polling.
 ``GET /faults`` / ``POST /faults`` / ``DELETE /faults/{id}`` / ``DELETE /faults?scope=S``

@@ -125,6 +125,7 @@ class SinkApi:
         app.router.add_get("/wait", self.wait)
         app.router.add_get("/stream", self.stream)
         app.router.add_delete("/streams", self.drop_streams)
+        app.router.add_delete("/streams/{client}", self.release_stream)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/faults", self.list_faults)
         app.router.add_post("/faults", self.add_fault)
@@ -249,6 +250,7 @@ class SinkApi:
         since = _int_param(request, "since", None)
         heartbeat = _float_param(request, "heartbeat", DEFAULT_HEARTBEAT, minimum=0.05, maximum=300.0)
         known = request.query.get("instance")
+        client = request.query.get("client") or None  # a named client keeps a cursor (retention)
         store, service = self.store, self.service
         reset = bool(known) and known != service.instance
         if reset:
@@ -265,6 +267,7 @@ class SinkApi:
         sub = Stream(request.transport)
         replay = store.since(since)
         store.streams.add(sub)
+        cursor = store.attach(client, since) if client else None
         try:
             await response.write(_line({"hello": {"instance": service.instance, "since": since,
                                                   "last_seq": store.last_seq, "reset": reset}}))
@@ -273,7 +276,10 @@ class SinkApi:
                 await response.write(_line({"missing": {"from": since + 1, "to": first - 1,
                                                         "evicted": store.evicted, "cleared": store.cleared}}))
             for start in range(0, len(replay), STREAM_BATCH):
-                await response.write(b"".join(stream_line(m) for m in replay[start:start + STREAM_BATCH]))
+                batch = replay[start:start + STREAM_BATCH]
+                await response.write(b"".join(stream_line(m) for m in batch))
+                if cursor is not None:
+                    store.sent(cursor, batch[-1][SEQ])
             del replay
             while not sub.closing and not service.stopping:
                 if sub.overflowed:
@@ -286,6 +292,8 @@ class SinkApi:
                     if not sub.pending:
                         sub.event.clear()
                     await response.write(b"".join(stream_line(m) for m in batch))
+                    if cursor is not None:
+                        store.sent(cursor, batch[-1][SEQ])
                     continue
                 sub.event.clear()
                 try:
@@ -296,6 +304,8 @@ class SinkApi:
             return response  # the client went away: nothing to tell anybody
         finally:
             store.streams.discard(sub)
+            if cursor is not None:
+                store.detach(cursor)
         if sub.drop and sub.transport is not None:
             sub.transport.close()  # DELETE /streams: an abrupt drop, no terminating chunk
             return response
@@ -307,6 +317,10 @@ class SinkApi:
 
     async def drop_streams(self, request: web.Request) -> web.Response:
         return web.json_response({"dropped": self.store.drop_streams()})
+
+    async def release_stream(self, request: web.Request) -> web.Response:
+        """``DELETE /streams/ID``: the named client is done; its cursor holds no mail any more."""
+        return web.json_response({"released": self.store.release(request.match_info["client"])})
 
     # -- stats and faults ------------------------------------------------------------------------
 
@@ -321,6 +335,8 @@ class SinkApi:
         return web.json_response({
             "received": store.received, "retained": len(store.messages),
             "retained_bytes": store.retained_bytes, "evicted": store.evicted, "cleared": store.cleared,
+            "over_cap": store.over_cap, "stream_clients": len(store.cursors),
+            "stream_client_ids": sorted(store.cursors),
             "bytes": store.bytes, "last_seq": store.last_seq, "max_messages": store.max_messages,
             "connections": {"total": service.sink.connections_total, "active": len(service.sink._connections)},
             "streams": len(store.streams), "waiters": store.waiter_count,

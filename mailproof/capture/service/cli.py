@@ -31,7 +31,7 @@ from typing import Iterable, Optional
 
 from mailproof.capture.service import TOKEN_ENV, ServiceError
 from mailproof.capture.service.server import SinkService
-from mailproof.capture.service.store import DEFAULT_MAX_MESSAGES
+from mailproof.capture.service.store import DEFAULT_MAX_MESSAGES, DEFAULT_STREAM_HOLD
 from mailproof.capture.smtp_sink import SinkError
 from mailproof.capture.tls import AUTH_ENV, TLS_MODES, parse_auth, trustme_available
 from mailproof.errors import MailproofError
@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=None,
                         help=f"require 'Authorization: Bearer TOKEN' on every endpoint (or set {TOKEN_ENV})")
     parser.add_argument("--max-messages", type=int, default=DEFAULT_MAX_MESSAGES,
-                        help=f"messages retained, oldest evicted first and counted (default {DEFAULT_MAX_MESSAGES})")
+                        help=f"messages retained, oldest evicted first and counted, once every named stream "
+                             f"client has been sent them (default {DEFAULT_MAX_MESSAGES})")
+    parser.add_argument("--stream-hold", type=float, default=DEFAULT_STREAM_HOLD,
+                        help="seconds a disconnected stream client (client=ID) still holds the mail it was "
+                             f"not sent yet, so its reconnect finds no gap (default {DEFAULT_STREAM_HOLD:g})")
     parser.add_argument("--smtp-timeout", type=float, default=60.0,
                         help="idle SMTP timeout: seconds without a byte from the client (default 60)")
     parser.add_argument("--data-timeout", type=float, default=600.0,
@@ -92,6 +96,8 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
             f"refusing to listen on {args.host!r}: it is not a loopback address, and the API reads "
             f"every captured mail and changes faults. Give --token TOKEN (or set {TOKEN_ENV}); "
             "clients then send 'Authorization: Bearer TOKEN'. Or bind 127.0.0.1.")
+    if args.stream_hold < 0:
+        parser.error("--stream-hold must be 0 or more seconds")
     if args.max_messages < 1:
         parser.error("--max-messages must be at least 1")
     try:
@@ -120,7 +126,8 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
 
 async def _serve(args: argparse.Namespace) -> int:
     service = SinkService(host=args.host, smtp_port=args.smtp_port, http_port=args.http_port,
-                          token=args.token, max_messages=args.max_messages, smtp_timeout=args.smtp_timeout,
+                          token=args.token, max_messages=args.max_messages,
+                          stream_hold=args.stream_hold, smtp_timeout=args.smtp_timeout,
                           data_timeout=args.data_timeout,
                           tls=args.tls, auth=args.auth, tls_hostnames=tuple(args.tls_hostname),
                           ca_file=args.tls_ca_file)

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from mailproof.capture.service import ServiceError
 from mailproof.capture.service.api import SinkApi
-from mailproof.capture.service.store import DEFAULT_MAX_MESSAGES, CaptureStore
+from mailproof.capture.service.store import DEFAULT_MAX_MESSAGES, DEFAULT_STREAM_HOLD, CaptureStore
 from mailproof.capture.smtp_sink import SmtpSink
 from mailproof.capture.tls import Credentials, SinkCA, sink_security
 from mailproof.faults import FaultPlan
@@ -30,7 +30,7 @@ class SinkService:
 
     def __init__(self, *, host: str = LOOPBACK, smtp_port: int = 0, http_port: int = 0,
                  token: Optional[str] = None, max_messages: int = DEFAULT_MAX_MESSAGES,
-                 smtp_timeout: float = 60.0, data_timeout: float = 600.0,
+                 stream_hold: float = DEFAULT_STREAM_HOLD, smtp_timeout: float = 60.0, data_timeout: float = 600.0,
                  data_size_limit: int = 64 * 1024 * 1024,
                  tls: str = "off", auth: Optional[Credentials] = None,
                  tls_hostnames: tuple[str, ...] = (), ca_file: Optional[str] = None) -> None:
@@ -42,7 +42,7 @@ class SinkService:
         self.tls_hostnames = tuple(tls_hostnames)
         self.ca_file_option = ca_file
         self.ca: Optional[SinkCA] = None
-        self.store = CaptureStore(max_messages)
+        self.store = CaptureStore(max_messages, stream_hold)
         self.faults = FaultPlan()
         self.sink = SmtpSink(on_message=self.store.add, host=host, port=smtp_port, faults=self.faults,
                              timeout=smtp_timeout, data_timeout=data_timeout, data_size_limit=data_size_limit)

@@ -8,6 +8,13 @@ The loop also runs SMTP capture, so no request may hold it for long: the store k
 each (lower-cased) envelope recipient (``seqs_to``), so a wait or listing for one recipient never
 scans the rest; whatever still walks retained records yields to the loop every ``SCAN_CHUNK``
 records; and a large message is parsed in a worker thread (``prepared``), never on the loop.
+
+Retention (docs/architecture.md, decision 5): the oldest record is evicted at the cap only once
+every stream client has been sent it. A client that names itself (``/stream?client=ID``) keeps a
+cursor, the last seq written to it, and the cursor outlives its connection by ``stream_hold``
+seconds so a reconnect replays from ``since=`` instead of finding a gap. While a cursor lags, the
+store keeps everything past the cap, logs that once and counts each such delivery in ``over_cap``.
+A ``/wait`` waiter needs no hold: it is offered each message as it arrives.
 """
 
 from __future__ import annotations
@@ -140,16 +147,38 @@ class Stream:
         self.transport = transport
 
 
+class Cursor:
+    """A named stream client's place: the last seq written to it, and while it is disconnected,
+    since when (its hold on retention ends ``stream_hold`` seconds later)."""
+
+    __slots__ = ("seq", "connections", "released_at")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.connections = 0
+        self.released_at: Optional[float] = None
+
+
+DEFAULT_STREAM_HOLD = 120.0  # seconds a disconnected stream client's cursor still holds mail
+
+
 class CaptureStore:
     """Retained raw messages in seq order, plus the long-poll waiters and stream subscribers.
 
     ``add`` is the sink's ``on_message``: it runs inside the DATA handler, before the 250 reply.
     """
 
-    def __init__(self, max_messages: int = DEFAULT_MAX_MESSAGES) -> None:
+    def __init__(self, max_messages: int = DEFAULT_MAX_MESSAGES,
+                 stream_hold: float = DEFAULT_STREAM_HOLD) -> None:
         if max_messages < 1:
             raise ServiceError("--max-messages must be at least 1")
+        if stream_hold < 0:
+            raise ServiceError("--stream-hold must be 0 or more seconds")
         self.max_messages = max_messages
+        self.stream_hold = stream_hold
+        self.cursors: dict[str, Cursor] = {}  # named stream clients -> what they were sent
+        self.over_cap = 0  # deliveries kept past max_messages: a stream client had not been sent the oldest
+        self._over_cap_logged = False
         self.messages: deque[Record] = deque()
         self.received = 0
         self.bytes = 0
@@ -187,7 +216,31 @@ class CaptureStore:
         self.retained_bytes += size
         self.last_seq = msg.seq
         if len(self.messages) > self.max_messages:
-            old = self.messages.popleft()
+            self._evict_to_cap()
+        if self.streams:
+            for stream in self.streams:
+                stream.pending.append(rec)
+                if len(stream.pending) > self.max_messages:
+                    stream.overflowed = True  # a stuck client: drop it, it reconnects with since=
+                stream.event.set()
+        if self.waiters_by_rcpt or self.waiters_any:
+            self._offer(message_of(rec))
+
+    def _evict_to_cap(self, delivery: bool = True) -> None:
+        """Evict the oldest records down to the cap, each only once every cursor is past it. Each
+        record is evicted once, so this is amortised O(1) per delivery (times the few cursors).
+        ``delivery``: called for a new message (counted in ``over_cap`` if it must be kept)."""
+        messages = self.messages
+        while len(messages) > self.max_messages:
+            if not self._sent_to_every_cursor(messages[0][SEQ]):
+                self.over_cap += delivery
+                if not self._over_cap_logged:
+                    self._over_cap_logged = True
+                    log.warning("retention limit of %d messages reached, but a stream client has not been sent "
+                                "the oldest yet: keeping them past the limit (counted in /stats as 'over_cap')",
+                                self.max_messages)
+                return
+            old = messages.popleft()
             self.retained_bytes -= len(old[DATA])
             self.evicted += 1
             self._unindex(old)
@@ -200,14 +253,49 @@ class CaptureStore:
             if self.evicted == 1:
                 log.warning("retention limit of %d messages reached: evicting the oldest (counted in "
                             "/stats as 'evicted'); raise --max-messages to keep more", self.max_messages)
-        if self.streams:
-            for stream in self.streams:
-                stream.pending.append(rec)
-                if len(stream.pending) > self.max_messages:
-                    stream.overflowed = True  # a stuck client: drop it, it reconnects with since=
-                stream.event.set()
-        if self.waiters_by_rcpt or self.waiters_any:
-            self._offer(message_of(rec))
+
+    def _sent_to_every_cursor(self, seq: int) -> bool:
+        if not self.cursors:
+            return True
+        now = time.monotonic()
+        for client, cursor in list(self.cursors.items()):
+            if cursor.released_at is not None and now - cursor.released_at >= self.stream_hold:
+                del self.cursors[client]  # gone for longer than the hold: it holds nothing now
+            elif cursor.seq < seq:
+                return False
+        return True
+
+    # -- named stream clients ----------------------------------------------------------------------
+
+    def attach(self, client: str, since: int) -> Cursor:
+        """A named stream client (re)connects asking for mail after ``since``."""
+        cursor = self.cursors.get(client)
+        if cursor is None:
+            cursor = self.cursors[client] = Cursor(since)
+        cursor.seq = since
+        cursor.connections += 1
+        cursor.released_at = None
+        return cursor
+
+    def detach(self, cursor: Cursor) -> None:
+        """One of the client's connections ended: its hold starts running out."""
+        cursor.connections -= 1
+        if cursor.connections <= 0:
+            cursor.released_at = time.monotonic()
+
+    def sent(self, cursor: Cursor, seq: int) -> None:
+        """Records up to ``seq`` were written to the client: they may go now."""
+        if seq > cursor.seq:
+            cursor.seq = seq
+            if len(self.messages) > self.max_messages:
+                self._evict_to_cap(delivery=False)
+
+    def release(self, client: str) -> bool:
+        """The client is done (``DELETE /streams/ID``): it holds nothing any more."""
+        found = self.cursors.pop(client, None) is not None
+        if found and len(self.messages) > self.max_messages:
+            self._evict_to_cap(delivery=False)
+        return found
 
     def _offer(self, msg: Message) -> None:
         # One Message for every waiter: its headers are parsed once at most.
@@ -344,6 +432,8 @@ class CaptureStore:
 
     def clear(self) -> int:
         count = len(self.messages)
+        for cursor in self.cursors.values():
+            cursor.seq = max(cursor.seq, self.last_seq)  # nothing is left to hold
         self.messages.clear()
         self.by_rcpt.clear()
         self.subjects.clear()
