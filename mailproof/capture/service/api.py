@@ -98,13 +98,13 @@ async def _summaries_json(store, records: list[Record]) -> str:
     the loop for a whole page)."""
     await store.remember_subjects(records)
     found = []
-    slicer = Slicer()
-    for rec in records:
-        await slicer.tick()
-        subject = store.subjects.get(rec[SEQ])
-        if subject is None:  # evicted meanwhile, or never remembered
-            subject = await store.subject(rec)
-        found.append(json.dumps(record_summary(rec, subject)))
+    async with Slicer() as slicer:
+        for rec in records:
+            await slicer.tick()
+            subject = store.subjects.get(rec[SEQ])
+            if subject is None:  # evicted meanwhile, or never remembered
+                subject = await store.subject(rec)
+            found.append(json.dumps(record_summary(rec, subject)))
     return "[" + ",".join(found) + "]"
 
 
@@ -239,10 +239,10 @@ class SinkApi:
             self.store.remove_waiter(waiter)
         if waiter.future.done() and not waiter.future.cancelled():
             found = []
-            slicer = Slicer()
-            for msg in waiter.found[:count]:
-                await slicer.tick()
-                found.append(summary(msg))
+            async with Slicer() as slicer:
+                for msg in waiter.found[:count]:
+                    await slicer.tick()
+                    found.append(summary(msg))
             return web.json_response({"messages": found, "waited": round(time.time() - started, 6)})
         return web.json_response(await near_misses(waiter, self.store, timeout), status=408)
 

@@ -20,10 +20,13 @@ A ``/wait`` waiter needs no hold: it is offered each message as it arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -41,6 +44,7 @@ SCAN_CHUNK = 100  # records handled between two yields to the loop (SMTP capture
 SUBJECT_BATCH = 500  # Subjects parsed per trip to a parser process
 INLINE_SUBJECTS = 50  # fewer missing Subjects than this are parsed on the loop (no trip)
 PARSER_PROCESSES = 2
+PARSER_NICENESS = 10
 SLICE_SECONDS = 0.0005  # ... or sooner: a scan holds the loop this long at most between yields
 OFF_LOOP_BYTES = 64 * 1024  # a message at least this big is parsed in a worker thread
 
@@ -72,19 +76,64 @@ async def prepared(rec: Record, work=_touch_head):
 
 
 class Slicer:
-    """``await slicer.tick()`` in a loop over records: yields to the event loop every
-    ``SCAN_CHUNK`` records or ``SLICE_SECONDS``, whichever comes first."""
+    """``async with Slicer() as slicer:`` then ``await slicer.tick()`` in a loop over records.
 
-    __slots__ = ("count", "since")
+    A tick yields to the event loop every ``SCAN_CHUNK`` records or ``SLICE_SECONDS``,
+    whichever comes first. Scans also take turns (one lock per loop): with many heavy requests
+    at once, each SMTP step still waits behind one slice, not one slice per request (measured
+    by benchmarks/service_canary.py).
+    """
+
+    __slots__ = ("count", "since", "turn", "held")
+    _turns: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
 
     def __init__(self) -> None:
         self.count = 0
         self.since = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        turn = self._turns.get(loop)
+        if turn is None:
+            turn = self._turns[loop] = asyncio.Lock()
+        self.turn = turn
+        self.held = False
+
+    async def __aenter__(self) -> "Slicer":
+        await self.turn.acquire()
+        self.held = True
+        self.since = time.perf_counter()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.held:
+            self.held = False
+            self.turn.release()
+
+    @contextlib.asynccontextmanager
+    async def paused(self):
+        """Give the turn up while awaiting work done elsewhere (a parser process)."""
+        if not self.held:
+            yield
+            return
+        self.turn.release()
+        self.held = False
+        try:
+            yield
+        finally:
+            await self.turn.acquire()
+            self.held = True
+            self.since = time.perf_counter()
 
     async def tick(self) -> None:
         self.count += 1
         if self.count >= SCAN_CHUNK or (self.count % 8 == 0 and time.perf_counter() - self.since > SLICE_SECONDS):
-            await asyncio.sleep(0)
+            if self.held:
+                self.turn.release()  # the next scan in line runs after whatever else is ready
+                self.held = False
+                await asyncio.sleep(0)
+                await self.turn.acquire()
+                self.held = True
+            else:
+                await asyncio.sleep(0)
             self.count = 0
             self.since = time.perf_counter()
 
@@ -96,6 +145,13 @@ def _subject(msg: Message) -> str:
 def subjects_of(datas: list[bytes]) -> list[str]:
     """The decoded Subject of each raw message: run in a parser process (``CaptureStore.off_process``)."""
     return [Message(data).subject for data in datas]
+
+
+def _lower_priority() -> None:
+    try:
+        os.nice(PARSER_NICENESS)
+    except OSError:  # not permitted here: parse at normal priority
+        pass
 
 
 def _rcpt_keys(rec: Record) -> set:
@@ -333,8 +389,10 @@ class CaptureStore:
         process cannot run."""
         loop = asyncio.get_running_loop()
         if self._parsers is None:
+            # Niced: parsing for the API is background work, capture on the loop comes first.
             self._parsers = ProcessPoolExecutor(max_workers=PARSER_PROCESSES,
-                                                mp_context=multiprocessing.get_context("spawn"))
+                                                mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_lower_priority)
         try:
             return await loop.run_in_executor(self._parsers, fn, *args)
         except BrokenProcessPool:
@@ -457,25 +515,30 @@ class CaptureStore:
             self.waiters_any.append(waiter)
         self._waiters_changed()
         waiter.scanning = True
-        taken = 0  # matches among the retained mail (arrivals meanwhile have later seqs)
-        wanted = waiter.criteria.subject
-        slicer = Slicer()
         try:
-            for i, rec in enumerate(backlog):
-                if wanted is not None and i % SUBJECT_BATCH == 0:
-                    await self.remember_subjects(backlog[i:i + SUBJECT_BATCH])
-                await slicer.tick()
-                if waiter.future.done():
-                    return
-                if wanted is not None and not _text_matches(wanted, await self.subject(rec)):
-                    continue  # the very test Criteria makes, on the remembered Subject
-                before = len(waiter.found)
-                waiter.offer(await prepared(rec))
-                taken += len(waiter.found) - before
-                if taken >= waiter.count:
-                    break  # in seq order: these are the earliest matches
+            async with Slicer() as slicer:
+                await self._scan(waiter, backlog, slicer)
         finally:
             waiter.end_scan()
+
+    async def _scan(self, waiter: Waiter, backlog: list[Record], slicer: Slicer) -> None:
+        """Offer ``waiter`` the retained ``backlog`` in seq order, until it has ``count`` of them."""
+        taken = 0  # matches among the retained mail (arrivals meanwhile have later seqs)
+        wanted = waiter.criteria.subject
+        for i, rec in enumerate(backlog):
+            if wanted is not None and i % SUBJECT_BATCH == 0:
+                async with slicer.paused():
+                    await self.remember_subjects(backlog[i:i + SUBJECT_BATCH])
+            await slicer.tick()
+            if waiter.future.done():
+                return
+            if wanted is not None and not _text_matches(wanted, await self.subject(rec)):
+                continue  # the very test Criteria makes, on the remembered Subject
+            before = len(waiter.found)
+            waiter.offer(await prepared(rec))
+            taken += len(waiter.found) - before
+            if taken >= waiter.count:
+                return  # in seq order: these are the earliest matches
 
     def _waiters_changed(self) -> None:
         watchers, self._watchers = self._watchers, []
