@@ -6,6 +6,7 @@ streams are read line by line, and SMTP replies come back synchronously.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
@@ -30,7 +31,8 @@ from mailproof.faults.specs import (FaultError, action_from_spec, action_to_spec
                                rule_from_spec, rule_to_spec)
 from mailproof.faults import Chaos, Delay, Disconnect, RateLimit, Reply, Script, Stall
 from mailproof.capture.remote import RemoteSink
-from mailproof.capture.service.store import SEQ, CaptureStore
+from mailproof.capture.service import store as store_module
+from mailproof.capture.service.store import SEQ, CaptureStore, Slicer
 from mailproof.capture.smtp_sink import CapturedMail
 from mailproof.message import Message
 from mailproof.servers.app_process import AppProcess
@@ -557,6 +559,37 @@ def test_remote_sink_names_its_stream_and_releases_it_when_stopped(service):
     finally:
         remote.stop()
     assert remote.client_id not in service.json("/stats")["stream_client_ids"]
+
+
+def _interleaving(scans: int = 3, ticks: int = 12) -> str:
+    """Which scan ran each slice, '.' for each turn of a light task (SMTP's stand-in)."""
+    log: list[str] = []
+
+    async def scan(name: str) -> None:
+        async with Slicer() as slicer:
+            for _ in range(ticks):
+                log.append(name)
+                await slicer.tick()
+
+    async def light() -> None:
+        for _ in range(scans * ticks + 2):
+            log.append(".")
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        await asyncio.gather(*(scan(str(i)) for i in range(scans)), light())
+    asyncio.run(main())
+    return "".join(log)
+
+
+def test_heavy_requests_take_turns_so_a_light_task_waits_behind_one_slice(monkeypatch):
+    monkeypatch.setattr(store_module, "SCAN_CHUNK", 1)  # every record is a slice
+    monkeypatch.setattr(store_module, "TURN_SECONDS", 3600)  # no hand-over within this test
+    log = _interleaving()
+    assert max(len(run) for run in log.split(".")) == 1, log  # never two slices in a row
+    assert log.replace(".", "") == "0" * 12 + "1" * 12 + "2" * 12  # in turn, first come first served
+    monkeypatch.setattr(store_module, "TURN_SECONDS", 0)  # hand over at every slice: round robin
+    assert _interleaving().replace(".", "").startswith("012012")
 
 
 # -- safe by default -----------------------------------------------------------------------------

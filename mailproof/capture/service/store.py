@@ -46,6 +46,7 @@ INLINE_SUBJECTS = 50  # fewer missing Subjects than this are parsed on the loop 
 PARSER_PROCESSES = 2
 PARSER_NICENESS = 10
 SLICE_SECONDS = 0.0005  # ... or sooner: a scan holds the loop this long at most between yields
+TURN_SECONDS = 0.005  # a heavy request hands the turn on after this long (its slices included)
 OFF_LOOP_BYTES = 64 * 1024  # a message at least this big is parsed in a worker thread
 
 # A retained message is a plain tuple in CapturedMail's field order, not a CapturedMail: the
@@ -79,17 +80,18 @@ class Slicer:
     """``async with Slicer() as slicer:`` then ``await slicer.tick()`` in a loop over records.
 
     A tick yields to the event loop every ``SCAN_CHUNK`` records or ``SLICE_SECONDS``,
-    whichever comes first. Scans also take turns (one lock per loop): with many heavy requests
-    at once, each SMTP step still waits behind one slice, not one slice per request (measured
-    by benchmarks/service_canary.py).
+    whichever comes first. Heavy requests also take turns (one lock per loop, held across the
+    yields and handed to the next in line every ``TURN_SECONDS``): with many at once, SMTP
+    capture waits behind one slice between its steps, not one slice per request in flight
+    (benchmarks/service_canary.py measures it).
     """
 
-    __slots__ = ("count", "since", "turn", "held")
+    __slots__ = ("count", "since", "turn", "held", "turn_since")
     _turns: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
 
     def __init__(self) -> None:
         self.count = 0
-        self.since = time.perf_counter()
+        self.since = self.turn_since = time.perf_counter()
         loop = asyncio.get_running_loop()
         turn = self._turns.get(loop)
         if turn is None:
@@ -97,16 +99,22 @@ class Slicer:
         self.turn = turn
         self.held = False
 
-    async def __aenter__(self) -> "Slicer":
+    async def _take(self) -> None:
         await self.turn.acquire()
         self.held = True
-        self.since = time.perf_counter()
-        return self
+        self.since = self.turn_since = time.perf_counter()
 
-    async def __aexit__(self, *exc) -> None:
+    def _give(self) -> None:
         if self.held:
             self.held = False
             self.turn.release()
+
+    async def __aenter__(self) -> "Slicer":
+        await self._take()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._give()
 
     @contextlib.asynccontextmanager
     async def paused(self):
@@ -114,27 +122,22 @@ class Slicer:
         if not self.held:
             yield
             return
-        self.turn.release()
-        self.held = False
+        self._give()
         try:
             yield
         finally:
-            await self.turn.acquire()
-            self.held = True
-            self.since = time.perf_counter()
+            await self._take()
 
     async def tick(self) -> None:
         self.count += 1
         if self.count >= SCAN_CHUNK or (self.count % 8 == 0 and time.perf_counter() - self.since > SLICE_SECONDS):
-            if self.held:
-                self.turn.release()  # the next scan in line runs after whatever else is ready
-                self.held = False
-                await asyncio.sleep(0)
-                await self.turn.acquire()
-                self.held = True
-            else:
-                await asyncio.sleep(0)
             self.count = 0
+            if self.held and time.perf_counter() - self.turn_since > TURN_SECONDS:
+                self._give()  # the next request in line runs its slices now (FIFO)
+                await asyncio.sleep(0)
+                await self._take()
+            else:
+                await asyncio.sleep(0)  # SMTP (and light requests) run; other heavy ones wait their turn
             self.since = time.perf_counter()
 
 
