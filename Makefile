@@ -51,7 +51,7 @@ clean:
 # when every SLO gate passed, 3 when one failed, 2 on a setup error; make itself returns 2 for any
 # failure, so a CI job that needs the difference runs `.venv/bin/mailproof rehearse ...` directly.
 # E.g. make rehearsal REHEARSAL_ARGS="--workers 2" REHEARSAL_LOAD="-u 100 -r 100 -t 20s"
-REHEARSAL_LOAD ?= --shape burst --peak-users 20 --duration 60
+REHEARSAL_LOAD ?= --shape burst --peak-rate 20 --duration 60
 REHEARSAL_ARGS ?=
 rehearsal: $(STAMP)
 	$(VENV)/bin/mailproof rehearse -f loadtests/flows.py --app '$(PY) -m loadtests.demo' \

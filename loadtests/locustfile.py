@@ -2,7 +2,7 @@
 
 `make rehearsal` does not need it: it runs `mailproof rehearse -f loadtests/flows.py`. By hand:
     locust -f loadtests/locustfile.py --headless --host URL --mailproof-sink-url URL --stop-timeout 30 \
-        [--shape burst --peak-users 20 --duration 60] [--flow-mix 'signup_confirms_account=3,...']
+        [--shape burst --peak-rate 20 --duration 60] [--flow-mix 'signup_confirms_account=3,...']
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DEFAULT_MIX = LOADED.mix()
 
 class LaunchDayUser(FlowUser):
     flows = DEFAULT_MIX
-    wait_time = constant_pacing(1.0)  # each user starts a flow every second: arrival rate = users/s
+    wait_time = constant_pacing(1.0)  # without --shape (-u/-r/-t); a shape sets the arrivals itself
 
 
 @events.init_command_line_parser.add_listener

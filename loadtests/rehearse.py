@@ -1,7 +1,7 @@
 """The demo's rehearsal: ``mailproof rehearse`` on loadtests/flows.py with the demo app and its fakes.
 
-    python -m loadtests.rehearse                                           # burst to 20 users over 60 s
-    python -m loadtests.rehearse --duration 30 --peak-users 50 --workers 2
+    python -m loadtests.rehearse                                           # burst to 20 flows/s over 60 s
+    python -m loadtests.rehearse --duration 30 --peak-rate 25 --workers 2
     python -m loadtests.rehearse -u 100 -r 100 -t 20s                       # Locust's own flags instead of a shape
     python -m loadtests.rehearse --chaos "5%:rcpt:451,1%:after_data:disconnect"
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from mailproof.cli import main as mailproof
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SHAPE = ("--shape", "burst", "--peak-users", "20", "--duration", "60")
+DEFAULT_SHAPE = ("--shape", "burst", "--peak-rate", "20", "--duration", "60")
 
 
 def command(argv: list[str]) -> list[str]:

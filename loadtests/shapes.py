@@ -1,5 +1,5 @@
-"""The demo locustfile's load shape, sized from Locust's command line (--shape, --peak-users,
---duration, --ramp-steps). The shapes themselves are mailproof's (mailproof.load.shapes)."""
+"""The demo locustfile's load shape, sized from Locust's command line (--shape, --peak-rate,
+--duration, --ramp-steps, --max-users). The shapes themselves are mailproof's (mailproof.load.shapes)."""
 
 from __future__ import annotations
 
@@ -9,4 +9,4 @@ __all__ = ["BURST", "RehearsalShape", "add_options"]
 
 
 class RehearsalShape(_Shape):
-    """burst, ramp or constant, from the parsed --shape/--peak-users/--duration options."""
+    """burst, ramp or constant, from the parsed --shape/--peak-rate/--duration options."""

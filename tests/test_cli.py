@@ -163,13 +163,18 @@ def test_bad_options_exit_2_with_the_cause_and_the_fix(tmp_path, args, texts):
 
 def test_the_run_needs_a_length_and_an_application(tmp_path):
     assert_setup_error(rehearse("-f", str(LOADFLOWS), "--host", "http://127.0.0.1:9", "-u", "2", out=tmp_path),
-                       "say how long to run: -t RUN_TIME")
+                       "say how long to run: a shape (--shape constant --peak-rate 10 --duration 20)")
     assert_setup_error(rehearse("-f", str(LOADFLOWS), "-u", "2", "-t", "5s", out=tmp_path),
                        "say where the application is")
     assert_setup_error(rehearse("-f", str(LOADFLOWS), "--app", APP, "-u", "2", "-t", "5s", out=tmp_path),
                        "--app needs --app-ready")
     assert_setup_error(rehearse("-f", str(LOADFLOWS), "--host", "http://127.0.0.1:9", "--shape", "ramp",
-                                "--peak-users", "5", out=tmp_path), "needs --peak-users N and --duration S")
+                                "--peak-rate", "5", out=tmp_path), "needs --peak-rate R (flows per second) and --duration S")
+    assert_setup_error(rehearse("-f", str(LOADFLOWS), "--host", "http://127.0.0.1:9", "--shape", "ramp",
+                                "--peak-users", "5", "--duration", "9", out=tmp_path),
+                       "--peak-users is gone: a shape sets arrivals now")
+    assert_setup_error(rehearse("-f", str(LOADFLOWS), "--host", "http://127.0.0.1:9", "-u", "2", "-t", "5s",
+                                "--max-users", "5", out=tmp_path), "size a --shape")
 
 
 def test_bad_flows_exit_2_naming_the_problem(tmp_path):

@@ -235,7 +235,7 @@ def test_ten_short_demo_rehearsals_find_no_false_lost_mail(tmp_path):
 
 
 def test_an_impossible_gate_fails_the_demo_run_and_says_by_how_much(tmp_path):
-    proc, results = demo(tmp_path / "run", "--duration", "6", "--peak-users", "4",
+    proc, results = demo(tmp_path / "run", "--duration", "6", "--peak-rate", "4", "--max-users", "8",
                          "--gate", "signup_confirms_account:p50<1ms", "--flow-mix", "signup_confirms_account=1")
     assert proc.returncode == 3, said(proc)
     assert results["passed"] is False
@@ -244,7 +244,34 @@ def test_an_impossible_gate_fails_the_demo_run_and_says_by_how_much(tmp_path):
     assert all("missed by" in g["detail"] for g in failed)
     assert "[FAIL] signup_confirms_account:p50<1ms" in proc.stdout
     assert_reconciles(results)
-    assert results["run"]["shape"] == "burst" and results["run"]["users"] == 4
+    assert results["run"]["shape"] == "burst" and results["run"]["users"] == 8
+    assert results["run"]["peak_rate"] == 4.0
+
+
+def test_a_shape_holds_its_offered_rate_on_a_slow_app_and_reports_a_cap_too_small(tmp_path):
+    """Open model: the sink delays every DATA by 2 s, so each signup flow takes over 2 s. A shape
+    of 4 flows/s still starts 4 every second (a closed model's 4 users would start 2). With a cap
+    of 3 users the load cannot be held, and the run says so instead of quietly offering less."""
+    common = ("--shape", "constant", "--peak-rate", "4", "--duration", "6", "--chaos", "100%:data:delay=2",
+              "--flow-mix", "signup_confirms_account=1")
+    proc, results = demo(tmp_path / "held", *common, "--max-users", "20")
+    assert proc.returncode == 0, said(proc)
+    arrivals = results["run"]["arrivals"]
+    assert arrivals["offered"][:6] == [4] * 6, arrivals
+    assert arrivals["started"][:6] == [4] * 6, arrivals  # every second, slow flows or not
+    assert (arrivals["cap_hits"], arrivals["not_started"]) == (0, 0)
+    assert sum(arrivals["completed"]) == 24 and results["flows"]["runs"]["signup_confirms_account"] == 24
+    assert "arrivals: 24 offered, 24 started, 24 completed" in proc.stdout
+    row = results["ledger"]["flows"]["signup_confirms_account"]
+    assert (row["expected"], row["delivered"], row["lost"]) == (24, 24, 0)
+
+    proc, results = demo(tmp_path / "capped", *common, "--max-users", "3")
+    arrivals = results["run"]["arrivals"]
+    assert sum(arrivals["offered"]) == 24 and sum(arrivals["started"]) < 24, arrivals
+    assert arrivals["cap_hits"] + arrivals["not_started"] >= 24 - 3 * 3, arrivals  # 3 users, flows > 2 s
+    assert "all 3 users were busy" in proc.stdout and "raise --max-users" in proc.stdout
+    assert_reconciles(results)
+    assert total(results, "lost") == 0
 
 
 def test_distributed_demo_run_merges_the_workers_ledgers(tmp_path):
@@ -268,7 +295,7 @@ def test_distributed_demo_run_merges_the_workers_ledgers(tmp_path):
 
 
 def test_a_chaos_run_records_its_profile_and_faults_and_the_report_shows_them(tmp_path):
-    proc, results = demo(tmp_path / "run", "--duration", "8", "--peak-users", "4", "--chaos", "30%:rcpt:451",
+    proc, results = demo(tmp_path / "run", "--duration", "8", "--peak-rate", "4", "--chaos", "30%:rcpt:451",
                          "--chaos-seed", "11", "--flow-mix", "signup_confirms_account=1")
     assert proc.returncode in (0, 3), said(proc)
     assert results["run"]["chaos_profile"] == "30%:rcpt:451" and results["run"]["chaos_seed"] == 11

@@ -22,6 +22,7 @@ from mailproof.load.latency import LatencyHistograms
 from mailproof.load.ledger import Arrival, Expectation, Ledger
 from mailproof.load.results import (FaultRecord, FlowRuns, Harness, RehearsalResults, RequestCounts,
                                     ResultsError, RunInfo, Sample, SinkSnapshot, StreamCounters)
+from mailproof.load.summary import render_summary
 
 T0 = 1_800_000_000.0
 SINK = "http://127.0.0.1:8025"
@@ -298,11 +299,13 @@ def test_unreadable_results_stop_with_a_clear_message(tmp_path):
 
 # A complete file as docs/results.md describes it, written by hand (not by the code under test).
 HAND_WRITTEN = {
-    "schema": "mailproof.rehearsal-results", "schema_version": 2,
+    "schema": "mailproof.rehearsal-results", "schema_version": 3,
     "run": {"started_at": 1800000000.0, "finished_at": 1800000075.5, "host": "http://127.0.0.1:8000",
             "mode": "distributed", "workers_expected": 2, "missing_workers": ["w2"], "grace": 10.0,
             "chaos_profile": "5%:rcpt:451", "chaos_seed": 7, "users": 10, "spawn_rate": 5.0, "run_time": 60.0,
-            "shape": None, "peak_users": 10, "flows_source": "examples/flask_shop/loadflows.py"},
+            "shape": "constant", "peak_users": 10, "flows_source": "examples/flask_shop/loadflows.py",
+            "peak_rate": 2.0, "arrivals": {"offered": [2, 2], "started": [2, 1], "completed": [0, 2], "cap_hits": 1,
+                                           "not_started": 1, "max_users": 10, "lag_ms": {"0": 2, "350": 1}}},
     "ledger": {"flows": {"order_receipt": {"expected": 3, "delivered": 2, "late": 1, "lost": 1, "unverified": 0,
                                            "duplicated": 0, "unexpected": 0, "interrupted": 1, "unawaited": 0,
                                            "negative_checks": 0}},
@@ -335,7 +338,7 @@ HAND_WRITTEN = {
                                   "evicted": 0}}},
     "harness": {"stream": {"received": 3, "duplicates": 0, "missing": 1, "reconnects": 2, "restarts": 0, "evicted": 0},
                 "sinks": [{"url": "http://127.0.0.1:8025", "fetched_at": 1800000075.0, "received": 4, "retained": 4,
-                           "evicted": 0, "cleared": 0, "smtp_connections": 5,
+                           "evicted": 0, "cleared": 0, "smtp_connections": 5, "over_cap": 0,
                            "faults": [{"id": 1, "name": "chaos:5%:rcpt:451", "stage": "rcpt", "scope": "chaos",
                                        "match": {}, "action": {"chaos": {"p": 0.05, "seed": 7,
                                                                          "action": {"reply": "451 4.3.0 later"}}},
@@ -373,6 +376,28 @@ def test_a_hand_written_file_reads_into_the_types_and_writes_back_unchanged(tmp_
     assert json.loads(again.read_text()) == HAND_WRITTEN
 
 
+def test_an_open_model_run_plots_offered_started_and_completed_and_flags_the_cap(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(HAND_WRITTEN))
+    results = RehearsalResults.read(path)
+    assert results.run.arrivals.lag_percentile(99) == 0.35 and results.run.arrivals.total_offered == 4
+    page = rehearsal_report.render(results)
+    section = page[page.index('<section id="arrivals">'):]
+    section = section[:section.index("</section>")]
+    assert "4 offered, 3 started, 2 completed" in section
+    assert '<span data-key="cap_hits">1</span>' in section and '<span data-key="not_started">1</span>' in section
+    assert 'class="bad"' in section  # the cap was hit: the offered load was not held
+    (svg,) = re.findall(r"<svg\b.*?</svg>", section, re.S)
+    assert "offered / s (the shape)" in svg and "flows started / s" in svg and "flows completed / s" in svg
+    ids = re.findall(r'\bid="([^"]+)"', "".join(re.findall(r"<svg\b.*?</svg>", page, re.S)))
+    assert len(ids) == len(set(ids)), "two plots share an element id"
+    summary = render_summary(results)
+    assert "arrivals: 4 offered, 3 started, 2 completed; start lag p99 0.350" in summary
+    assert "all 10 users were busy: 1 arrival(s) started late, 1 never started" in summary
+    results.run.arrivals = None  # a closed-model run has no such section
+    assert '<section id="arrivals">' not in rehearsal_report.render(results)
+
+
 def test_round_trip_of_built_results_keeps_every_value(tmp_path):
     built = make_results({"signup_confirms_account": [0.05, 0.07, 6.0]}, lost={"order_receipt": 1},
                          chaos=("1%:after_data:disconnect", None), stream=StreamCounters(received=3, missing=1),
@@ -396,7 +421,7 @@ def _broken(edit) -> dict:
 
 
 @pytest.mark.parametrize("edit, where, problem", [
-    (lambda d: d.update(schema_version=1), "schema_version", "version 1, but this mailproof reads version 2 only"),
+    (lambda d: d.update(schema_version=1), "schema_version", "version 1, but this mailproof reads version 3 only"),
     (lambda d: d.pop("schema_version"), "schema_version", "missing"),
     (lambda d: d.update(schema="something-else"), "schema", "schema 'something-else'"),
     (lambda d: d["ledger"]["flows"]["order_receipt"].update(lost="1"),

@@ -1,7 +1,7 @@
 """``mailproof rehearse``: start the sink service, the application and Locust; judge the run.
 
     mailproof rehearse -f FLOWS (--host URL | --app "CMD" --app-ready URL_OR_REGEX) \\
-        (-u USERS -r SPAWN_RATE -t RUN_TIME | --shape burst|ramp|constant --peak-users N --duration S) \\
+        (-u USERS -r SPAWN_RATE -t RUN_TIME | --shape burst|ramp|constant --peak-rate R --duration S) \\
         [--workers N] [--smtp-port P] [--flow-mix name=W,...] [--gate GATE ...] \\
         [--chaos PROFILE [--chaos-seed S] | --sink-url URL] [--grace S] [--out DIR]
 
@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="task weights, e.g. 'signup_confirms_account=3,order_receipt=1' "
                            "(default: each flow's @flow(weight=N), else 1)")
     what.add_argument("--pacing", type=float, default=1.0, metavar="S",
-                      help="seconds between the starts of one user's flows (default 1: users = flows started per s)")
+                      help="without a shape (-u/-r/-t, a closed model): seconds between the starts of one user's "
+                           "flows (default 1); a shape sets the arrivals itself")
     app = parser.add_argument_group("the application")
     app.add_argument("--host", default=None, metavar="URL",
                      help="the application's base URL (Locust's --host); with --app, defaults to the origin of "
@@ -93,14 +94,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="extra environment for --app (repeatable), e.g. --app-env PORT={port}")
     app.add_argument("--app-timeout", type=float, default=30.0, metavar="S",
                      help="seconds the app may take to become ready (default 30)")
-    load = parser.add_argument_group("the load (Locust's own flags; or a shape)")
+    load = parser.add_argument_group("the load: a shape of arrivals (open model), or Locust's own -u/-r/-t")
     load.add_argument("-u", "--users", type=int, default=None, help="peak number of concurrent users (Locust's -u)")
     load.add_argument("-r", "--spawn-rate", type=float, default=None, help="users started per second (Locust's -r)")
     load.add_argument("-t", "--run-time", default=None, metavar="RUN_TIME",
                       help="stop after this long, e.g. 20s, 3m, 1h30m (Locust's -t)")
     load.add_argument("--shape", choices=KINDS, default=None,
-                      help="a load shape instead of -u/-r/-t: launch-day burst, step ramp, or constant")
-    load.add_argument("--peak-users", type=int, default=None, metavar="N", help="users at the shape's peak")
+                      help="flows started per second over time, whatever the app's response times (open "
+                           "model): launch-day burst, step ramp, or constant; instead of -u/-r/-t")
+    load.add_argument("--peak-rate", type=float, default=None, metavar="R",
+                      help="flows started per second at the shape's peak")
+    load.add_argument("--max-users", type=int, default=0, metavar="N",
+                      help="the shape's concurrency cap: flows running at once (default: 10 s of flows at the "
+                           "peak rate, at least 10); an arrival that finds every user busy starts late, counted")
+    load.add_argument("--peak-users", type=int, default=None, help=argparse.SUPPRESS)  # gone: a clear error
     load.add_argument("--duration", type=float, default=None, metavar="S", help="seconds the shape lasts")
     load.add_argument("--ramp-steps", type=int, default=4, metavar="N", help="stairs of the ramp shape (default 4)")
     load.add_argument("--workers", type=int, default=0, metavar="N",
@@ -179,20 +186,25 @@ class Plan:
             if given:
                 raise SetupError(f"--shape {args.shape} sets the users over time: drop {' '.join(given)}, "
                                  "or drop --shape to use Locust's -u/-r/-t")
-            if args.peak_users is None or args.duration is None:
-                raise SetupError(f"--shape {args.shape} needs --peak-users N and --duration S")
+            if args.peak_users is not None:
+                raise SetupError("--peak-users is gone: a shape sets arrivals now, not users. Give --peak-rate R "
+                                 "(flows started per second at the peak) and, if needed, --max-users N (the cap)")
+            if args.peak_rate is None or args.duration is None:
+                raise SetupError(f"--shape {args.shape} needs --peak-rate R (flows per second) and --duration S")
             try:
-                self.shape: Optional[ShapeConfig] = ShapeConfig(args.shape, args.peak_users, args.duration,
-                                                                args.ramp_steps)
+                self.shape: Optional[ShapeConfig] = ShapeConfig(args.shape, args.peak_rate, args.duration,
+                                                                args.ramp_steps, args.max_users)
             except ValueError as exc:
                 raise SetupError(f"--shape: {exc}") from None
             self.run_time = None
         else:
-            if args.peak_users is not None or args.duration is not None:
-                raise SetupError("--peak-users and --duration size a --shape; without one use -u USERS -t RUN_TIME")
+            if args.peak_rate is not None or args.duration is not None or args.peak_users is not None \
+                    or args.max_users:
+                raise SetupError("--peak-rate, --max-users and --duration size a --shape; without one use "
+                                 "-u USERS -t RUN_TIME")
             if args.run_time is None:
-                raise SetupError("say how long to run: -t RUN_TIME (e.g. -u 10 -r 5 -t 20s), or a shape "
-                                 "(--shape constant --peak-users 10 --duration 20)")
+                raise SetupError("say how long to run: a shape (--shape constant --peak-rate 10 --duration 20), "
+                                 "or -t RUN_TIME (e.g. -u 10 -r 5 -t 20s)")
             self.run_time = parse_timespan(args.run_time)
             if self.run_time <= 0:
                 raise SetupError("-t must be longer than 0 s")
@@ -374,6 +386,8 @@ class Run:
             env["MAILPROOF_FLOW_MIX"] = plan.args.flow_mix
         if plan.shape is not None:
             env["MAILPROOF_SHAPE"] = plan.shape.encode()
+        # How many workers share the shape's arrivals (worker i takes every n-th): 1 for a local run.
+        env["MAILPROOF_WORKERS"] = str(max(plan.args.workers, 1))
         return env
 
     def locust_command(self) -> list[str]:
@@ -438,7 +452,8 @@ class Run:
 def describe(plan: Plan, run: Run) -> str:
     args = plan.args
     if plan.shape is not None:
-        load = f"{plan.shape.kind} to {plan.shape.peak_users} users for {plan.shape.duration:g} s"
+        load = (f"{plan.shape.kind} to {plan.shape.peak_rate:g} flows/s for {plan.shape.duration:g} s "
+                f"(at most {plan.shape.max_users} at once)")
     else:
         load = (f"{args.users if args.users is not None else 1} users at {args.spawn_rate or 1:g}/s "
                 f"for {plan.run_time} s")

@@ -101,6 +101,7 @@ def _on_test_start(environment: Any, **_kw: Any) -> None:
 
 def _on_test_stopping(environment: Any, **_kw: Any) -> None:
     rehearsal = Rehearsal.of(environment)
+    rehearsal.stop_arrivals()  # what was due and never started is counted from here
     if environment.runner is not None:
         rehearsal.note_users(environment.runner.user_count)
         if rehearsal.role == "master":

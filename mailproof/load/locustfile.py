@@ -4,10 +4,11 @@ The command runs ``locust -f <this file>`` (and its workers) with the environmen
 
 - ``MAILPROOF_FLOWS`` (required): the flows module or file (mailproof.load.flows);
 - ``MAILPROOF_FLOW_MIX``: ``name=W,...`` weights (default: each flow's own);
-- ``MAILPROOF_SHAPE``: a load shape (mailproof.load.shapes.ShapeConfig.encode); without it
-  Locust's ``-u/-r/-t`` drive the run;
-- ``MAILPROOF_PACING``: seconds between the starts of one user's flows (default 1: users are
-  the arrival rate per second).
+- ``MAILPROOF_SHAPE``: a load shape (mailproof.load.shapes.ShapeConfig.encode): flows start on
+  its schedule of arrivals (open model; users are the concurrency cap); without it Locust's
+  ``-u/-r/-t`` drive the run (closed model);
+- ``MAILPROOF_WORKERS``: how many workers share the shape's arrivals (default 1);
+- ``MAILPROOF_PACING``: without a shape, seconds between the starts of one user's flows (default 1).
 
 By hand, for a distributed run on several machines:
 ``MAILPROOF_FLOWS=myapp/loadflows.py locust -f $(python -c 'import mailproof.load.locustfile as f; print(f.__file__)') ...``
@@ -42,6 +43,7 @@ except FlowsError as exc:
 
 class RehearsalUser(FlowUser):
     flows = MIX
+    # Without a shape (closed model). With one, a user waits for its next arrival instead (FlowUser).
     wait_time = constant_pacing(float(os.environ.get("MAILPROOF_PACING", "1")))
 
 

@@ -156,7 +156,8 @@ def judged_results(rehearsal: "Rehearsal", *, http: RequestCounts, locust: Reque
                     workers_expected=rehearsal.workers_expected, missing_workers=list(rehearsal.missing_workers),
                     grace=options.grace, chaos_profile=options.chaos_profile, chaos_seed=options.chaos_seed,
                     users=options.users, spawn_rate=options.spawn_rate, run_time=options.run_time,
-                    shape=options.shape, peak_users=rehearsal.peak_users, flows_source=options.flows_source),
+                    shape=options.shape, peak_users=rehearsal.peak_users, flows_source=options.flows_source,
+                    peak_rate=_peak_rate(options), arrivals=rehearsal.arrival_counts()),
         ledger=ledger, latency=rehearsal.ledger.latency_histograms().summary(), http=http, locust=locust,
         flows=FlowRuns(runs=dict(sorted(rehearsal.flow_runs.items())),
                        failures=dict(sorted(rehearsal.flow_failures.items())),
@@ -169,6 +170,14 @@ def judged_results(rehearsal: "Rehearsal", *, http: RequestCounts, locust: Reque
                         notes=list(rehearsal.notes), errors=errors, recovered=recovered),
     )
     return results.judge(list(options.gates))
+
+
+def _peak_rate(options: Any) -> Optional[float]:
+    if not options.shape_config:
+        return None
+    from mailproof.load.shapes_config import ShapeConfig
+
+    return ShapeConfig.decode(options.shape_config).peak_rate
 
 
 def request_counts(environment: Any) -> dict[str, RequestCounts]:

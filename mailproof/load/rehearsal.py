@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from mailproof.addresses import AddressBook
+from mailproof.load.arrivals import ArrivalCounts, ArrivalPlan
 from mailproof.load.gates import DEFAULT_GATES, Gate, GateError
 from mailproof.load.ledger import FAILED, INTERRUPTED, PASSED, Arrival, Claim, Ledger
 from mailproof.load.results import (FaultRecord, HttpReply, RehearsalResults, RequestCounts, SinkSnapshot,
                                     StreamCounters, WorkerAccount, decode_record, encode_record)
+from mailproof.load.shapes_config import ShapeConfig
 from mailproof.mailbox import Mailbox
 
 log = logging.getLogger("mailproof.load.rehearsal")
@@ -58,6 +60,8 @@ class RehearsalOptions:
     spawn_rate: Optional[float] = None
     run_time: Optional[float] = None
     shape: Optional[str] = None
+    shape_config: Optional[str] = None  # ShapeConfig.encode() of the run's shape (MAILPROOF_SHAPE)
+    workers: int = 1  # processes sharing the shape's arrivals (MAILPROOF_WORKERS)
     flows_source: Optional[str] = None
 
     @classmethod
@@ -70,7 +74,18 @@ class RehearsalOptions:
         except GateError as exc:
             raise SystemExit(f"mailproof: --mailproof-gate: {exc}") from None
         shape = os.environ.get("MAILPROOF_SHAPE") or get("shape", None) or None
+        if shape and ":" not in shape and get("peak_rate", None) is not None:  # a locustfile's own shape options
+            try:
+                shape = ShapeConfig(shape, float(get("peak_rate", 0)), float(get("duration", 0)),
+                                int(get("ramp_steps", 4)), int(get("max_users", 0) or 0)).encode()
+            except ValueError as exc:
+                raise SystemExit(f"mailproof: --shape: {exc}") from None
         shape_kind, shape_peak, shape_duration = _shape_facts(shape, get)
+        try:
+            workers = max(int(os.environ.get("MAILPROOF_WORKERS", "1")), 1)
+        except ValueError:
+            raise SystemExit("mailproof: MAILPROOF_WORKERS must be the number of Locust workers, "
+                             f"not {os.environ['MAILPROOF_WORKERS']!r}") from None
         run_time = get("run_time", None)
         spawn_rate = get("spawn_rate", None)
         return cls(sink_url=get("mailproof_sink_url", "") or os.environ.get("MAILPROOF_SINK_URL", ""),
@@ -83,21 +98,19 @@ class RehearsalOptions:
                    users=shape_peak if shape_kind else get("num_users", None),
                    spawn_rate=None if shape_kind or spawn_rate is None else float(spawn_rate),
                    run_time=shape_duration if shape_kind else (float(run_time) if run_time else None),
-                   shape=shape_kind,
+                   shape=shape_kind, shape_config=shape if shape and ":" in shape else None, workers=workers,
                    flows_source=os.environ.get("MAILPROOF_FLOWS") or None)
 
 
 def _shape_facts(shape: Optional[str], get: Callable) -> tuple[Optional[str], Optional[int], Optional[float]]:
-    """(kind, peak users, duration) of the load shape, from MAILPROOF_SHAPE or the shape options."""
+    """(kind, users (the cap), duration) of the load shape, from MAILPROOF_SHAPE or the shape options."""
     if not shape:
         return None, None, None
     if ":" in shape:  # MAILPROOF_SHAPE, mailproof.load.shapes.ShapeConfig.encode
-        from mailproof.load.shapes_config import ShapeConfig
-
         config = ShapeConfig.decode(shape)
-        return config.kind, config.peak_users, config.duration
-    peak, duration = get("peak_users", None), get("duration", None)
-    return shape, int(peak) if peak is not None else None, float(duration) if duration is not None else None
+        return config.kind, config.max_users, config.duration
+    users, duration = get("max_users", None), get("duration", None)
+    return shape, int(users) if users else None, float(duration) if duration is not None else None
 
 
 @dataclass(kw_only=True)
@@ -117,6 +130,7 @@ class WorkerReport:
     run_id: str = ""  # the worker's AddressBook run id (its addresses carry it)
     sinks: list[SinkSnapshot] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    arrivals: Optional[ArrivalCounts] = None  # under a load shape: the worker's share of its arrivals
 
 
 class Rehearsal:
@@ -153,6 +167,8 @@ class Rehearsal:
         self.sink_started: dict[str, float] = {}  # sink URL -> when its current run started (epoch s)
         self.seen_workers: set[str] = set()  # master: every worker id seen connected during the run
         self.notes: list[str] = []
+        self.arrivals: Optional[ArrivalCounts] = None  # master: the workers' arrivals, merged
+        self._plan: Optional[ArrivalPlan] = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -205,6 +221,31 @@ class Rehearsal:
                 self.failure_samples.setdefault(name, f"{type(error).__name__}: {error}"[:FAILURE_SAMPLE_CHARS])
         self.ledger.record_flow(name, mailbox, outcome=outcome, claims=claims, replies=replies)
 
+    def arrival_plan(self, worker_index: int = 0) -> Optional[ArrivalPlan]:
+        """Under a load shape, this process's share of its arrivals (made at the first call: a
+        worker knows its index once the master has acknowledged it); None without a shape."""
+        if self.options.shape_config is None:
+            return None
+        if self._plan is None:
+            with self._lock:
+                if self._plan is None:
+                    config = ShapeConfig.decode(self.options.shape_config)
+                    count = self.options.workers if self.role == "worker" else 1
+                    users = -(-config.max_users // count)  # Locust spreads the cap over the workers
+                    self._plan = ArrivalPlan(config.offsets(), max_users=users, index=worker_index % count,
+                                             count=count)
+        return self._plan
+
+    def stop_arrivals(self) -> None:
+        if self._plan is not None:
+            self._plan.stop()
+
+    def arrival_counts(self) -> Optional[ArrivalCounts]:
+        """The arrivals offered, started and completed: this process's, or (master) the merged ones."""
+        if self._plan is not None:
+            return self._plan.counts()
+        return self.arrivals
+
     def note_users(self, count: Optional[int]) -> None:
         if count is not None:
             self.peak_users = max(self.peak_users, int(count))
@@ -219,6 +260,7 @@ class Rehearsal:
 
     def finish_load(self) -> None:
         """The load stopped: wait out the grace period, let the stream catch up, read the sink."""
+        self.stop_arrivals()
         self.ledger.settle()
         self.catch_up()
         self.snapshot_sink()
@@ -312,7 +354,7 @@ class Rehearsal:
                                   harness_samples=dict(self.harness_samples),
                                   stream=self.stream_counters(), behind=self.behind,
                                   run_id=self.address_book.run_id, sinks=list(self.sinks.values()),
-                                  notes=list(self.notes))
+                                  notes=list(self.notes), arrivals=self.arrival_counts())
         return encode_record(report)
 
     def add_report(self, worker_id: str, data: Any, expected: set[str]) -> bool:
@@ -351,6 +393,10 @@ class Rehearsal:
             for snapshot in report.sinks:
                 self._keep_sink(snapshot)
             self.notes.extend(f"worker {worker_id}: {note}" for note in report.notes)
+            if report.arrivals is not None:
+                if self.arrivals is None:
+                    self.arrivals = ArrivalCounts()
+                self.arrivals.merge(report.arrivals)
 
     # -- the results -----------------------------------------------------------------------------
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from mailproof.load.arrivals import ArrivalCounts
 from mailproof.load.gates import Verdict
 
 SCHEMA = "mailproof.rehearsal-results"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class ResultsError(ValueError):
@@ -260,6 +261,9 @@ class RunInfo:
     shape: Optional[str] = None  # burst, ramp or constant; null without a shape (-u/-r/-t)
     peak_users: int = 0  # the most users Locust ran at once
     flows_source: Optional[str] = None  # FLOWS (-f) of `mailproof rehearse`; null from a hand-written locustfile
+    peak_rate: Optional[float] = None  # the shape's flows started per second at its peak; null without a shape
+    # Under a shape (open model): arrivals offered, flows started and completed per second, cap hits.
+    arrivals: Optional[ArrivalCounts] = None
 
 
 @dataclass(kw_only=True)

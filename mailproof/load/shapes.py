@@ -1,8 +1,12 @@
-"""Load shapes for rehearsals: ``burst``, ``ramp`` and ``constant``, sized by peak users and duration.
+"""Load shapes for rehearsals: ``burst``, ``ramp`` and ``constant``, sized by a peak arrival rate
+(flows started per second) and a duration: an open model (mailproof.load.shapes_config).
 
-- ``burst``: launch day. A quiet baseline, a steep spike to the peak, a plateau, a decay.
-- ``ramp``: steps up to the peak in equal stairs, to find where delivery latency breaks.
-- ``constant``: the peak number of users from the start (each user paces itself).
+- ``burst``: launch day. A quiet baseline, a steep climb to the peak rate, a plateau, a decay.
+- ``ramp``: steps up to the peak rate in equal stairs, to find where delivery latency breaks.
+- ``constant``: the peak rate from the start.
+
+Locust runs ``max_users`` users throughout (the concurrency cap); each waits for its next
+arrival (mailproof.load.arrivals) instead of pacing itself.
 
 ``RehearsalShape`` is abstract (Locust ignores it where it is imported); a locustfile makes a
 concrete one with ``shape_class(config)`` or by subclassing it and overriding ``config()``. The
@@ -18,7 +22,7 @@ from locust import LoadTestShape
 
 from mailproof.load.shapes_config import BURST, KINDS, ShapeConfig
 
-__all__ = ["BURST", "KINDS", "RehearsalShape", "ShapeConfig", "add_options", "shape_class"]
+__all__ = ["BURST", "KINDS", "RehearsalShape", "ShapeConfig", "add_options", "config_from_options", "shape_class"]
 
 class RehearsalShape(LoadTestShape):
     """One class for all shapes; ``config()`` says which (abstract: subclass it or use shape_class)."""
@@ -26,9 +30,7 @@ class RehearsalShape(LoadTestShape):
     abstract = True
 
     def config(self) -> ShapeConfig:
-        options = self.runner.environment.parsed_options
-        return ShapeConfig(options.shape, max(options.peak_users, 1), options.duration,
-                           getattr(options, "ramp_steps", 4))
+        return config_from_options(self.runner.environment.parsed_options)
 
     def tick(self) -> Optional[tuple[int, float]]:
         return self.config().tick(self.get_run_time())
@@ -39,11 +41,19 @@ def shape_class(config: ShapeConfig) -> type:
     return type("MailproofShape", (RehearsalShape,), {"abstract": False, "config": lambda self: config})
 
 
+def config_from_options(options) -> ShapeConfig:
+    """The shape Locust's parsed ``--shape/--peak-rate/--duration/--ramp-steps/--max-users`` give."""
+    return ShapeConfig(options.shape, float(options.peak_rate), float(options.duration),
+                       int(getattr(options, "ramp_steps", 4)), int(getattr(options, "max_users", 0) or 0))
+
+
 def add_options(parser) -> None:
-    """``--shape``, ``--peak-users``, ``--duration``, ``--ramp-steps`` on Locust's command line."""
+    """``--shape``, ``--peak-rate``, ``--duration``, ``--ramp-steps``, ``--max-users`` on Locust's command line."""
     group = parser.add_argument_group("rehearsal shape")
     group.add_argument("--shape", choices=KINDS, default="burst",
-                       help="load shape: launch-day burst, step ramp, or constant")
-    group.add_argument("--peak-users", type=int, default=20, help="users at the peak of the shape")
+                       help="load shape (flows started per second over time): launch-day burst, step ramp, or constant")
+    group.add_argument("--peak-rate", type=float, default=5.0, help="flows started per second at the peak")
+    group.add_argument("--max-users", type=int, default=0,
+                       help="concurrency cap (default: 10 s of flows at the peak rate, at least 10)")
     group.add_argument("--duration", type=float, default=60.0, help="seconds the shape lasts")
     group.add_argument("--ramp-steps", type=int, default=4, help="stairs of the ramp shape")

@@ -30,7 +30,8 @@ def render_summary(results: RehearsalResults) -> str:
     lines = ["", "mailproof rehearsal: every email accounted for", ""]
     run = results.run
     if run.shape:
-        load = f"shape {run.shape} to {run.users} users over {run.run_time or 0:g} s; "
+        rate = f"{run.peak_rate:g} flows/s" if run.peak_rate else "its peak"
+        load = f"shape {run.shape} to {rate} over {run.run_time or 0:g} s, at most {run.users} at once; "
     elif run.users is not None or run.run_time is not None:
         load = (f"{run.users if run.users is not None else 1} users"
                 + (f" spawned at {run.spawn_rate:g}/s" if run.spawn_rate else "")
@@ -39,6 +40,14 @@ def render_summary(results: RehearsalResults) -> str:
         load = ""
     lines.append(f"load: {load}Locust ran at most {run.peak_users} users"
                  + (f" on {run.workers_expected} workers" if run.mode == "distributed" else ""))
+    arrivals = run.arrivals
+    if arrivals is not None:
+        lag99, lag_max = arrivals.lag_percentile(99), arrivals.lag_max
+        lines.append(f"arrivals: {arrivals.total_offered} offered, {arrivals.total_started} started, "
+                     f"{arrivals.total_completed} completed; start lag p99 {_seconds(lag99)}, max {_seconds(lag_max)}")
+        if arrivals.cap_hits or arrivals.not_started:
+            lines.append(f"  all {arrivals.max_users} users were busy: {arrivals.cap_hits} arrival(s) started late, "
+                         f"{arrivals.not_started} never started; the offered load was not held (raise --max-users)")
     lines.append("")
     lines.append(f"{'flow':34} {'expected':>8} {'delivered':>9} {'late':>5} {'lost':>5} {'dup':>4} {'unexp':>5}"
                  f" {'intr':>5}   {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}")

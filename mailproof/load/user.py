@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 from urllib.parse import urlsplit
 
 import gevent
+import gevent.event
 from locust import HttpUser, between, events
 
 from mailproof.criteria import Criteria
@@ -176,9 +177,18 @@ class FlowUser(HttpUser):
         if cls.flows:
             cls.tasks = tasks_for(cls.flows)
 
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        if self.rehearsal.options.shape_config:
+            self.wait_time = lambda: 0  # open model: the shape's arrivals pace the flows, not the user
+
     @property
     def rehearsal(self) -> Rehearsal:
         return Rehearsal.of(self.environment)
+
+    def arrival_plan(self):
+        """This process's share of the load shape's arrivals; None without a shape (closed model)."""
+        return self.rehearsal.arrival_plan(max(getattr(self.environment.runner, "worker_index", 0), 0))
 
     def run_flow(self, fn: Callable) -> None:
         info = flow_info(fn)
@@ -218,11 +228,23 @@ class FlowUser(HttpUser):
 
 
 def tasks_for(mix: dict[Callable, int]) -> list[Callable]:
-    """Locust's weighted task list (a task repeated weight times) for {flow: weight}."""
+    """Locust's weighted task list (a task repeated weight times) for {flow: weight}. Under a load
+    shape each run first waits for its arrival (mailproof.load.arrivals): the shape, not the
+    users' pace, sets when flows start."""
     tasks = []
     for fn, weight in mix.items():
         def task(user: FlowUser, fn: Callable = fn) -> None:
-            user.run_flow(fn)
+            plan = user.arrival_plan()
+            if plan is None:
+                user.run_flow(fn)
+                return
+            if plan.claim() is None:
+                gevent.event.Event().wait()  # the schedule is spent: idle until the shape ends the run
+                return
+            try:
+                user.run_flow(fn)
+            finally:
+                plan.completed()
 
         task.__name__ = flow_info(fn).name
         tasks.extend([task] * int(weight))

@@ -147,3 +147,31 @@ def throughput(sends: list[tuple[int, int]], deliveries: list[tuple[int, int]], 
         labels.append("users (load shape, right axis)")
     ax.legend(handles, labels, fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.06, 1.0))
     return _svg(fig, "throughput")
+
+
+def arrivals(offered: list[int], started: list[int], completed: list[int]) -> str:
+    """Under a load shape (open model): arrivals offered, flows started and completed per second.
+    Started below offered means the concurrency cap was hit: the load was not held."""
+    length = max(len(offered), len(started), len(completed))
+    if not length:
+        return _empty("No arrivals recorded: nothing to plot.", "arrivals")
+    xs = list(range(length))
+
+    def padded(series: list[int]) -> list[int]:
+        return list(series) + [0] * (length - len(series))
+
+    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN))
+    ax = fig.add_subplot()
+    _style(ax)
+    ax.step(xs, padded(offered), where="post", color="#9aa5b1", linewidth=4.5, solid_capstyle="butt",
+            label="offered / s (the shape)")
+    ax.step(xs, padded(started), where="post", color="#1f6fb2", linewidth=1.6, label="flows started / s")
+    ax.step(xs, padded(completed), where="post", color="#0b6e2e", linewidth=1.2, linestyle="--",
+            label="flows completed / s")
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(0, max(length - 1, 1))
+    ax.set_xlabel("seconds into the shape", fontsize=9, color="#3e4c59")
+    ax.set_ylabel("flows per second", fontsize=9, color="#3e4c59")
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _svg(fig, "arrivals")
+

@@ -297,6 +297,10 @@ def build_context(results: RehearsalResults, previous: Optional[RehearsalResults
         "slowest_hops": any(s["hops_text"] for s in slowest),
         "latency_svg": rehearsal_plots.latency_over_time(timeline.samples, t0, colors, thresholds),
         "throughput_svg": rehearsal_plots.throughput(timeline.sends, timeline.deliveries, users, t0),
+        "arrivals": results.run.arrivals,
+        "arrivals_svg": (rehearsal_plots.arrivals(results.run.arrivals.offered, results.run.arrivals.started,
+                                                  results.run.arrivals.completed)
+                         if results.run.arrivals is not None else None),
         "sample_count": len(timeline.samples),
     }
 
