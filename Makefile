@@ -1,5 +1,6 @@
-# mailproof: `make flows` runs the scenarios (Python only), `make test` everything (also the Debian
-# packages scripts/system-deps.sh installs or names). Both set up .venv first.
+# mailproof: `make flows` runs the scenarios (Python, and SpamAssassin's spamd for the spam check:
+# apt-get install spamassassin spamd), `make test` everything (also the Debian packages
+# scripts/system-deps.sh installs or names). Both set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

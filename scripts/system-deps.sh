@@ -1,9 +1,13 @@
 #!/bin/sh
-# The Debian/Ubuntu packages `make test` needs, and nothing else (`make flows` needs none):
+# The Debian/Ubuntu packages `make test` needs, and nothing else (`make flows` needs only
+# spamassassin and spamd, for the deliverability flows' spam check):
 #
 #   dovecot-imapd dovecot-lmtpd   a private Dovecot for --mailbox=imap and the IMAP backend tests
 #   postfix                       a private Postfix in front of it (used when running as root)
-#   chromium                      tests/test_reports_browser.py renders both reports headless
+#   chromium                      tests/test_reports_browser.py renders both reports headless;
+#                                 --mailproof-render draws each awaited email to PNG
+#   spamassassin spamd            the spam check's private spamd (mailproof/servers/spamd.py;
+#                                 on Debian 12 the daemon is its own package, spamd)
 #   nodejs npm                    Allure 3 (an npm package) builds QA's single-file report
 #
 #   sh scripts/system-deps.sh           install what is missing (as root), or, when not root,
@@ -13,6 +17,8 @@
 # Each package is detected by the binary the code looks for: `dovecot` on PATH or in /usr/sbin,
 # /sbin (mailproof/servers/dovecot.py) with its imap and lmtp helpers in /usr/lib/dovecot;
 # /usr/sbin/postfix (mailproof/servers/postfix.py); `chromium` on PATH (tests/test_reports_browser.py);
+# `spamd` on PATH or in /usr/sbin and SpamAssassin's rules in /usr/share/spamassassin
+# (mailproof/servers/spamd.py);
 # `node` and `npm` on PATH (mailproof/report/allure_build.py).
 #
 # As root: Postfix is preseeded "No configuration", and a temporary /usr/sbin/policy-rc.d (exit
@@ -32,6 +38,8 @@ checks() {
     echo 'dovecot-lmtpd|dovecot, /usr/lib/dovecot/lmtp|have_dovecot && [ -x /usr/lib/dovecot/lmtp ]'
     echo 'postfix|/usr/sbin/postfix|[ -x /usr/sbin/postfix ]'
     echo 'chromium|chromium on PATH|have chromium'
+    echo 'spamassassin|/usr/share/spamassassin rules|[ -f /usr/share/spamassassin/10_default_prefs.cf ]'
+    echo 'spamd|spamd, /usr/sbin/spamd|have spamd || [ -x /usr/sbin/spamd ]'
     echo 'nodejs|node on PATH|have node'
     echo 'npm|npm on PATH|have npm'
 }
@@ -69,7 +77,7 @@ esac
 [ $# -le 1 ] || usage
 
 if [ "$mode" = check ]; then
-    echo "system-deps: packages make test needs (make flows needs none):"
+    echo "system-deps: packages make test needs (make flows needs only spamassassin and spamd):"
     exec 3>&1
     missing=$(missing_packages report)
     if [ -n "$missing" ]; then
@@ -82,7 +90,7 @@ fi
 
 missing=$(missing_packages)
 if [ -z "$missing" ]; then
-    echo "system-deps: Dovecot, Postfix, Chromium, Node.js and npm are installed"
+    echo "system-deps: Dovecot, Postfix, Chromium, SpamAssassin, Node.js and npm are installed"
     exit 0
 fi
 
@@ -98,14 +106,14 @@ if [ "$(id -u)" -ne 0 ]; then
         echo
         echo "or run this script as root: sudo sh $0"
         echo "(it does the same and keeps the packages from starting system daemons)."
-        echo "make flows needs none of them."
+        echo "make flows needs only spamassassin and spamd (the deliverability flows score spam)."
     } >&2
     exit 1
 fi
 
 if ! have apt-get; then
     echo "system-deps: missing: $missing; there is no apt-get here: install the equivalents" \
-         "(Dovecot with IMAP and LMTP, Postfix, Chromium, Node.js and npm) by hand" >&2
+         "(Dovecot with IMAP and LMTP, Postfix, Chromium, SpamAssassin's spamd, Node.js and npm) by hand" >&2
     exit 1
 fi
 
