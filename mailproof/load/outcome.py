@@ -172,9 +172,10 @@ def judged_results(rehearsal: "Rehearsal", *, http: RequestCounts, locust: Reque
 
 
 def request_counts(environment: Any) -> dict[str, RequestCounts]:
-    """HTTP requests (Locust's rows other than MAIL and FLOW events) and all of Locust's requests."""
+    """HTTP requests (Locust's rows other than MAIL, FLOW and CHECK events) and all of Locust's requests."""
     entries = environment.stats.entries.items()
-    http = RequestCounts(requests=sum(e.num_requests for (_, method), e in entries if method not in ("MAIL", "FLOW")),
-                         failures=sum(e.num_failures for (_, method), e in entries if method not in ("MAIL", "FLOW")))
+    events = ("MAIL", "FLOW", "CHECK")
+    http = RequestCounts(requests=sum(e.num_requests for (_, method), e in entries if method not in events),
+                         failures=sum(e.num_failures for (_, method), e in entries if method not in events))
     total = environment.stats.total
     return {"http": http, "locust": RequestCounts(requests=total.num_requests, failures=total.num_failures)}
