@@ -298,7 +298,7 @@ def test_unreadable_results_stop_with_a_clear_message(tmp_path):
 
 # A complete file as docs/results.md describes it, written by hand (not by the code under test).
 HAND_WRITTEN = {
-    "schema": "mailproof.rehearsal-results", "schema_version": 2,
+    "schema": "mailproof.rehearsal-results", "schema_version": 3,
     "run": {"started_at": 1800000000.0, "finished_at": 1800000075.5, "host": "http://127.0.0.1:8000",
             "mode": "distributed", "workers_expected": 2, "missing_workers": ["w2"], "grace": 10.0,
             "chaos_profile": "5%:rcpt:451", "chaos_seed": 7, "users": 10, "spawn_rate": 5.0, "run_time": 60.0,
@@ -322,7 +322,8 @@ HAND_WRITTEN = {
     "locust": {"requests": 15, "failures": 2},
     "flows": {"runs": {"order_receipt": 4}, "failures": {"order_receipt": 1}, "interrupted": {"order_receipt": 1},
               "failure_samples": {"order_receipt": "MailNotDelivered: no mail"},
-              "failure_kinds": {"order_receipt": {"MailNotDelivered": 1}}, "harness_errors": {}},
+              "failure_kinds": {"order_receipt": {"MailNotDelivered": 1}}, "harness_errors": {},
+              "check_failures": {}},
     "timeline": {"sends": [[1800000000, 3]], "deliveries": [[1800000000, 1], [1800000006, 1]],
                  "samples": [{"t": 1800000000.25, "latency": 0.25, "flow": "order_receipt",
                               "address": "order+1@mailproof.test", "hops": None},
@@ -396,7 +397,7 @@ def _broken(edit) -> dict:
 
 
 @pytest.mark.parametrize("edit, where, problem", [
-    (lambda d: d.update(schema_version=1), "schema_version", "version 1, but this mailproof reads version 2 only"),
+    (lambda d: d.update(schema_version=1), "schema_version", "version 1, but this mailproof reads version 3 only"),
     (lambda d: d.pop("schema_version"), "schema_version", "missing"),
     (lambda d: d.update(schema="something-else"), "schema", "schema 'something-else'"),
     (lambda d: d["ledger"]["flows"]["order_receipt"].update(lost="1"),
@@ -461,3 +462,13 @@ def test_docs_describe_every_field_of_the_schema():
                     if f"`{f.name}`" not in doc]
     assert undocumented == []
     assert f"`schema_version` is `{schema.SCHEMA_VERSION}`" in doc
+
+
+def test_failed_deliverability_checks_are_counted_per_flow_and_survive_results_json(tmp_path):
+    results = make_results({"order_receipt": [0.1, 0.2], "signup_confirms_account": [0.1]})
+    results.flows.check_failures = {"order_receipt": {"dkim": 2, "spam": 1}}
+    back = RehearsalResults.read(results.write(tmp_path / "results.json"))
+    assert back.flows.check_failures == {"order_receipt": {"dkim": 2, "spam": 1}}
+    cells = parse(rehearsal_report.render(back))
+    assert value(cells, "ledger", "order_receipt", "check_failures") == "3 (dkim ×2, spam ×1)"
+    assert value(cells, "ledger", "signup_confirms_account", "check_failures") == "0"

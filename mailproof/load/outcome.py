@@ -163,7 +163,9 @@ def judged_results(rehearsal: "Rehearsal", *, http: RequestCounts, locust: Reque
                        interrupted=dict(sorted(rehearsal.flow_interrupted.items())),
                        harness_errors=dict(sorted(rehearsal.harness_flow_errors.items())),
                        failure_samples=dict(sorted(rehearsal.failure_samples.items())),
-                       failure_kinds={k: dict(sorted(v.items())) for k, v in sorted(rehearsal.failure_kinds.items())}),
+                       failure_kinds={k: dict(sorted(v.items())) for k, v in sorted(rehearsal.failure_kinds.items())},
+                       check_failures={k: dict(sorted(v.items())) for k, v in sorted(rehearsal.check_failures.items())
+                                       if v}),
         timeline=rehearsal.ledger.timeline(), workers=dict(sorted(rehearsal.workers.items())),
         harness=Harness(stream=stream, sinks=[rehearsal.sinks[url] for url in sorted(rehearsal.sinks)],
                         notes=list(rehearsal.notes), errors=errors, recovered=recovered),

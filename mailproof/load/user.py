@@ -198,6 +198,7 @@ class FlowUser(HttpUser):
             self.environment.events.request.fire(
                 request_type="CHECK", name=f"{info.name}: {result.name}", response_time=result.seconds * 1000,
                 response_length=0, exception=AssertionError(result.summary) if result.failed else None, context={})
+            rehearsal.record_check(info.name, result.name, result.failed)
 
         _checks.add_observer(check_event)  # per greenlet: Locust's gevent patches threading.local
         try:
