@@ -44,7 +44,7 @@ def check_dkim(msg, config: CheckConfig) -> CheckResult:
     dkim = require("dkim", "the DKIM check")
     started = time.perf_counter()
     raw = msg.raw
-    signatures = [value for name, value in msg._header_items if name.lower() == "dkim-signature"]
+    signatures = msg.header_all("DKIM-Signature")
     if not signatures:
         return CheckResult("dkim", FAILED, "no DKIM-Signature header: the email is not signed",
                            ("mailbox providers treat unsigned mail as unauthenticated (and DMARC fails)",),
@@ -63,8 +63,9 @@ def check_dkim(msg, config: CheckConfig) -> CheckResult:
                 _missed.append(text.rstrip("."))
             return record
 
-        logger = logging.getLogger(f"mailproof.checks.dkim.{id(missed)}")
-        logger.propagate = False
+        # A logger of its own, outside logging's registry (getLogger would keep one per check
+        # forever): dkimpy reports key errors only there.
+        logger = logging.Logger("mailproof.checks.dkim")
         collect = _Collect()
         logger.addHandler(collect)
         try:
@@ -99,7 +100,7 @@ def check_dkim(msg, config: CheckConfig) -> CheckResult:
             failures.append(f"{label}: bad key: {'; '.join(collect.lines)}")
         else:
             signed = [h for h in re.split(r"\s*:\s*", tags.get("h", "")) if h]
-            present = {name.lower() for name, _ in msg._header_items}
+            present = {name.lower() for name, _ in msg.headers}
             absent = [h for h in signed if h.lower() not in present]
             failures.append(
                 f"{label}: signature/header mismatch: the signature does not verify over the signed headers "
