@@ -205,3 +205,24 @@ def test_message_checks_is_lazy_and_uses_the_shared_config():
 def test_unknown_check_names_are_refused(config):
     with pytest.raises(ValueError, match="unknown checks"):
         check(build(), config).all(only=["dkmi"])
+
+
+def test_checks_never_raise_on_the_hostile_corpora_and_fetch_nothing(monkeypatch):
+    """Every message of tests/mime_corpus and every page of tests/hostile_html gets a verdict; with no
+    host under test not one request is sent (requests' Session.request would record it)."""
+    from pathlib import Path
+
+    import requests
+
+    sent = []
+    monkeypatch.setattr(requests.Session, "request", lambda self, *a, **k: sent.append(a) or None)
+    here = Path(__file__).parent
+    messages = [p.read_bytes() for p in sorted((here / "mime_corpus").glob("*.eml"))]
+    for page in sorted((here / "hostile_html").glob("*.html")):
+        messages.append(build(page.read_text(encoding="utf-8", errors="replace")))
+    assert len(messages) > 100
+    cfg = CheckConfig()
+    for raw in messages:
+        results = Checks(Message(raw), cfg).all(skip=["spam"])
+        assert [r.name for r in results] == ["dkim", "unsubscribe", "structure", "clients"]
+    assert sent == []
