@@ -1,5 +1,6 @@
-# mailproof: `make flows` runs the scenarios (Python only), `make test` everything (also the Debian
-# packages scripts/system-deps.sh installs or names). Both set up .venv first.
+# mailproof: `make flows` runs the scenarios (Python, and SpamAssassin's spamd for the spam check),
+# `make test` everything. Both first install the Debian packages they need (scripts/system-deps.sh,
+# as root; otherwise it names the command) and set up .venv.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 ALLURE_RESULTS := reports/allure-results
 PYTEST_ARGS ?=
 
-.PHONY: flows test venv system-deps clean rehearsal report rehearsal-report
+.PHONY: flows test venv system-deps system-deps-flows clean rehearsal report rehearsal-report
 
 EXAMPLE := examples/flask_shop
 
@@ -21,14 +22,17 @@ $(STAMP): pyproject.toml $(EXAMPLE)/requirements.txt
 
 venv: $(STAMP)
 
-# Dovecot, Postfix, Chromium, Node.js and npm for the full suite: installed with apt-get when
-# missing and running as root; otherwise stops with the command to run. `sh scripts/system-deps.sh
-# --check` only reports.
+# Dovecot, Postfix, Chromium, SpamAssassin, Node.js and npm for the full suite (the flows need
+# only SpamAssassin's spamd: system-deps-flows): installed with apt-get when missing and running as
+# root; otherwise stops with the command to run. `sh scripts/system-deps.sh --check` only reports.
 system-deps:
 	@sh scripts/system-deps.sh
 
+system-deps-flows:
+	@sh scripts/system-deps.sh --flows
+
 # Allure results are cleaned here, outside pytest: --clean-alluredir races between xdist workers.
-flows: $(STAMP)
+flows: system-deps-flows $(STAMP)
 	rm -rf $(ALLURE_RESULTS) && mkdir -p $(ALLURE_RESULTS)
 	$(PY) -m pytest flows/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
 

@@ -36,13 +36,34 @@ def validation_faults(validation_api):
     validation_api.faults.clear()
 
 
+DKIM_DOMAIN, DKIM_SELECTOR = "demo-shop.test", "mailproof"  # the demo's default From domain
+
+
 @pytest.fixture(scope="session")
-def demo_app(mailproof_backend, validation_api):
-    """The demo application, sending through the capture backend (one per xdist worker)."""
+def dkim_key_file(tmp_path_factory, mailproof_checks) -> Path:
+    """A DKIM key pair made for this session: the private key in a file for the demo app, the
+    public key in the checks' key table (as DNS would publish it at mailproof._domainkey.demo-shop.test)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path_factory.mktemp("dkim") / "demo-shop.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    mailproof_checks.add_dkim_key(DKIM_DOMAIN, DKIM_SELECTOR, key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_app(mailproof_backend, validation_api, dkim_key_file):
+    """The demo application, sending through the capture backend (one per xdist worker), signing
+    its mail with the session's DKIM key."""
     command = [
         sys.executable, "-m", "demo_app", "--port", "0",
         "--smtp-host", mailproof_backend.smtp_host, "--smtp-port", str(mailproof_backend.smtp_port),
         "--validation-url", validation_api.url,
+        "--dkim-key", str(dkim_key_file), "--dkim-selector", DKIM_SELECTOR,
     ]
     with AppProcess(command, cwd=str(ROOT), name="demo application") as app:
         yield app

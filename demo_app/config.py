@@ -35,6 +35,10 @@ class Config:
     mail_from: str = "Demo Shop <no-reply@demo-shop.test>"
     log_level: str = "INFO"
     access_log: bool = False
+    # DKIM signing of every email (demo_app/dkim.py): a PEM private key file and its selector;
+    # the public key is published as <selector>._domainkey.<mail domain>.
+    dkim_key: str | None = None
+    dkim_selector: str | None = None
 
     @property
     def from_address(self) -> Address:
@@ -67,6 +71,8 @@ _FLAGS = {
     "workers": ("DEMO_WORKERS", int),
     "mail_from": ("DEMO_FROM", str),
     "log_level": ("DEMO_LOG_LEVEL", str),
+    "dkim_key": ("DEMO_DKIM_KEY", str),
+    "dkim_selector": ("DEMO_DKIM_SELECTOR", str),
 }
 _BOOLS = {"smtp_starttls": "DEMO_SMTP_STARTTLS", "access_log": "DEMO_ACCESS_LOG"}
 
@@ -94,6 +100,10 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         p.error("--retry-for and --validation-cooldown must be >= 0, --validation-budget > 0")
     if not cfg.from_address.domain:
         p.error(f"--mail-from has no usable address: {cfg.mail_from!r}")
+    if bool(cfg.dkim_key) != bool(cfg.dkim_selector):
+        p.error("--dkim-key and --dkim-selector go together (the key file and its DNS selector)")
+    if cfg.dkim_key and not os.path.isfile(cfg.dkim_key):
+        p.error(f"--dkim-key {cfg.dkim_key!r}: no such file (a PEM private key)")
     if cfg.public_url:
         cfg.public_url = cfg.public_url.rstrip("/")
     cfg.validation_url = cfg.validation_url.rstrip("/")

@@ -44,6 +44,7 @@ class Job:
     to: str
     attempt: int = 0
     queued_at: float = field(default_factory=time.monotonic)
+    signed: bytes | None = None  # the DKIM-signed bytes, made once: every retry sends the same
 
 
 @dataclass
@@ -86,6 +87,11 @@ def classify(exc: BaseException) -> Transient:
 class Mailer:
     def __init__(self, cfg: Config, metrics: Metrics) -> None:
         self.cfg, self.metrics = cfg, metrics
+        self.signer = None
+        if cfg.dkim_key:
+            from .dkim import Signer  # dkimpy only when signing
+
+            self.signer = Signer(cfg.dkim_key, cfg.dkim_selector, cfg.mail_domain)
         self.bounces: list[Bounce] = []
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._workers: list[asyncio.Task] = []
@@ -148,8 +154,16 @@ class Mailer:
         code: int | None = 250
         detail = ""
         try:
+            message, options = job.msg, None
+            if self.signer is not None:
+                # Signed here, just before the first send: nothing changes the message after this.
+                utf8 = not (self.cfg.from_address.addr_spec + job.to).isascii()
+                if job.signed is None:
+                    job.signed = self.signer.sign(job.msg, utf8)
+                message, options = job.signed, (["SMTPUTF8"] if utf8 else None)
             await aiosmtplib.send(
-                job.msg,
+                message,
+                mail_options=options,
                 sender=self.cfg.from_address.addr_spec,
                 recipients=[job.to],
                 hostname=self.cfg.smtp_host,

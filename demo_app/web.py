@@ -101,6 +101,11 @@ async def bad_request_mw(request: web.Request, handler) -> web.StreamResponse:
 
 # --- health, metrics, outbox ----------------------------------------------------------------------
 
+async def home(request: web.Request) -> web.Response:
+    # Every email's footer links here: a link in an email must lead somewhere.
+    return page(request, "message", "Demo Shop", message="Welcome to the Demo Shop.")
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -361,6 +366,7 @@ def create_app(cfg: Config) -> web.Application:
     app.on_startup.append(startup)
     app.on_cleanup.append(cleanup)
     r = app.router
+    r.add_get("/", home)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/bounces", bounces)

@@ -24,6 +24,8 @@ EXTRAS = {
     "nh3": ("nh3", "report"),
     "tinycss2": ("tinycss2", "report"),
     "trustme": ("trustme", "tls"),
+    "dkim": ("dkimpy", "checks"),
+    "aiospamc": ("aiospamc", "checks"),
 }
 
 

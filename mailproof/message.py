@@ -378,6 +378,16 @@ class Message:
                 return found.group(1) if regex.groups else found.group(0)
         raise LookupError(f"no code matching {regex.pattern!r} in {self.describe()}")
 
+    # -- deliverability checks --------------------------------------------------------------
+
+    @cached_property
+    def checks(self):
+        """The deliverability checks of this email (``mailproof.checks.Checks``): ``dkim()``,
+        ``unsubscribe()``, ``structure()``, ``spam()``, ``clients()``, ``all()``."""
+        from mailproof.checks.runner import Checks  # their libraries load only when a check runs
+
+        return Checks(self)
+
     def describe(self) -> str:
         rcpts = ", ".join(map(str, self.rcpt_tos)) or ", ".join(self.to) or "?"
         return f"mail #{self.seq} to {rcpts} subject {self.subject!r}"

@@ -25,10 +25,14 @@ _HIDDEN_RAW = {"script", "style", "title", "iframe", "noembed", "noframes"}
 
 
 class HtmlReading:
-    """What the harness reads of one HTML document: ``links`` and ``text`` (visible text)."""
+    """What the harness reads of one HTML document: ``links`` and ``text`` (visible text);
+    ``tags`` (every start tag with its attributes) and ``styles`` (the text of each ``<style>``)
+    for the deliverability checks (mailproof.checks)."""
 
     def __init__(self, html: str) -> None:
         self.links: list[tuple[str, str]] = []  # (href, anchor text), in document order
+        self.tags: list[tuple[str, dict]] = []
+        self.styles: list[str] = []
         self._visible: list[str] = []
         self._href: Optional[str] = None
         self._anchor: list[str] = []
@@ -115,6 +119,8 @@ class HtmlReading:
         if raw is not None:
             close = raw.search(s, j)
             end = n if close is None else close.start()
+            if name == "style":
+                self.styles.append(s[j:end])
             if name not in _HIDDEN_RAW:
                 self._data(s[j:end])
             return end
@@ -123,6 +129,7 @@ class HtmlReading:
     # -- what is read ------------------------------------------------------------------------
 
     def _start(self, name: str, attrs: dict) -> None:
+        self.tags.append((name, attrs))
         if name == "head":
             self._in_head = True
         elif name == "body":

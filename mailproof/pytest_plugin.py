@@ -30,6 +30,7 @@ on, ``mailproof_backend.tls_ca_file`` is the throwaway CA's certificate, for the
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -37,6 +38,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from mailproof.addresses import TOKEN, AddressBook
+from mailproof import checks as _checks
 from mailproof.capture.embedded import EmbeddedSink
 from mailproof.capture.service import TOKEN_ENV
 from mailproof.capture.tls import AUTH_ENV, TLS_MODES, parse_auth, parse_tls_mode, trustme_available
@@ -103,6 +105,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sink-tls", dest="mailproof_sink_tls", default=None, choices=TLS_MODES,
                     help="STARTTLS on the in-process sink: off, starttls or starttls-required "
                          "(mailproof_backend.tls_ca_file is the CA for the app to trust)")
+    group.addoption("--mailproof-render", dest="mailproof_render", action="store_true", default=False,
+                    help="render every awaited email in headless Chromium at 600 and 375 px and attach the "
+                         "PNGs to Allure (needs the Debian package chromium; ~0.3 s an email)")
     group.addoption("--sink-auth", dest="mailproof_sink_auth", default=None, metavar="USER:PASSWORD",
                     help=f"require SMTP AUTH on the in-process sink (better: {AUTH_ENV})")
     parser.addini("mailproof_backend", "default capture backend: sink, service or imap", default="sink")
@@ -114,6 +119,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   default="off")
     parser.addini("mailproof_sink_auth", f"USER:PASSWORD the capture sink requires (or env {AUTH_ENV})",
                   default="")
+    parser.addini("mailproof_render", "render every awaited email in Chromium to PNG for Allure (true/false)",
+                  default="false")
     parser.addini("mailproof_domain", "domain of the test addresses handed out", default="mailproof.test")
     parser.addini("mailproof_within", "default SLO of a wait_for: seconds from the trigger (later mail is MailLate)",
                   default="10")
@@ -399,17 +406,88 @@ def mailproof_app_url(mailproof_settings: Settings) -> str:
     return mailproof_settings.app_url
 
 
-@pytest.fixture
-def flow(mailbox, mailproof_app_url, mailproof_settings, request) -> Flow:
-    """A Flow bound to the application and this test's mailbox, reporting to Allure."""
-    session = AppSession(mailproof_app_url, timeout=mailproof_settings.http_timeout)
-    if ALLURE:
-        from mailproof.report.allure_reporter import AllureReporter
+def _render_enabled(config: pytest.Config) -> bool:
+    if config.getoption("mailproof_render", False):
+        return True
+    return str(config.getini("mailproof_render")).strip().lower() in ("1", "true", "yes", "on")
 
-        reporter = AllureReporter()
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if ALLURE:
+        from mailproof.report.render import close_shared_renderer  # started only if used
+
+        close_shared_renderer()
+
+
+class _LazySpamd:
+    """The session's spamd, started by the first spam check (never, if no test checks spam)."""
+
+    def __init__(self) -> None:
+        self._spamd = None
+        self._error: Optional[Exception] = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> tuple[str, int]:
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._spamd is None:
+                from mailproof.servers.spamd import Spamd
+
+                try:
+                    self._spamd = Spamd().start()
+                except MailproofError as exc:
+                    self._error = exc  # said once per test that asks, not retried for every email
+                    raise
+            return self._spamd.address
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._spamd is not None:
+                self._spamd.stop()
+                self._spamd = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mailproof_checks():
+    """The deliverability checks' configuration (``mailproof.checks.config``) for this session:
+    add DKIM keys here (``mailproof_checks.add_dkim_key(domain, selector, public_key)``). Unless
+    a spamd was configured, the first spam check starts a private one (mailproof.servers.spamd),
+    stopped at the end of the session; a session that checks no spam starts none."""
+    config = _checks.config
+    lazy = None
+    if config.spamd is None:
+        config.spamd = lazy = _LazySpamd()
+    yield config
+    if lazy is not None:
+        lazy.stop()
+        if config.spamd is lazy:
+            config.spamd = None
+
+
+@pytest.fixture
+def flow(mailbox, mailproof_app_url, mailproof_settings, mailproof_checks, request) -> Flow:
+    """A Flow bound to the application and this test's mailbox, reporting to Allure.
+
+    The application's host is put under test for the checks (its links and one-click
+    unsubscribe URLs may be requested); with Allure, each check run in the test is a step."""
+    session = AppSession(mailproof_app_url, timeout=mailproof_settings.http_timeout)
+    try:
+        mailproof_checks.add_app_url(mailproof_app_url)
+    except ValueError:
+        pass  # not an http(s) URL: AppSession says so at the first request
+    observer = None
+    if ALLURE:
+        from mailproof.report.allure_reporter import AllureReporter, report_check
+
+        reporter = AllureReporter(render=_render_enabled(request.config))
+        observer = report_check
+        _checks.add_observer(observer)
     else:
         reporter = NullReporter()
     yield Flow(http=session, mailbox=mailbox, reporter=reporter, name=request.node.name)
+    if observer is not None:
+        _checks.remove_observer(observer)
     session.close()
 
 

@@ -18,10 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL = ("locust", "gevent", "matplotlib", "imap_tools", "allure", "allure_commons", "allure_pytest",
-            "hdrh", "jinja2", "nh3", "tinycss2")
+            "hdrh", "jinja2", "nh3", "tinycss2", "dkim", "aiospamc")
 # Distributions only an extra may pull in.
 EXTRA_ONLY = {"locust", "gevent", "matplotlib", "imap-tools", "allure-pytest", "hdrhistogram", "jinja2", "nh3",
-              "tinycss2"}
+              "tinycss2", "dkimpy", "aiospamc"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_core_requirements_leave_load_imap_and_reports_to_extras(wheel):
     assert core == {"pytest", "aiosmtpd", "aiohttp", "requests"}, core
     assert not core & EXTRA_ONLY
     extras = {r.split("extra ==")[1].strip().strip('"') for r in requires if "extra ==" in r}
-    assert {"imap", "load", "report", "tls", "all"} <= extras
+    assert {"imap", "load", "report", "tls", "checks", "all"} <= extras
 
 
 BLOCKER = textwrap.dedent(f"""
@@ -104,6 +104,10 @@ USER_TEST = textwrap.dedent("""
             mailproof.load.FlowUser
         with pytest.raises(MissingExtra, match=r"pip install 'mailproof\\[imap\\]'"):
             import mailproof.imap  # noqa: F401
+        from mailproof import Message
+
+        with pytest.raises(MissingExtra, match=r"pip install 'mailproof\\[checks\\]'"):
+            Message(b"From: a@b.test\\r\\n\\r\\nhi\\r\\n").checks.dkim()
 """)
 
 

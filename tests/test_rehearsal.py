@@ -161,6 +161,36 @@ def test_flows_whose_requests_all_get_404_fail_the_run_with_their_failures_and_l
                      proc.stdout), proc.stdout
 
 
+def test_failed_deliverability_checks_of_a_real_rehearsal_are_counted_per_flow(tmp_path):
+    """Flask Shop does not sign its mail: every dkim check of the run fails, every clients check
+    runs; the failed checks are counted per flow and check (results.json, Locust's CHECK rows),
+    and the runs themselves pass (the flow does not assert on the checks)."""
+    flows = tmp_path / "checked.py"
+    flows.write_text(textwrap.dedent('''
+        from mailproof import flow
+
+        @flow
+        def checked_signup(flow):
+            address = flow.mailbox.address("checked")
+            assert flow.http.post("/signup", json={"email": address, "name": "Ada"}).status_code == 201
+            msg = flow.mailbox.wait_for(to=address, subject="Confirm your Flask Shop account", within=5)
+            msg.checks.dkim()
+            msg.checks.clients()
+    '''))
+    proc, results = flask_shop(flows, tmp_path / "run", "-u", "2", "-r", "2", "-t", "4s")
+    name = "checked_signup"
+    finished = results["flows"]["runs"][name] - results["flows"]["interrupted"].get(name, 0)
+    assert finished > 0 and results["flows"]["failures"].get(name, 0) == 0, said(proc)
+    dkim_failures = results["flows"]["check_failures"][name]["dkim"]
+    assert finished <= dkim_failures <= results["flows"]["runs"][name], results["flows"]
+    assert set(results["flows"]["check_failures"][name]) == {"dkim"}  # clients warns at most, never fails
+    assert results["http"]["failures"] == 0  # CHECK events are not HTTP requests
+    with open(tmp_path / "run" / "locust_stats.csv", newline="") as handle:
+        rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(handle)}
+    assert int(rows[("CHECK", f"{name}: dkim")]["Failure Count"]) == dkim_failures
+    assert int(rows[("CHECK", f"{name}: clients")]["Failure Count"]) == 0
+
+
 def total_or_zero(results: dict, key: str) -> int:
     return sum(row[key] for row in results["ledger"]["flows"].values()) if results["ledger"]["flows"] else 0
 
@@ -595,6 +625,9 @@ def test_the_master_merges_worker_reports_into_one_result():
     w3_address = w1.address_book.address("x").replace(w1.address_book.run_id, "zzzzzz")
     store.deliver(Message(b"Subject: w3\r\n\r\n", rcpt_tos=[w3_address], received_at=T0 + 5,
                           extra={"service_seq": 999}))  # mail of worker w3, which never reports
+    for worker, flow_name, check, failed in ((w1, "signup", "dkim", True), (w2, "signup", "dkim", True),
+                                             (w2, "receipt", "spam", True), (w2, "receipt", "clients", False)):
+        worker.record_check(flow_name, check, failed)
     w1.backend, w2.backend = StubStream(4, missing=0, connections=1), StubStream(4, missing=0, connections=3)
     old = SinkSnapshot(url="http://sink", fetched_at=T0 + 10, received=4, retained=4, evicted=0, cleared=0,
                        smtp_connections=3)
@@ -624,6 +657,7 @@ def test_the_master_merges_worker_reports_into_one_result():
     assert results.latency["signup"].count == 2 and results.latency["receipt"].max == pytest.approx(1.0, rel=1e-3)
     assert results.flows.runs == {"receipt": 1, "signup": 3} and results.flows.failures == {"signup": 1}
     assert results.flows.failure_samples == {"signup": "AssertionError: no mail"}
+    assert results.flows.check_failures == {"receipt": {"spam": 1}, "signup": {"dkim": 2}}
     assert results.run.mode == "distributed" and results.run.missing_workers == ["w3"]
     assert results.run.workers_expected == 3
     assert (results.run.chaos_profile, results.run.chaos_seed) == ("5%:rcpt:451", 3)

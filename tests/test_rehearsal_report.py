@@ -325,7 +325,8 @@ HAND_WRITTEN = {
     "locust": {"requests": 15, "failures": 2},
     "flows": {"runs": {"order_receipt": 4}, "failures": {"order_receipt": 1}, "interrupted": {"order_receipt": 1},
               "failure_samples": {"order_receipt": "MailNotDelivered: no mail"},
-              "failure_kinds": {"order_receipt": {"MailNotDelivered": 1}}, "harness_errors": {}},
+              "failure_kinds": {"order_receipt": {"MailNotDelivered": 1}}, "harness_errors": {},
+              "check_failures": {}},
     "timeline": {"sends": [[1800000000, 3]], "deliveries": [[1800000000, 1], [1800000006, 1]],
                  "samples": [{"t": 1800000000.25, "latency": 0.25, "flow": "order_receipt",
                               "address": "order+1@mailproof.test", "hops": None},
@@ -486,3 +487,13 @@ def test_docs_describe_every_field_of_the_schema():
                     if f"`{f.name}`" not in doc]
     assert undocumented == []
     assert f"`schema_version` is `{schema.SCHEMA_VERSION}`" in doc
+
+
+def test_failed_deliverability_checks_are_counted_per_flow_and_survive_results_json(tmp_path):
+    results = make_results({"order_receipt": [0.1, 0.2], "signup_confirms_account": [0.1]})
+    results.flows.check_failures = {"order_receipt": {"dkim": 2, "spam": 1}}
+    back = RehearsalResults.read(results.write(tmp_path / "results.json"))
+    assert back.flows.check_failures == {"order_receipt": {"dkim": 2, "spam": 1}}
+    cells = parse(rehearsal_report.render(back))
+    assert value(cells, "ledger", "order_receipt", "check_failures") == "3 (dkim ×2, spam ×1)"
+    assert value(cells, "ledger", "signup_confirms_account", "check_failures") == "0"

@@ -8,6 +8,9 @@ Stages, in SMTP order: ``connect`` (before the greeting), ``ehlo``, ``mail``, ``
 a disconnect here is the ambiguous case where the client cannot know the mail was taken).
 Recipients are known from ``rcpt`` on; rules that name a recipient never fire earlier.
 
+``Tamper`` (stage ``data`` only) changes the message's body before the sink stores it, as a
+relay or a virus scanner that rewrites mail would: a DKIM signature made before must then fail.
+
 Counters: ``fired`` counts the events a rule matched (its action was asked), ``acted`` those
 where it changed the outcome: a reply, a hang-up, or a stall (counted when the stall starts, so a
 test that saw its client time out can read it at once). A Delay that then proceeds only fires.
@@ -218,7 +221,41 @@ class RateLimit:
         return await self._reply.act(ctx) if limited else None
 
 
-Action = Union[Reply, Delay, Disconnect, Stall, Accept, Script, Chaos, RateLimit]
+@dataclass
+class Tamper:
+    """Change the body after the client signed it: the first ``count`` occurrences of ``find``
+    in the body (past the header section) become ``replace``; then proceed. Only at the
+    ``data`` stage, where the message is read and not yet stored. Acts only when ``find`` is
+    there (``acted`` says whether the body was changed)."""
+
+    find: str
+    replace: str
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.find, str) or not self.find or not isinstance(self.replace, str):
+            raise FaultError(f"Tamper needs a non-empty text to find and a replacement, not {self.find!r}, "
+                             f"{self.replace!r}")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise FaultError(f"Tamper's count must be a positive integer, not {self.count!r}")
+
+    async def act(self, ctx: "ActionContext") -> Optional[str]:
+        envelope = ctx.envelope
+        if ctx.stage != "data" or envelope is None:
+            raise FaultError(f"Tamper acts on the message at the 'data' stage, not at {ctx.stage!r}")
+        content = envelope.original_content or b""
+        end = content.find(b"\r\n\r\n")
+        end = len(content) if end < 0 else end + 4
+        head, body = content[:end], content[end:]
+        find = self.find.encode("utf-8")
+        if find in body:
+            changed = head + body.replace(find, self.replace.encode("utf-8"), self.count)
+            envelope.original_content = envelope.content = changed
+            ctx.mark_acted()
+        return None
+
+
+Action = Union[Reply, Delay, Disconnect, Stall, Accept, Script, Chaos, RateLimit, Tamper]
 
 
 def as_action(value: Any) -> "Action":
@@ -236,6 +273,7 @@ def as_action(value: Any) -> "Action":
 class ActionContext:
     server: Any
     stage: str
+    envelope: Any = None  # the SMTP envelope (aiosmtpd's), for actions that read or change the message
     close_after_reply: bool = False
 
     acted: bool = False

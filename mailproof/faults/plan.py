@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
-from mailproof.faults.actions import STAGES, ActionContext, FaultError, as_action
+from mailproof.faults.actions import STAGES, ActionContext, FaultError, Tamper, as_action
 
 
 @dataclass
@@ -47,6 +47,8 @@ class FaultRule:
         if self.sender and self.stage in ("connect", "ehlo"):
             raise FaultError(f"the sender is only known from MAIL on, not at {self.stage!r}")
         self.action = as_action(self.action)
+        if isinstance(self.action, Tamper) and self.stage != "data":
+            raise FaultError(f"Tamper changes the message, which exists at the 'data' stage only, not at {self.stage!r}")
         try:
             self._to_regex = re.compile(self.to_pattern) if self.to_pattern else None
         except re.error as exc:
@@ -135,7 +137,8 @@ class FaultPlan:
                 continue
             with self._lock:
                 rule.fired += 1
-            ctx = ActionContext(server=server, stage=stage, on_act=lambda rule=rule: self._count_acted(rule))
+            ctx = ActionContext(server=server, stage=stage, envelope=envelope,
+                                on_act=lambda rule=rule: self._count_acted(rule))
             reply = None
             try:
                 reply = await rule.action.act(ctx)

@@ -25,6 +25,7 @@ Actions (one key each, ``script``/``after`` and ``delay``/``then`` go together):
     {"accept": true}                         proceed normally
     {"chaos": {"p": 0.05, "seed": 1, "action": a}}          with probability p, do ``a``
     {"rate_limit": {"per_second": 50, "reply": "451 ..."}}  past N per second, answer ``reply``
+    {"tamper": {"find": "a", "replace": "b", "count": 1}}   change the body (stage data only)
 
 A malformed spec raises ``FaultError`` naming the bad field (``action.script[1].delay: ...``).
 """
@@ -36,7 +37,7 @@ import re
 from typing import Any, Optional
 
 from mailproof.faults.actions import (STAGES, Accept, Chaos, Delay, Disconnect, FaultError,
-                                      RateLimit, Reply, Script, Stall, as_action)
+                                      RateLimit, Reply, Script, Stall, Tamper, as_action)
 from mailproof.faults.plan import FaultRule
 
 __all__ = ["FaultError", "action_from_spec", "action_to_spec", "parse_chaos_profile",
@@ -154,8 +155,19 @@ def action_from_spec(spec: Any, path: str = "action"):
             reply = _reply(body["reply"], f"{where}.reply").reply
             return RateLimit(per_second, reply)
         return RateLimit(per_second)
+    if "tamper" in spec:
+        _only(spec, ("tamper",), path)
+        body = spec["tamper"]
+        where = f"{path}.tamper"
+        if not isinstance(body, dict):
+            raise _fail(where, f"must be an object with find, replace and optionally count, not {body!r}")
+        _only(body, ("find", "replace", "count"), where)
+        try:
+            return Tamper(_string(body.get("find"), f"{where}.find"), body.get("replace"), body.get("count", 1))
+        except FaultError as exc:
+            raise _fail(where, str(exc)) from None
     raise _fail(f"{path}.{sorted(spec)[0]}", "unknown action; use one of reply, script, delay, stall, "
-                                             "disconnect, accept, chaos, rate_limit")
+                                             "disconnect, accept, chaos, rate_limit, tamper")
 
 
 def rule_from_spec(spec: Any) -> FaultRule:
@@ -219,6 +231,8 @@ def action_to_spec(action: Any) -> Any:
         return {"chaos": {"p": action.p, "seed": action.seed, "action": action_to_spec(action.action)}}
     if isinstance(action, RateLimit):
         return {"rate_limit": {"per_second": action.per_second, "reply": action._reply.reply.replace("\r\n", "\n")}}
+    if isinstance(action, Tamper):
+        return {"tamper": {"find": action.find, "replace": action.replace, "count": action.count}}
     raise FaultError(f"action {action!r} has no JSON form; use one of the actions in mailproof.faults.actions")
 
 

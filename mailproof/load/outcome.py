@@ -164,7 +164,9 @@ def judged_results(rehearsal: "Rehearsal", *, http: RequestCounts, locust: Reque
                        interrupted=dict(sorted(rehearsal.flow_interrupted.items())),
                        harness_errors=dict(sorted(rehearsal.harness_flow_errors.items())),
                        failure_samples=dict(sorted(rehearsal.failure_samples.items())),
-                       failure_kinds={k: dict(sorted(v.items())) for k, v in sorted(rehearsal.failure_kinds.items())}),
+                       failure_kinds={k: dict(sorted(v.items())) for k, v in sorted(rehearsal.failure_kinds.items())},
+                       check_failures={k: dict(sorted(v.items())) for k, v in sorted(rehearsal.check_failures.items())
+                                       if v}),
         timeline=rehearsal.ledger.timeline(), workers=dict(sorted(rehearsal.workers.items())),
         harness=Harness(stream=stream, sinks=[rehearsal.sinks[url] for url in sorted(rehearsal.sinks)],
                         notes=list(rehearsal.notes), errors=errors, recovered=recovered),
@@ -181,9 +183,10 @@ def _peak_rate(options: Any) -> Optional[float]:
 
 
 def request_counts(environment: Any) -> dict[str, RequestCounts]:
-    """HTTP requests (Locust's rows other than MAIL and FLOW events) and all of Locust's requests."""
+    """HTTP requests (Locust's rows other than MAIL, FLOW and CHECK events) and all of Locust's requests."""
     entries = environment.stats.entries.items()
-    http = RequestCounts(requests=sum(e.num_requests for (_, method), e in entries if method not in ("MAIL", "FLOW")),
-                         failures=sum(e.num_failures for (_, method), e in entries if method not in ("MAIL", "FLOW")))
+    events = ("MAIL", "FLOW", "CHECK")
+    http = RequestCounts(requests=sum(e.num_requests for (_, method), e in entries if method not in events),
+                         failures=sum(e.num_failures for (_, method), e in entries if method not in events))
     total = environment.stats.total
     return {"http": http, "locust": RequestCounts(requests=total.num_requests, failures=total.num_failures)}

@@ -126,6 +126,7 @@ class WorkerReport:
     stream: Optional[StreamCounters]
     harness_flow_errors: dict[str, int] = field(default_factory=dict)
     harness_samples: dict[str, str] = field(default_factory=dict)
+    check_failures: dict[str, dict[str, int]] = field(default_factory=dict)  # flow -> check -> failed checks
     behind: int = 0  # messages the sink had captured that the stream had not delivered at the end
     run_id: str = ""  # the worker's AddressBook run id (its addresses carry it)
     sinks: list[SinkSnapshot] = field(default_factory=list)
@@ -150,6 +151,7 @@ class Rehearsal:
         self.failure_samples: dict[str, str] = {}
         self.failure_kinds: dict[str, Counter] = defaultdict(Counter)
         self.harness_flow_errors: Counter = Counter()
+        self.check_failures: dict[str, Counter] = defaultdict(Counter)  # flow -> check -> failed checks
         self.harness_samples: dict[str, str] = {}
         self.started_at: Optional[float] = None
         self.peak_users = 0
@@ -245,6 +247,12 @@ class Rehearsal:
         if self._plan is not None:
             return self._plan.counts()
         return self.arrivals
+
+    def record_check(self, flow: str, check: str, failed: bool) -> None:
+        """A deliverability check a flow ran (mailproof.checks): failures are counted per flow and check."""
+        if failed:
+            with self._lock:
+                self.check_failures[flow][check] += 1
 
     def note_users(self, count: Optional[int]) -> None:
         if count is not None:
@@ -352,6 +360,7 @@ class Rehearsal:
                                   failure_kinds={k: dict(v) for k, v in self.failure_kinds.items()},
                                   harness_flow_errors=dict(self.harness_flow_errors),
                                   harness_samples=dict(self.harness_samples),
+                                  check_failures={k: dict(v) for k, v in self.check_failures.items()},
                                   stream=self.stream_counters(), behind=self.behind,
                                   run_id=self.address_book.run_id, sinks=list(self.sinks.values()),
                                   notes=list(self.notes), arrivals=self.arrival_counts())
@@ -390,6 +399,8 @@ class Rehearsal:
             self.harness_flow_errors.update(report.harness_flow_errors)
             for name, sample in report.harness_samples.items():
                 self.harness_samples.setdefault(name, sample)
+            for name, checks in report.check_failures.items():
+                self.check_failures[name].update(checks)
             for snapshot in report.sinks:
                 self._keep_sink(snapshot)
             self.notes.extend(f"worker {worker_id}: {note}" for note in report.notes)

@@ -136,6 +136,7 @@ class FlowRuns:
     failure_samples: dict[str, str] = field(default_factory=dict)  # first failure per flow
     failure_kinds: dict[str, dict[str, int]] = field(default_factory=dict)  # flow -> exception type -> runs
     harness_errors: dict[str, int] = field(default_factory=dict)  # runs stopped by a MailproofError (the harness's)
+    check_failures: dict[str, dict[str, int]] = field(default_factory=dict)  # flow -> check -> failed checks
 
     def finished(self, flow: str) -> int:
         """Runs that ran to their end with a verdict on the app (not interrupted, no harness error)."""

@@ -16,6 +16,9 @@ Import this only in a locustfile (importing Locust monkey-patches the process). 
 - Every awaited email is a Locust request event (``request_type="MAIL"``, name
   ``"<flow>: <step>"``, response time = delivery latency from the trigger, ``Message.latency``);
   a missing or late email is a failure, not a crash.
+- Each deliverability check a flow runs (``msg.checks``, mailproof.checks) is a ``CHECK`` event
+  named ``"<flow>: <check>"``, a failure when the check failed: Locust's statistics count the
+  check failures per flow and check.
 - Each flow run is a ``FLOW`` event; a run stopped by the end of the run (or the load shape) is
   interrupted, neither passed nor failed. The ledger (mailproof.load.ledger) gets every run: what
   it expected of which address, the emails its waits returned and the app's answers to the
@@ -37,6 +40,7 @@ import gevent
 import gevent.event
 from locust import HttpUser, between, events
 
+from mailproof import checks as _checks
 from mailproof.criteria import Criteria
 from mailproof.errors import MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 from mailproof.flow import Flow, flow_info, run
@@ -199,6 +203,14 @@ class FlowUser(HttpUser):
         started = time.perf_counter()
         error: Optional[BaseException] = None
         interrupted = harness = False
+
+        def check_event(result: Any, msg: Any) -> None:
+            self.environment.events.request.fire(
+                request_type="CHECK", name=f"{info.name}: {result.name}", response_time=result.seconds * 1000,
+                response_length=0, exception=AssertionError(result.summary) if result.failed else None, context={})
+            rehearsal.record_check(info.name, result.name, result.failed)
+
+        _checks.add_observer(check_event)  # per greenlet: Locust's gevent patches threading.local
         try:
             run(fn, flow)
         except (MailNotDelivered, MailLate, UnexpectedMail) as exc:
@@ -216,6 +228,7 @@ class FlowUser(HttpUser):
         else:
             self._fire_flow(info.name, started, None)
         finally:
+            _checks.remove_observer(check_event)
             rehearsal.record_flow_run(info.name, mailbox, error, interrupted=interrupted, harness=harness,
                                       claims=reporter.claims, replies=reporter.replies)
             mailbox.close()

@@ -10,7 +10,13 @@ its step, attachments QA can open in the report, for passing tests too:
   removes iframes and ``http-equiv`` metas from HTML attachments.);
 - "Text body", "HTML body" (the markup as sent, as text), "Headers" (envelope first), "Links" (URL and anchor text);
 - each MIME attachment (HTML and SVG ones as download-only bytes: they could carry scripts);
-- "Raw message (.eml)" (message/rfc822 is download-only in Allure, hence the readable copies).
+- "Raw message (.eml)" (message/rfc822 is download-only in Allure, hence the readable copies);
+- with ``--mailproof-render`` (ini ``mailproof_render``), "Rendered at 600 px" and "Rendered at
+  375 px": the preview above as headless Chromium draws it (mailproof.report.render), PNG.
+
+Each deliverability check a test runs (``msg.checks...``, mailproof.checks) is a step of its own,
+"Check dkim: FAILED: ...", with its details attached; a failed check's step is failed (a test
+may expect that), a warning's step passes with WARNING in its title.
 
 HTTP calls are steps titled with method, URL, status and time; an answer of 400 or more gets
 its body attached, and a 5xx answer marks its step broken and is remembered
@@ -162,6 +168,34 @@ def attach_message(msg: Message, event: str = "delivered") -> None:
     allure.attach(msg.raw, name="Raw message (.eml)", attachment_type="message/rfc822", extension="eml")
 
 
+def attach_renderings(msg: Message) -> None:
+    """The email as Chromium draws its preview, at 600 and 375 px (PNG)."""
+    from mailproof.report.render import RenderError, shared_renderer
+
+    if msg.html is None:
+        return
+    images = [(a.content_id, a.content_type, a.data) for a in msg.attachments if a.content_id]
+    try:
+        rendering = shared_renderer().render(msg.html, images)
+    except RenderError as exc:  # the report says why; the test's verdict is not the renderer's
+        allure.attach(str(exc), name="Rendering failed", attachment_type=allure.attachment_type.TEXT)
+        return
+    for width, png in rendering.pngs.items():
+        allure.attach(png, name=f"Rendered at {width} px", attachment_type=allure.attachment_type.PNG)
+    if rendering.blocked:
+        allure.attach("\n".join(rendering.blocked), name="Rendering: requests blocked",
+                      attachment_type=allure.attachment_type.TEXT)
+
+
+def report_check(result: Any, msg: Message) -> None:
+    """One deliverability check (a ``mailproof.checks.CheckResult``) as a step with its details."""
+    title = f"Check {result.name}: {result.verdict.upper()}: {result.summary} ({result.seconds * 1000:.0f} ms)"
+    error = AssertionError(result.summary) if result.verdict == "failed" else None
+    with _step(title[:300], error, took=result.seconds):
+        allure.attach(result.describe(), name=f"{result.name} check of {msg.subject!r}",
+                      attachment_type=allure.attachment_type.TEXT)
+
+
 def _extension(filename: str | None) -> str:
     if filename and "." in filename:
         return filename.rsplit(".", 1)[-1]
@@ -181,8 +215,9 @@ def _response_text(response: Any) -> str:
 class AllureReporter:
     """The pytest-side Reporter (see mailproof.reporting). One per test."""
 
-    def __init__(self) -> None:
+    def __init__(self, render: bool = False) -> None:
         self.server_errors: list[str] = []  # "HTTP 500 from POST /signup", for failure categories
+        self.render = render  # attach PNG renderings of every awaited email
 
     def step(self, name: str) -> ContextManager[Any]:
         return allure.step(name)
@@ -205,6 +240,8 @@ class AllureReporter:
         # A late or unexpected mail marks its own step failed, so QA sees which one it was.
         with _step(mail_title(event, msg), error if event in ("late", "unexpected") else None):
             attach_message(msg, event)
+            if self.render:
+                attach_renderings(msg)
 
 
 @contextlib.contextmanager

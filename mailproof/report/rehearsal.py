@@ -139,6 +139,9 @@ def _ledger_rows(results: RehearsalResults, previous: Optional[RehearsalResults]
                      "runs": runs.get(name, 0), "failures": failures.get(name, 0),
                      "interrupted_runs": results.flows.interrupted.get(name, 0),
                      "failure_kinds": ", ".join(f"{k} ×{n}" for k, n in results.flows.failure_kinds.get(name, {}).items()),
+                     "check_failures": sum(results.flows.check_failures.get(name, {}).values()),
+                     "check_failure_kinds": ", ".join(
+                         f"{k} ×{n}" for k, n in results.flows.check_failures.get(name, {}).items()),
                      "failures_delta": _delta(failures.get(name, 0), previous.flows.failures.get(name, 0))
                      if previous else None})
     return rows, totals
