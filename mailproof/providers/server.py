@@ -1,0 +1,252 @@
+"""ProviderCapture: the four providers' send APIs on one loopback port, feeding a MailStore.
+
+One aiohttp application serves SendGrid, Mailgun, Amazon SES v2 and Postmark at once: their
+paths do not overlap (``/v3/mail/send``, ``/v3/{domain}/messages``, ``/v2/email/...``, ``/email``),
+so one port and one thread cover every transport, and an application that sends through two
+providers needs no second server. Each client library takes the one base URL (``capture.url``).
+
+Like the SMTP sink it runs on a private event loop in a daemon thread, so synchronous tests and
+Locust users can use it. An accepted request becomes a ``CapturedMail`` and is delivered with
+``Message.from_captured(..., source=<provider>)`` into the same ``MailStore`` the SMTP sink feeds,
+so Mailbox waits, latency, triggers and the rehearsal ledger work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import logging
+import secrets
+import string
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import aiohttp
+from aiohttp import web
+
+from mailproof.capture.smtp_sink import CapturedMail
+from mailproof.errors import MailproofError
+from mailproof.mailbox import MailStore
+from mailproof.message import Message
+from mailproof.net import LOOPBACK
+from mailproof.providers.base import Event, Provider
+from mailproof.providers.compose import Outgoing, compose, strip_bcc
+from mailproof.providers.faults import PROVIDERS, ProviderFaultPlan
+from mailproof.providers.webhooks import WebhookLog, WebhookRecord
+
+log = logging.getLogger("mailproof.providers")
+
+
+class ProviderCaptureError(MailproofError):
+    """The provider capture could not start or stop; the message names the cause and the fix."""
+
+
+@dataclass
+class Keys:
+    """The credentials the capture accepts (random per capture; give them to the application)."""
+
+    sendgrid: str
+    mailgun: str
+    ses_access_key: str
+    ses_secret_key: str
+    postmark: str
+
+    @classmethod
+    def random(cls) -> "Keys":
+        upper = string.ascii_uppercase + string.digits
+        return cls(
+            sendgrid=f"SG.{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(32)}",
+            mailgun=f"key-{secrets.token_hex(16)}",
+            ses_access_key="AKIA" + "".join(secrets.choice(upper) for _ in range(16)),
+            ses_secret_key=secrets.token_urlsafe(30),
+            postmark=str(uuid.uuid4()),
+        )
+
+
+@dataclass
+class Submitted:
+    message_id: str
+    messages: list[Message]
+    events: list[Event]
+
+
+class ProviderCapture:
+    """``start()``, then point each client at ``url``; mail lands in ``store`` (see module doc)."""
+
+    name = "providers"
+
+    def __init__(self, store: Optional[MailStore] = None, *, host: str = LOOPBACK, port: int = 0,
+                 keys: Optional[Keys] = None, faults: Optional[ProviderFaultPlan] = None) -> None:
+        self.store = store if store is not None else MailStore()
+        self.host, self.port = host, port
+        self.keys = keys or Keys.random()
+        self.faults = faults or ProviderFaultPlan()
+        self.webhooks = WebhookLog()
+        self.accepted: dict[str, int] = {p: 0 for p in PROVIDERS}
+        self._seq = itertools.count(1)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._runner: Optional[web.AppRunner] = None
+        self._client: Optional[aiohttp.ClientSession] = None
+        self._tasks: set[asyncio.Task] = set()
+        from mailproof.providers import mailgun, postmark, sendgrid, ses  # the provider modules
+
+        self.providers: dict[str, Provider] = {
+            "sendgrid": sendgrid.SendGrid(self), "mailgun": mailgun.Mailgun(self),
+            "ses": ses.Ses(self), "postmark": postmark.Postmark(self)}
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> "ProviderCapture":
+        if self._thread is not None:
+            raise ProviderCaptureError("the provider capture is already running; stop() it first")
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="mailproof-providers", daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), loop).result(timeout=30)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            loop.close()
+            if isinstance(exc, OSError):
+                raise ProviderCaptureError(
+                    f"cannot listen for provider APIs on {self.host}:{self.port}: {exc}. Choose a free "
+                    "port (0 lets the OS pick one) or stop whatever holds it.") from exc
+            raise
+        self._loop, self._thread = loop, thread
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=40 * 1024 * 1024)  # providers take 20-40 MB messages
+        for provider in self.providers.values():
+            app.add_routes(provider.routes())
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def shutdown() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._client is not None:
+                await self._client.close()
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+        self._loop = self._thread = None
+
+    def __enter__(self) -> "ProviderCapture":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- the accept path every provider shares ----------------------------------------------
+
+    async def submit(self, provider: Provider, out: Outgoing, *, raw: Optional[bytes] = None,
+                     peer=None, domain: Optional[str] = None) -> Union[web.Response, Submitted]:
+        """Faults, test addresses, MIME, delivery into the store, events: in that order.
+
+        Returns the provider's error answer when a fault refuses the request, else what was
+        accepted (the handler writes the provider's success answer from it).
+        """
+        recipients = out.recipients
+        rules = self.faults.take(provider.name, recipients)
+        delay = max((r.delay for r in rules), default=0.0)
+        if delay:
+            await asyncio.sleep(delay)  # the slow answer the rule asked for
+        refusal = next((r for r in rules if r.status is not None), None)
+        if refusal is not None:
+            return provider.error(refusal.status, refusal.message, retry_after=refusal.retry_after)
+        message_id = provider.new_message_id()
+        events: list[Event] = []
+        delivered: list[str] = []
+        for rcpt in recipients:
+            kind, bounce_type = provider.simulated(rcpt) or (None, None)
+            for rule in rules:
+                if rule.event is not None and rule.applies_to(rcpt):
+                    kind, bounce_type = rule.event, None
+            if kind != "bounce":
+                delivered.append(rcpt)
+            event = Event(kind=kind or "delivered", provider=provider.name, recipient=rcpt,
+                          message_id=message_id, sender=out.sender, subject=out.subject,
+                          bounce_type=bounce_type, details=dict(out.details))
+            if kind == "bounce":
+                event.reason = "550 5.1.1 The email account that you tried to reach does not exist"
+            events.append(Event(**{**event.__dict__, "kind": "delivered"}) if kind == "complaint" else event)
+            if kind == "complaint":
+                events.append(event)
+        data = strip_bcc(raw) if raw is not None else compose(out, message_id, domain=domain or provider.domain)
+        messages = []
+        if delivered:
+            captured = CapturedMail(seq=next(self._seq), mail_from=out.mail_from, rcpt_tos=tuple(delivered),
+                                    data=data, received_at=time.time(), peer=peer, auth_user=provider.name)
+            msg = Message.from_captured(captured, source=provider.name)
+            msg.extra["provider"] = {"name": provider.name, "message_id": message_id, **out.details}
+            messages.append(self.store.deliver(msg))
+        self.accepted[provider.name] += 1
+        for event in events:
+            self._post_later(provider, event)
+        return Submitted(message_id, messages, events)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def emit(self, kind: str, msg: Message, recipient: Optional[str] = None, *, url: Optional[str] = None) -> None:
+        """Post an ``open`` or ``click`` (or any) event for a captured message: what the reader did."""
+        info = msg.extra.get("provider") or {}
+        provider = self.providers.get(info.get("name", msg.source))
+        if provider is None or self._loop is None:
+            raise ProviderCaptureError(f"{msg.describe()} did not come through a provider API of a running capture")
+        event = Event(kind=kind, provider=provider.name, recipient=recipient or sorted(msg.rcpt_tos)[0],
+                      message_id=info.get("message_id", ""), sender=str(msg.header("From") or ""),
+                      subject=msg.subject or "", url=url,
+                      details={k: v for k, v in info.items() if k not in ("name", "message_id")})
+        self._loop.call_soon_threadsafe(self._post_later, provider, event)
+
+    def _post_later(self, provider: Provider, event: Event) -> None:
+        if provider.name not in self.webhooks.targets:
+            return
+        task = asyncio.get_running_loop().create_task(self._post(provider, event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, provider: Provider, event: Event) -> None:
+        target = self.webhooks.targets[provider.name]
+        headers, body = provider.webhook(event, target)
+        auth = aiohttp.BasicAuth(target.user, target.password or "") if target.user else None
+        try:
+            assert self._client is not None
+            async with self._client.post(target.url, data=body, headers=headers, auth=auth) as resp:
+                answer = await resp.read()
+                self.webhooks.record(WebhookRecord(event, target.url, resp.status, body=answer))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self.webhooks.record(WebhookRecord(event, target.url, None, error=f"{type(exc).__name__}: {exc}"))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
