@@ -30,7 +30,7 @@ from typing import Optional
 from aiohttp import web
 
 from mailproof.providers.base import Event, Provider
-from mailproof.providers.compose import Attachment, Outgoing, unique_addresses
+from mailproof.providers.compose import Attachment, Outgoing
 
 BOUNCE_TESTING = "bounce-testing.postmarkapp.com"
 BOUNCE_TYPES = {"HardBounce": 1, "Transient": 2, "Unsubscribe": 16, "Subscribe": 32, "AutoResponder": 64,
@@ -115,7 +115,7 @@ class Postmark(Provider):
         result = await self.capture.submit(self, out, peer=request.remote)
         if isinstance(result, web.Response):
             return result, {}
-        return None, {"To": ", ".join(unique_addresses(out.to)), "SubmittedAt": _when(datetime.now().timestamp()),
+        return None, {"To": item.get("To"), "SubmittedAt": _when(datetime.now().timestamp()),
                       "MessageID": result.message_id, "ErrorCode": 0, "Message": "OK"}
 
     async def _json(self, request: web.Request):

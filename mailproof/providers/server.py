@@ -210,8 +210,7 @@ class ProviderCapture:
             msg.extra["provider"] = {"name": provider.name, "message_id": message_id, **out.details}
             messages.append(self.store.deliver(msg))
         self.accepted[provider.name] += 1
-        for event in events:
-            self._post_later(provider, event)
+        self._post_later(provider, events)
         return Submitted(message_id, messages, events)
 
     # -- events ------------------------------------------------------------------------------
@@ -226,27 +225,33 @@ class ProviderCapture:
                       message_id=info.get("message_id", ""), sender=str(msg.header("From") or ""),
                       subject=msg.subject or "", url=url,
                       details={k: v for k, v in info.items() if k not in ("name", "message_id")})
-        self._loop.call_soon_threadsafe(self._post_later, provider, event)
+        self._loop.call_soon_threadsafe(self._post_later, provider, [event])
 
-    def _post_later(self, provider: Provider, event: Event) -> None:
-        if provider.name not in self.webhooks.targets:
+    def _post_later(self, provider: Provider, events: list[Event]) -> None:
+        """Post one submission's events after the answer, one after the other: delivered before
+        the complaint about it."""
+        if provider.name not in self.webhooks.targets or not events:
             return
-        task = asyncio.get_running_loop().create_task(self._post(provider, event))
+
+        async def post_all() -> None:
+            for event in events:
+                await self._post(provider, event)
+
+        task = asyncio.get_running_loop().create_task(post_all())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _post(self, provider: Provider, event: Event) -> None:
         target = self.webhooks.targets[provider.name]
         headers, body = provider.webhook(event, target)
-        auth = aiohttp.BasicAuth(target.user, target.password or "") if target.user else None
+        if target.user:  # Postmark: the credentials the application put in its webhook URL
+            token = base64.b64encode(f"{target.user}:{target.password or ''}".encode()).decode("ascii")
+            headers = {**headers, "Authorization": f"Basic {token}"}
         try:
             assert self._client is not None
-            async with self._client.post(target.url, data=body, headers=headers, auth=auth) as resp:
+            async with self._client.post(target.url, data=body, headers=headers) as resp:
                 answer = await resp.read()
                 self.webhooks.record(WebhookRecord(event, target.url, resp.status, body=answer))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             self.webhooks.record(WebhookRecord(event, target.url, None, error=f"{type(exc).__name__}: {exc}"))
 
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
