@@ -54,6 +54,8 @@ class Keys:
     ses_access_key: str
     ses_secret_key: str
     postmark: str
+    mailgun_webhook: str = ""    # Mailgun's webhook signing key
+    postmark_webhook: str = ""   # "user:password" Postmark puts in front of the webhook URL
 
     @classmethod
     def random(cls) -> "Keys":
@@ -64,6 +66,8 @@ class Keys:
             ses_access_key="AKIA" + "".join(secrets.choice(upper) for _ in range(16)),
             ses_secret_key=secrets.token_urlsafe(30),
             postmark=str(uuid.uuid4()),
+            mailgun_webhook=secrets.token_hex(16),
+            postmark_webhook=f"hook:{secrets.token_urlsafe(12)}",
         )
 
 
@@ -165,6 +169,21 @@ class ProviderCapture:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def webhook_key(self, provider: str) -> str:
+        """What the application checks ``provider``'s webhooks with: SendGrid's verification key,
+        Mailgun's signing key, Postmark's ``user:password``; SES: none (the SNS certificate is
+        fetched from this capture's URL)."""
+        if provider == "sendgrid":
+            return self.providers["sendgrid"].public_key
+        return {"mailgun": self.keys.mailgun_webhook, "postmark": self.keys.postmark_webhook}.get(provider, "")
+
+    def send_webhooks_to(self, provider: str, url: str) -> None:
+        """Post ``provider``'s events to ``url``, signed with this capture's keys (``webhook_key``)."""
+        user, _, password = self.keys.postmark_webhook.partition(":")
+        options = {"mailgun": {"secret": self.keys.mailgun_webhook},
+                   "postmark": {"user": user, "password": password}}.get(provider, {})
+        self.webhooks.target(provider, url, **options)
 
     # -- the accept path every provider shares ----------------------------------------------
 
