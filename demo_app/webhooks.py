@@ -5,7 +5,9 @@ check gets 403 and changes nothing):
 
 - SendGrid: ECDSA signature over timestamp + body, checked with the official client's
   ``EventWebhook`` and the verification key (``--webhook-key``);
-- Mailgun: HMAC-SHA256 of timestamp + token with the webhook signing key (``--webhook-key``);
+- Mailgun: HMAC-SHA256 of timestamp + token with the webhook signing key (``--webhook-key``).
+  The signature does not cover the event data, so a token is accepted once only (replays are
+  refused) and only within 5 minutes of its timestamp, as Mailgun's documentation advises;
 - Postmark: HTTP basic auth with the credentials in the webhook URL (``--webhook-key user:password``);
 - SES: an SNS notification, signature checked against the certificate at ``SigningCertURL``,
   which must be under ``--provider-url`` (in production: https://sns.<region>.amazonaws.com/).
@@ -20,11 +22,15 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
 
 log = logging.getLogger("demo_app.webhooks")
+
+MAILGUN_MAX_AGE = 300.0
+_seen_tokens: dict[str, None] = {}  # Mailgun tokens already accepted, oldest first (one app per process)
 
 
 def _suppress(request: web.Request, provider: str, email: str, why: str) -> None:
@@ -69,6 +75,15 @@ async def mailgun(request: web.Request) -> web.Response:
     expected = hmac.new(key, f"{sig.get('timestamp', '')}{sig.get('token', '')}".encode(), hashlib.sha256).hexdigest()
     if not key or not hmac.compare_digest(expected, str(sig.get("signature", ""))):
         return web.json_response({"error": "bad signature"}, status=403)
+    try:
+        fresh = abs(time.time() - float(sig.get("timestamp", 0))) < MAILGUN_MAX_AGE
+    except ValueError:
+        fresh = False
+    if not fresh or sig.get("token") in _seen_tokens:
+        return web.json_response({"error": "stale or replayed webhook"}, status=403)
+    _seen_tokens[sig["token"]] = None
+    while len(_seen_tokens) > 10_000:  # bounded: the oldest tokens are past MAILGUN_MAX_AGE anyway
+        _seen_tokens.pop(next(iter(_seen_tokens)))
     data = payload.get("event-data") or {}
     if (data.get("event") == "failed" and data.get("severity") == "permanent") or data.get("event") == "complained":
         _suppress(request, "mailgun", data["recipient"], data["event"])
