@@ -21,6 +21,7 @@ import base64
 import json
 import secrets
 import time
+from email.utils import formataddr
 from typing import Optional
 
 from aiohttp import web
@@ -54,8 +55,7 @@ def _address(value, field: str) -> str:
         raise Invalid(f"The {field} object must be provided and have a valid email address: "
                       '{"email": "example@example.com"} or {"email": "example@example.com", "name": "Example"}.',
                       f"{field}.email")
-    name = value.get("name")
-    return f'"{name}" <{value["email"]}>' if name else value["email"]
+    return formataddr((value.get("name") or "", value["email"]))
 
 
 def _addresses(values, field: str) -> list[str]:

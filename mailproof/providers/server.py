@@ -224,7 +224,7 @@ class ProviderCapture:
         messages = []
         if delivered:
             captured = CapturedMail(seq=next(self._seq), mail_from=out.mail_from, rcpt_tos=tuple(delivered),
-                                    data=data, received_at=time.time(), peer=peer, auth_user=provider.name)
+                                    data=data, received_at=time.time(), peer=peer)
             msg = Message.from_captured(captured, source=provider.name)
             msg.extra["provider"] = {"name": provider.name, "message_id": message_id, **out.details}
             messages.append(self.store.deliver(msg))
