@@ -6,7 +6,8 @@ so one port and one thread cover every transport, and an application that sends 
 providers needs no second server. Each client library takes the one base URL (``capture.url``).
 
 Like the SMTP sink it runs on a private event loop in a daemon thread, so synchronous tests and
-Locust users can use it. An accepted request becomes a ``CapturedMail`` and is delivered with
+Locust users can use it; the sink service runs it on its own loop instead (``start_async``), with
+``deliver=`` its store's ``add``, so a rehearsal's Locust workers see provider mail in their stream. An accepted request becomes a ``CapturedMail`` and is delivered with
 ``Message.from_captured(..., source=<provider>)`` into the same ``MailStore`` the SMTP sink feeds,
 so Mailbox waits, latency, triggers and the rehearsal ledger work unchanged.
 """
@@ -23,7 +24,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional, Union
+import json
+import os
+from dataclasses import asdict
+from typing import Any, Callable, Optional, Union
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +43,9 @@ from mailproof.providers.faults import PROVIDERS, ProviderFaultPlan
 from mailproof.providers.webhooks import WebhookLog, WebhookRecord
 
 log = logging.getLogger("mailproof.providers")
+
+
+KEYS_ENV = "MAILPROOF_PROVIDER_KEYS"  # JSON of Keys: how a launcher hands one set to the capture and the app
 
 
 class ProviderCaptureError(MailproofError):
@@ -70,6 +77,21 @@ class Keys:
             postmark_webhook=f"hook:{secrets.token_urlsafe(12)}",
         )
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Keys":
+        """The keys in ``MAILPROOF_PROVIDER_KEYS`` (JSON), else random ones."""
+        text = (os.environ if environ is None else environ).get(KEYS_ENV)
+        if not text:
+            return cls.random()
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError) as exc:
+            raise ProviderCaptureError(f"{KEYS_ENV} is not a JSON object of provider keys ({exc}); "
+                                       "unset it to get random keys") from None
+
 
 @dataclass
 class Submitted:
@@ -84,8 +106,11 @@ class ProviderCapture:
     name = "providers"
 
     def __init__(self, store: Optional[MailStore] = None, *, host: str = LOOPBACK, port: int = 0,
-                 keys: Optional[Keys] = None, faults: Optional[ProviderFaultPlan] = None) -> None:
+                 keys: Optional[Keys] = None, faults: Optional[ProviderFaultPlan] = None,
+                 deliver: Optional[Callable[[CapturedMail], Any]] = None) -> None:
         self.store = store if store is not None else MailStore()
+        # Where captured records go instead of ``store`` (the sink service's CaptureStore.add).
+        self.deliver = deliver
         self.host, self.port = host, port
         self.keys = keys or Keys.random()
         self.faults = faults or ProviderFaultPlan()
@@ -133,6 +158,34 @@ class ProviderCapture:
         self._loop, self._thread = loop, thread
         return self
 
+    async def start_async(self) -> "ProviderCapture":
+        """Listen on the running event loop (the sink service's); ``port`` is known on return."""
+        if self._thread is not None or self._runner is not None:
+            raise ProviderCaptureError("the provider capture is already running; stop it first")
+        try:
+            await self._start()
+        except OSError as exc:
+            raise ProviderCaptureError(f"cannot listen for provider APIs on {self.host}:{self.port}: {exc}. "
+                                       "Choose a free port (0 lets the OS pick one).") from exc
+        self._loop = asyncio.get_running_loop()
+        return self
+
+    async def stop_async(self) -> None:
+        if self._thread is not None or self._runner is None:
+            return
+        await self._shutdown()
+        self._runner = None
+        self._loop = None
+
+    async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
     async def _start(self) -> None:
         app = web.Application(client_max_size=40 * 1024 * 1024)  # providers take 20-40 MB messages
         for provider in self.providers.values():
@@ -149,20 +202,12 @@ class ProviderCapture:
         if loop is None or thread is None:
             return
 
-        async def shutdown() -> None:
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self._client is not None:
-                await self._client.close()
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
         self._loop = self._thread = None
+        self._runner = None
 
     def __enter__(self) -> "ProviderCapture":
         return self.start()
@@ -225,9 +270,12 @@ class ProviderCapture:
         if delivered:
             captured = CapturedMail(seq=next(self._seq), mail_from=out.mail_from, rcpt_tos=tuple(delivered),
                                     data=data, received_at=time.time(), peer=peer)
-            msg = Message.from_captured(captured, source=provider.name)
-            msg.extra["provider"] = {"name": provider.name, "message_id": message_id, **out.details}
-            messages.append(self.store.deliver(msg))
+            if self.deliver is not None:
+                self.deliver(captured)
+            else:
+                msg = Message.from_captured(captured, source=provider.name)
+                msg.extra["provider"] = {"name": provider.name, "message_id": message_id, **out.details}
+                messages.append(self.store.deliver(msg))
         self.accepted[provider.name] += 1
         self._post_later(provider, events)
         return Submitted(message_id, messages, events)

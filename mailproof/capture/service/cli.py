@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                         help=f"require SMTP AUTH with these credentials (or set {AUTH_ENV}); on a "
                              "non-loopback --host the default is user 'mailproof' with the token as password")
+    parser.add_argument("--providers", action="store_true",
+                        help="also serve the SendGrid, Mailgun, SES and Postmark send APIs (one more port, "
+                             "on the READY line as providers=URL; keys from MAILPROOF_PROVIDER_KEYS, else random)")
+    parser.add_argument("--providers-port", type=int, default=0, help="port of the provider APIs (0: the OS picks)")
     parser.add_argument("--open-smtp", action="store_true",
                         help="on a non-loopback --host, accept SMTP without AUTH (anyone who reaches the "
                              "port can then put mail in front of the flows)")
@@ -123,7 +127,8 @@ async def _serve(args: argparse.Namespace) -> int:
                           token=args.token, max_messages=args.max_messages, smtp_timeout=args.smtp_timeout,
                           data_timeout=args.data_timeout,
                           tls=args.tls, auth=args.auth, tls_hostnames=tuple(args.tls_hostname),
-                          ca_file=args.tls_ca_file)
+                          ca_file=args.tls_ca_file, providers=args.providers,
+                          providers_port=args.providers_port)
     for rule in args.chaos_rules:
         service.faults.add(rule)
     try:
