@@ -120,3 +120,15 @@ def test_complaint_webhook_is_hmac_signed_with_the_signing_key(capture, store, w
     expected = hmac.new(b"whsec-mailgun", (sig["timestamp"] + sig["token"]).encode(), hashlib.sha256).hexdigest()
     assert sig["signature"] == expected
     assert payloads[-1]["event-data"]["user-variables"] == {"user": "42"}
+
+
+def test_stored_template_is_rendered_with_its_variables(capture, store):
+    capture.providers["mailgun"].templates["welcome"] = {"subject": "Hi {{name}}", "text": "Code {{code}}",
+                                                         "html": "<p>{{code}}</p>"}
+    data = {"from": "a@mg.example.test", "to": "ann@example.test", "template": "welcome",
+            "t:variables": json.dumps({"name": "Ann", "code": "9"})}
+    assert client(capture).messages.create(data=data, domain="mg.example.test").status_code == 200
+    (msg,) = store.since(0)
+    assert (msg.subject, msg.text.strip(), msg.html.strip()) == ("Hi Ann", "Code 9", "<p>9</p>")
+    assert msg.extra["provider"]["template"] == "welcome"
+    assert msg.extra["provider"]["template_variables"] == {"name": "Ann", "code": "9"}

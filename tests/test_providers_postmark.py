@@ -97,3 +97,10 @@ def test_bounce_test_addresses_bounce_with_their_type(capture, store, webhook_re
     assert records["SpamComplaint"][1]["Type"] == "SpamComplaint"
     # the hard bounce never reached an inbox; the complaint's message did
     assert [m.rcpt_tos for m in store.since(0)] == [("SpamComplaint@bounce-testing.postmarkapp.com",)]
+
+
+def test_a_header_value_with_a_line_break_is_refused_not_injected(capture, store):
+    answer = post(capture, "/email", email("ann@example.test", Headers=[
+        {"Name": "X-Note", "Value": "a\r\nBcc: victim@example.test"}]))
+    assert answer.status_code == 422 and answer.json()["ErrorCode"] == 300
+    assert len(store) == 0

@@ -265,7 +265,14 @@ class ProviderCapture:
             events.append(Event(**{**event.__dict__, "kind": "delivered"}) if kind == "complaint" else event)
             if kind == "complaint":
                 events.append(event)
-        data = strip_bcc(raw) if raw is not None else compose(out, message_id, domain=domain or provider.domain)
+        try:
+            data = strip_bcc(raw) if raw is not None else compose(out, message_id, domain=domain or provider.domain)
+        except ValueError as exc:  # e.g. a CR or LF in a header value: the request's fault, refused
+            return provider.error(400, f"the message cannot be built: {exc}")
+        except Exception as exc:  # a bug of the capture: counted as the harness's, never as the app's
+            text = self.store.record_harness_error(("provider compose", type(exc)), exc,
+                                                   f"composing a {provider.name} message to {recipients}")
+            return provider.error(500, f"mailproof harness error: {text}")
         messages = []
         if delivered:
             captured = CapturedMail(seq=next(self._seq), mail_from=out.mail_from, rcpt_tos=tuple(delivered),
