@@ -104,3 +104,18 @@ def test_a_header_value_with_a_line_break_is_refused_not_injected(capture, store
         {"Name": "X-Note", "Value": "a\r\nBcc: victim@example.test"}]))
     assert answer.status_code == 422 and answer.json()["ErrorCode"] == 300
     assert len(store) == 0
+
+
+def test_with_template_renders_a_registered_template(capture, store):
+    capture.providers["postmark"].templates["welcome"] = {
+        "Subject": "Welcome {{name}}", "TextBody": "Code {{code}}", "HtmlBody": "<p>{{code}}</p>"}
+    answer = post(capture, "/email/withTemplate", {"From": "shop@example.test", "To": "ann@example.test",
+                                                   "TemplateAlias": "welcome",
+                                                   "TemplateModel": {"name": "Ann", "code": "5"}})
+    assert answer.status_code == 200 and answer.json()["ErrorCode"] == 0
+    (msg,) = store.since(0)
+    assert (msg.subject, msg.text.strip(), msg.html.strip()) == ("Welcome Ann", "Code 5", "<p>5</p>")
+    assert msg.extra["provider"]["template"] == "welcome"
+    missing = post(capture, "/email/withTemplate", {"From": "shop@example.test", "To": "ann@example.test",
+                                                    "TemplateAlias": "nope", "TemplateModel": {}})
+    assert (missing.status_code, missing.json()["ErrorCode"]) == (422, 1101)

@@ -5,13 +5,15 @@ and the demo app send the documented request with ``X-Postmark-Server-Token``.
 
 Covered: From, To/Cc/Bcc (comma-separated), Subject, TextBody, HtmlBody, ReplyTo, Headers,
 Attachments (Name, Content, ContentType, ContentID), Tag, Metadata, MessageStream, TrackOpens /
-TrackLinks (recorded); ``/email/batch`` (up to 500, one result per message, HTTP 200). Answer:
+TrackLinks (recorded); ``/email/batch`` (up to 500, one result per message, HTTP 200);
+``/email/withTemplate`` (TemplateAlias or TemplateId of a template the test registered in
+``templates``, TemplateModel rendered: variables only, no Mustachio sections). Answer:
 ``{"To", "SubmittedAt", "MessageID", "ErrorCode": 0, "Message": "OK"}``. Errors as Postmark's
 ``{"ErrorCode", "Message"}`` (401 with ErrorCode 10 for a missing or wrong token, 422 with 300
 for an invalid request, 406 for an inactive recipient). The bounce test addresses
 (``HardBounce@bounce-testing.postmarkapp.com``, ``SoftBounce@``, ``SpamComplaint@``, every
 documented bounce type as the local part) bounce or complain as documented. Not covered:
-templates (``/email/withTemplate``), the bounce and message APIs, inbound, link tracking.
+``/email/batchWithTemplates``, the template, bounce and message APIs, inbound, link tracking.
 A fault that refuses one message of a batch refuses the whole batch.
 
 Webhooks: Delivery, Bounce, SpamComplaint, Open and Click records, with HTTP basic auth (the
@@ -30,7 +32,7 @@ from typing import Optional
 from aiohttp import web
 
 from mailproof.providers.base import Event, Provider
-from mailproof.providers.compose import Attachment, Outgoing
+from mailproof.providers.compose import Attachment, Outgoing, render
 
 BOUNCE_TESTING = "bounce-testing.postmarkapp.com"
 BOUNCE_TYPES = {"HardBounce": 1, "Transient": 2, "Unsubscribe": 16, "Subscribe": 32, "AutoResponder": 64,
@@ -59,8 +61,13 @@ class Postmark(Provider):
     name = "postmark"
     domain = "mtasv.net"
 
+    def __init__(self, capture) -> None:
+        super().__init__(capture)
+        self.templates: dict[str, dict] = {}  # alias or str(id) -> {"Subject", "TextBody", "HtmlBody"}
+
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/email", self.send), web.post("/email/batch", self.send_batch)]
+        return [web.post("/email", self.send), web.post("/email/batch", self.send_batch),
+                web.post("/email/withTemplate", self.send_with_template)]
 
     def error(self, status: int, message: Optional[str] = None, *, retry_after: int = 1) -> web.Response:
         code, text = ERRORS.get(status, (status, "Error"))
@@ -107,11 +114,12 @@ class Postmark(Provider):
                         headers=[(h["Name"], h["Value"]) for h in item.get("Headers") or []],
                         attachments=attachments, details={k: v for k, v in details.items() if v is not None})
 
-    async def _one(self, request: web.Request, item) -> tuple[Optional[web.Response], dict]:
+    async def _one(self, request: web.Request, item, **details) -> tuple[Optional[web.Response], dict]:
         try:
             out = self.parse(item)
         except Invalid as exc:
             return None, {"ErrorCode": 300, "Message": str(exc)}
+        out.details.update({k: v for k, v in details.items() if v})
         result = await self.capture.submit(self, out, peer=request.remote)
         if isinstance(result, web.Response):
             return result, {}
@@ -133,6 +141,29 @@ class Postmark(Provider):
         except Invalid as exc:
             return self.error(422, str(exc))
         refusal, answer = await self._one(request, item)
+        if refusal is not None:
+            return refusal
+        return web.json_response(answer, status=422 if answer["ErrorCode"] else 200)
+
+    async def send_with_template(self, request: web.Request) -> web.Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        try:
+            item = await self._json(request)
+        except Invalid as exc:
+            return self.error(422, str(exc))
+        if not isinstance(item, dict):
+            return self.error(422, "Invalid email request: the message must be a JSON object")
+        key = item.get("TemplateAlias") or item.get("TemplateId")
+        template = self.templates.get(str(key)) if key is not None else None
+        if template is None:
+            return web.json_response({"ErrorCode": 1101, "Message": f"The Template's 'TemplateId' or "
+                                      f"'TemplateAlias' was not found: {key!r}."}, status=422)
+        model = item.get("TemplateModel") or {}
+        rendered = {**item, "Subject": render(template.get("Subject"), model),
+                    "TextBody": render(template.get("TextBody"), model), "HtmlBody": render(template.get("HtmlBody"), model)}
+        refusal, answer = await self._one(request, rendered, template=str(key), model=model)
         if refusal is not None:
             return refusal
         return web.json_response(answer, status=422 if answer["ErrorCode"] else 200)
