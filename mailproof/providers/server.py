@@ -40,6 +40,10 @@ from mailproof.net import LOOPBACK
 from mailproof.providers.base import Event, Provider
 from mailproof.providers.compose import Outgoing, compose, strip_bcc
 from mailproof.providers.faults import PROVIDERS, ProviderFaultPlan
+from mailproof.providers.mailgun import Mailgun
+from mailproof.providers.postmark import Postmark
+from mailproof.providers.sendgrid import SendGrid
+from mailproof.providers.ses import Ses
 from mailproof.providers.webhooks import WebhookLog, WebhookRecord
 
 log = logging.getLogger("mailproof.providers")
@@ -122,11 +126,8 @@ class ProviderCapture:
         self._runner: Optional[web.AppRunner] = None
         self._client: Optional[aiohttp.ClientSession] = None
         self._tasks: set[asyncio.Task] = set()
-        from mailproof.providers import mailgun, postmark, sendgrid, ses  # the provider modules
-
         self.providers: dict[str, Provider] = {
-            "sendgrid": sendgrid.SendGrid(self), "mailgun": mailgun.Mailgun(self),
-            "ses": ses.Ses(self), "postmark": postmark.Postmark(self)}
+            "sendgrid": SendGrid(self), "mailgun": Mailgun(self), "ses": Ses(self), "postmark": Postmark(self)}
 
     # -- life cycle ------------------------------------------------------------------------
 
