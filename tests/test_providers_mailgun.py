@@ -132,3 +132,15 @@ def test_stored_template_is_rendered_with_its_variables(capture, store):
     assert (msg.subject, msg.text.strip(), msg.html.strip()) == ("Hi Ann", "Code 9", "<p>9</p>")
     assert msg.extra["provider"]["template"] == "welcome"
     assert msg.extra["provider"]["template_variables"] == {"name": "Ann", "code": "9"}
+
+
+def test_recipient_variables_send_one_message_per_recipient(capture, store):
+    data = {"from": "a@mg.example.test", "to": ["ann@example.test", "Bob <bob@example.test>"],
+            "subject": "Hi %recipient.name%", "text": "Your id is %recipient.id%.",
+            "recipient-variables": json.dumps({"ann@example.test": {"name": "Ann", "id": 1},
+                                               "bob@example.test": {"name": "Bob", "id": 2}})}
+    assert client(capture).messages.create(data=data, domain="mg.example.test").status_code == 200
+    ann, bob = store.since(0)
+    assert (ann.rcpt_tos, ann.to, ann.subject, ann.text.strip()) == (
+        ("ann@example.test",), ["ann@example.test"], "Hi Ann", "Your id is 1.")
+    assert (bob.rcpt_tos, bob.to, bob.subject) == (("bob@example.test",), ["bob@example.test"], "Hi Bob")

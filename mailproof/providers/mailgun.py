@@ -4,12 +4,12 @@ official ``mailgun`` SDK calls them (``Client(auth=("api", key), api_url=capture
 Covered: from, to/cc/bcc (repeated or comma-separated), subject, text, html, attachment and inline
 files, ``h:`` custom headers, ``h:Reply-To``, ``o:tag``, ``v:`` user variables, ``template`` with
 ``t:variables`` (rendered when the test registered it in ``templates``), ``recipient-variables``
-(recorded), ``o:testmode`` (accepted, nothing delivered); ``messages.mime`` with ``to`` and the
-``message`` file, sent as is (its Bcc header dropped). Answer: 200 ``{"id": "<...@domain>",
-"message": "Queued. Thank you."}``. Basic auth ``api:<key>``, else 401 ``Forbidden``; errors as
-``{"message": ...}``; a 429 carries ``Retry-After`` and ``X-RateLimit-*``. Not covered: ``o:deliverytime``
-scheduling (sent at once), batch sending through recipient-variables (one message, all recipients),
-tracking (no link rewriting), domains other than the one in the path not checked.
+(batch sending: one message per To recipient, ``%recipient.KEY%`` filled in), ``o:testmode``
+(accepted, nothing delivered); ``messages.mime`` with ``to`` and the ``message`` file, sent as is
+(its Bcc header dropped). Answer: 200 ``{"id": "<...@domain>", "message": "Queued. Thank you."}``.
+Basic auth ``api:<key>``, else 401 ``Forbidden``; errors as ``{"message": ...}``; a 429 carries
+``Retry-After`` and ``X-RateLimit-*``. Not covered: ``o:deliverytime`` scheduling (sent at once),
+tracking (no link rewriting), sending domains (any domain in the path is accepted).
 
 Webhooks: ``{"signature": {timestamp, token, signature}, "event-data": {...}}`` with signature =
 HMAC-SHA256(webhook signing key, timestamp + token), events delivered, failed (permanent),
@@ -22,8 +22,11 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
+from dataclasses import replace
+from email.utils import parseaddr
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -36,6 +39,9 @@ MESSAGES = {400: "Bad Request", 401: "Forbidden", 403: "Forbidden", 404: "Domain
             429: "Too many requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 EVENT_NAMES = {"delivered": "delivered", "bounce": "failed", "complaint": "complained", "open": "opened",
                "click": "clicked"}
+
+
+_RECIPIENT_VAR = re.compile(r"%recipient\.([A-Za-z0-9_\-]+)%")
 
 
 def _split(values: list[str]) -> list[str]:
@@ -120,7 +126,31 @@ class Mailgun(Provider):
                        bcc=_split(fields.get("bcc", [])), subject=subject, text=text, html=html,
                        reply_to=reply_to, headers=headers, attachments=attachments,
                        details={k: v for k, v in details.items() if v})
+        batch = details["recipient_variables"]
+        if isinstance(batch, dict) and batch:
+            return await self._batch(request, out, batch, testmode=first("o:testmode"))
         return await self._submit(request, out, testmode=first("o:testmode"))
+
+    async def _batch(self, request: web.Request, out: Outgoing, variables: dict, testmode) -> web.Response:
+        """Batch sending: with ``recipient-variables`` every To recipient gets a message of its own,
+        addressed to it alone, with ``%recipient.KEY%`` replaced from its variables (one id for all)."""
+        answer = None
+        for rcpt in out.to:
+            addr = parseaddr(rcpt)[1]
+            mine = variables.get(addr) or variables.get(addr.lower()) or {}
+
+            def fill(text):
+                if text is None:
+                    return None
+                return _RECIPIENT_VAR.sub(lambda m: str(mine.get(m.group(1), "")), text)
+
+            single = replace(out, to=[rcpt], cc=[], bcc=[], subject=fill(out.subject) or "", text=fill(out.text),
+                             html=fill(out.html), details={**out.details, "recipient_variables": mine or None})
+            answer = await self._submit(request, single, testmode=testmode)
+            if answer.status >= 400:
+                return answer
+        assert answer is not None
+        return answer
 
     async def send_mime(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
