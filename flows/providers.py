@@ -72,3 +72,18 @@ def rejected_by_provider_is_bounced(flow, faults):
         flow.mailbox.expect_no_mail(to=address, within=slo.NO_MAIL_WINDOW)
         (bounce,) = app_bounces(flow, address)
         assert "The to address is not valid" in bounce["message"] and bounce["code"] in (400, 422), bounce
+
+
+@flow(feature="Providers", story="A slow provider API: the wait includes it", severity="normal")
+def slow_provider_counts_in_latency(flow, faults, delay: float = 0.5):
+    """The provider takes ``delay`` seconds to answer; the confirmation still arrives once, and
+    its latency (trigger to acceptance by the provider) is at least the delay."""
+    address = flow.mailbox.address("slow")
+    rule = faults.rule(delay=delay, to=address)
+    with flow.step("Sign up"):
+        assert flow.http.post("/signup", json={"email": address}).status_code == 202
+    with flow.step(f"The confirmation arrives, {delay} s later at least"):
+        msg = flow.mailbox.wait_for(to=address, subject=CONFIRM_SUBJECT, within=slo.TRANSACTIONAL)
+        assert msg.latency >= delay, f"latency {msg.latency:.3f} s is below the provider's {delay} s delay"
+        assert rule.fired == 1
+    return msg

@@ -14,3 +14,7 @@ def test_rate_limited_confirmation_arrives_once(run_flow, provider_faults, mailp
 
 def test_provider_validation_error_is_a_bounce(run_flow, provider_faults):
     run_flow(providers.rejected_by_provider_is_bounced, faults=provider_faults)
+
+
+def test_slow_provider_counts_in_latency(run_flow, provider_faults):
+    run_flow(providers.slow_provider_counts_in_latency, faults=provider_faults)
