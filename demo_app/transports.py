@@ -127,6 +127,7 @@ class MailgunTransport:
 
     async def send(self, msg: EmailMessage, sender: str, to: str) -> None:
         import requests
+        from mailgun.handlers.error_handler import ApiError
 
         parts = Parts(msg)
         data: dict = {"from": parts.sender, "to": parts.to or [to], "subject": parts.subject}
@@ -140,7 +141,9 @@ class MailgunTransport:
         try:
             response = await asyncio.to_thread(self.client.messages.create, data=data, files=files or None,
                                                domain=self.domain)
-        except requests.RequestException as exc:
+        except (ApiError, requests.RequestException) as exc:
+            # The SDK wraps a refused connection or a timeout in its ApiError (HTTP errors come back
+            # as responses): the network, so worth a retry (docs/traps.md, "Provider client libraries").
             raise Transient(None, f"{type(exc).__name__}: {exc}") from None
         if response.status_code >= 400:
             raise http_error(response.status_code, response.text)

@@ -131,3 +131,30 @@ def test_a_wrong_api_key_is_a_bounce_not_a_retry(app, capture):
         assert bounce["code"] in (401, 403) and rule.fired == 1
     finally:
         capture.faults.clear()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_an_unreachable_provider_is_transient_for_every_client(provider):
+    """A refused connection must be retried, whatever each client wraps it in."""
+    import asyncio
+    from email.message import EmailMessage
+
+    from demo_app import config, transports
+    from mailproof.net import free_port
+
+    cfg = config.load(["--transport", provider, "--provider-url", f"http://127.0.0.1:{free_port()}",
+                       "--provider-key", "k", "--provider-secret", "s", "--smtp-timeout", "5"], environ={})
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "shop@example.test", "ann@example.test", "s"
+    msg.set_content("t")
+
+    async def send() -> None:
+        transport = transports.make(cfg)
+        try:
+            await transport.send(msg, "shop@example.test", "ann@example.test")
+        finally:
+            await transport.close()
+
+    with pytest.raises(Transient) as failed:
+        asyncio.run(send())
+    assert type(failed.value) is Transient and failed.value.code is None
