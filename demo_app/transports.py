@@ -82,6 +82,9 @@ class SendGridTransport:
         from sendgrid import SendGridAPIClient
 
         self.client = SendGridAPIClient(cfg.provider_key, host=cfg.provider_url)
+        # No timeout by default: a provider that never answers would hold a worker for ever. The
+        # python_http_client underneath passes its timeout on to every path it builds.
+        self.client.client.timeout = cfg.smtp_timeout
 
     def _mail(self, parts: Parts, to: str):
         from sendgrid.helpers.mail import (Attachment, Disposition, FileContent, FileName, FileType, From, Header,
@@ -123,7 +126,8 @@ class MailgunTransport:
 
         self.domain = cfg.mailgun_domain or cfg.mail_domain
         self.client = Client(auth=("api", cfg.provider_key), api_url=cfg.provider_url,
-                             retry_policy=RetryPolicy(max_retries=0))
+                             retry_policy=RetryPolicy(max_retries=0),
+                             timeout=(cfg.smtp_timeout, cfg.smtp_timeout))  # (connect, read); default 60 s
 
     async def send(self, msg: EmailMessage, sender: str, to: str) -> None:
         import requests

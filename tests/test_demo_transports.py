@@ -158,3 +158,34 @@ def test_an_unreachable_provider_is_transient_for_every_client(provider):
     with pytest.raises(Transient) as failed:
         asyncio.run(send())
     assert type(failed.value) is Transient and failed.value.code is None
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_provider_that_never_answers_times_out_as_transient(provider):
+    """Each client is given the app's timeout: a hung provider is retried later, not waited on for ever."""
+    import asyncio
+    import socket
+    from email.message import EmailMessage
+
+    from demo_app import config, transports
+
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        cfg = config.load(["--transport", provider, "--provider-url", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                           "--provider-key", "k", "--provider-secret", "s", "--smtp-timeout", "0.5"], environ={})
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "shop@example.test", "ann@example.test", "s"
+        msg.set_content("t")
+
+        async def send() -> None:
+            transport = transports.make(cfg)
+            try:
+                # The outer bound only keeps a broken client from hanging the test; it is 20x the timeout.
+                await asyncio.wait_for(transport.send(msg, "shop@example.test", "ann@example.test"), 10)
+            finally:
+                await transport.close()
+
+        with pytest.raises(Transient) as failed:
+            asyncio.run(send())
+        assert type(failed.value) is Transient
