@@ -85,3 +85,26 @@ def test_unusable_fault_rules_say_why(options, why):
 def test_webhooks_go_to_loopback_only(capture):
     with pytest.raises(WebhookError, match="not on loopback"):
         capture.webhooks.target("mailgun", "https://hooks.example.com/mailgun")
+
+
+def test_provider_chaos_fires_on_a_seeded_share_of_requests():
+    from mailproof.providers import ProviderFaultPlan
+    from mailproof.providers.faults import parse_provider_chaos
+
+    def fired(seed: int) -> list[int]:
+        plan = ProviderFaultPlan(seed=seed)
+        for rule in parse_provider_chaos("30%:429,10%:delay=0.5"):
+            plan.add(rule)
+        return [i for i in range(200) if any(r.status == 429 for r in plan.take("ses", [f"u{i}@x.test"]))]
+
+    first = fired(7)
+    assert first == fired(7) and first != fired(8)  # the seed decides which requests
+    assert 30 <= len(first) <= 90  # about 30 % of 200 (binomial: far inside these bounds for seed 7)
+
+
+@pytest.mark.parametrize("text", ["5:429", "5%:teapot", "5%", "150%:429"])
+def test_bad_provider_chaos_says_how_to_write_it(text):
+    from mailproof.providers.faults import parse_provider_chaos
+
+    with pytest.raises(ProviderFaultError):
+        parse_provider_chaos(text)

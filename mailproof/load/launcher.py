@@ -119,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="how the app sends: smtp (default), or a provider's HTTP API, which the sink "
                            "service then also serves (--providers); the app gets MAILPROOF_TRANSPORT, "
                            "MAILPROOF_PROVIDER_URL, MAILPROOF_PROVIDER_KEY (and MAILPROOF_PROVIDER_SECRET for ses)")
+    mail.add_argument("--provider-chaos", default=None, metavar="PROFILE",
+                      help="with a provider --transport: faults of the provider API on a share of the "
+                           "requests, e.g. '5%%:429,1%%:503,2%%:delay=0.5' (seeded by --chaos-seed)")
     mail.add_argument("--gate", action="append", default=[], metavar="GATE",
                       help="an SLO gate, e.g. 'signup_confirms_account:p95<2s' (repeatable), added to the "
                            "defaults: " + ", ".join(DEFAULT_GATES).replace("%", "%%"))
@@ -166,6 +169,15 @@ class Plan:
                                  "not known here; drop --sink-url and let mailproof start the service")
         elif args.smtp_port:
             _check_port_free(args.smtp_port, "--smtp-port")
+        if getattr(args, "provider_chaos", None):
+            from mailproof.providers.faults import ProviderFaultError, parse_provider_chaos
+
+            if getattr(args, "transport", "smtp") == "smtp":
+                raise SetupError("--provider-chaos needs a provider --transport (sendgrid, mailgun, ses or postmark)")
+            try:
+                parse_provider_chaos(args.provider_chaos)
+            except ProviderFaultError as exc:
+                raise SetupError(f"--provider-chaos: {exc}") from None
         if args.workers < 0:
             raise SetupError("--workers must be 0 (one Locust process) or more")
         if args.grace < 0 or args.stop_timeout < 0 or args.pacing < 0:
@@ -225,8 +237,8 @@ class Plan:
 
     def _chaos(self) -> Optional[str]:
         if not self.args.chaos:
-            if self.args.chaos_seed is not None:
-                raise SetupError("--chaos-seed seeds a --chaos profile: give --chaos too")
+            if self.args.chaos_seed is not None and not getattr(self.args, "provider_chaos", None):
+                raise SetupError("--chaos-seed seeds a --chaos profile (or --provider-chaos): give one of them too")
             return None
         from mailproof.faults.specs import FaultError, parse_chaos_profile
 
@@ -321,6 +333,10 @@ class Run:
 
             self.provider_keys = Keys.random()  # one set for the service and the app
             command += ["--providers"]
+            if getattr(plan.args, "provider_chaos", None):
+                command += ["--provider-chaos", plan.args.provider_chaos]
+                if plan.args.chaos_seed is not None and not plan.chaos:
+                    command += ["--chaos-seed", str(plan.args.chaos_seed)]
             env = {KEYS_ENV: self.provider_keys.to_json()}
         sink = AppProcess(command, ready_pattern=r"READY (http://\S+) smtp=(\S+)", name="sink service",
                           start_timeout=30.0, env=env)
@@ -483,7 +499,8 @@ def describe(plan: Plan, run: Run) -> str:
             + (f"; the app sends through {args.transport}'s API at {run.providers_url}" if run.providers_url else "")
             + f"); {load}"
             + (f"; {args.workers} Locust workers" if args.workers else "")
-            + (f"; chaos {plan.chaos!r}" if plan.chaos else ""))
+            + (f"; chaos {plan.chaos!r}" if plan.chaos else "")
+            + (f"; provider chaos {args.provider_chaos!r}" if getattr(args, "provider_chaos", None) else ""))
 
 
 def rehearse(args: argparse.Namespace) -> int:

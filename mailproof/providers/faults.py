@@ -13,11 +13,16 @@ Each provider writes ``status`` in its own error format (SendGrid's ``errors`` l
 rate-limit headers. A rule matches a provider (None: any), a recipient (``to=`` exact,
 ``to_pattern=`` a regex searched in each envelope recipient) and fires ``times`` times (None: for
 ever). ``ScopedProviderFaults`` (the ``provider_faults`` fixture) removes a test's rules when it ends.
+
+For load, ``rate=`` makes a rule fire on that share of the requests it matches, drawn from the
+plan's seeded random generator; ``parse_provider_chaos("5%:429,1%:503,2%:delay=0.5", seed=7)``
+builds such rules from the text ``mailproof rehearse --provider-chaos`` takes.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import re
 import threading
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ class ProviderFault:
     to: Optional[str] = None
     to_pattern: Optional[str] = None
     times: Optional[int] = None
+    rate: Optional[float] = None      # fire on this share of matching requests (None: every one)
     scope: Optional[str] = None
     id: int = 0
     fired: int = 0
@@ -60,6 +66,8 @@ class ProviderFault:
                                      "event (event=), not both")
         if self.status is None and self.event is None and not self.delay:
             raise ProviderFaultError("a provider fault needs status=, event= or delay=")
+        if self.rate is not None and not (0.0 < self.rate <= 1.0):
+            raise ProviderFaultError(f"rate {self.rate} is a share of requests: give 0 < rate <= 1")
         if self.times is not None and self.times < 1:
             raise ProviderFaultError("times must be at least 1 (None: every request)")
         try:
@@ -86,10 +94,11 @@ class ProviderFault:
 class ProviderFaultPlan:
     """The capture's rules. Thread-safe: tests add rules from their thread, the capture reads them."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: Optional[int] = None) -> None:
         self._rules: list[ProviderFault] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._random = random.Random(seed)  # for rate= rules: the same seed, the same faults
 
     def add(self, rule: ProviderFault) -> ProviderFault:
         with self._lock:
@@ -121,6 +130,8 @@ class ProviderFaultPlan:
             for rule in list(self._rules):
                 if not rule.matches(provider, recipients):
                     continue
+                if rule.rate is not None and self._random.random() >= rule.rate:
+                    continue
                 rule.fired += 1
                 fired.append(rule)
                 if rule.times is not None and rule.fired >= rule.times:
@@ -143,3 +154,27 @@ class ScopedProviderFaults:
 
     def clear(self) -> int:
         return self.plan.clear(scope=self.scope)
+
+
+def parse_provider_chaos(text: str, *, scope: str = "chaos") -> list[ProviderFault]:
+    """``"5%:429,1%:503,2%:delay=0.5,1%:bounce"``: each item a share of requests and what they get
+    (an HTTP status, ``delay=SECONDS``, ``bounce`` or ``complaint``). The plan's seed decides which."""
+    rules = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        share, sep, what = item.partition(":")
+        try:
+            if not sep or not share.endswith("%"):
+                raise ValueError
+            rate = float(share[:-1]) / 100.0
+            if what.startswith("delay="):
+                options: dict = {"delay": float(what[6:])}
+            elif what in EVENTS:
+                options = {"event": what}
+            else:
+                options = {"status": int(what)}
+        except ValueError:
+            raise ProviderFaultError(
+                f"provider chaos item {item!r}: write PERCENT%:WHAT, WHAT an HTTP status (429, 503), "
+                "delay=SECONDS, bounce or complaint, e.g. '5%:429,1%:503,2%:delay=0.5'") from None
+        rules.append(ProviderFault(rate=rate, scope=scope, **options))
+    return rules
