@@ -41,10 +41,15 @@ flows: system-deps-flows $(STAMP)
 # sink, and through real servers (Postfix -> Dovecot -> IMAP; Postfix only as root, else the sink
 # relays over LMTP). On the IMAP run the tests marked
 # sink_faults (they inject faults at the capture sink, which is not in that path) are deselected.
+# Then the demo's flows once per provider transport (the app sends through each provider's
+# official client into the provider capture); sink_faults tests are deselected there too.
+PROVIDER_TRANSPORTS := sendgrid mailgun ses postmark
 test: system-deps $(STAMP)
 	rm -rf $(ALLURE_RESULTS) && mkdir -p $(ALLURE_RESULTS)
 	$(PY) -m pytest tests/ flows/ $(EXAMPLE)/ --alluredir=$(ALLURE_RESULTS) $(PYTEST_ARGS)
 	$(PY) -m pytest flows/ $(EXAMPLE)/ --mailbox=imap $(PYTEST_ARGS)
+	for transport in $(PROVIDER_TRANSPORTS); do \
+	    $(PY) -m pytest flows/ --transport $$transport $(PYTEST_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(ALLURE_RESULTS) reports/allure-report .pytest_cache

@@ -56,16 +56,24 @@ def dkim_key_file(tmp_path_factory, mailproof_checks) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_app(mailproof_backend, validation_api, dkim_key_file):
-    """The demo application, sending through the capture backend (one per xdist worker), signing
-    its mail with the session's DKIM key."""
+def demo_app(mailproof_backend, validation_api, dkim_key_file, mailproof_transport, mailproof_providers):
+    """The demo application, sending through the capture backend (one per xdist worker), over
+    SMTP or the provider API of ``--transport`` (a provider's event webhooks go back to it),
+    signing its SMTP mail with the session's DKIM key."""
     command = [
         sys.executable, "-m", "demo_app", "--port", "0",
         "--smtp-host", mailproof_backend.smtp_host, "--smtp-port", str(mailproof_backend.smtp_port),
-        "--validation-url", validation_api.url,
+        "--validation-url", validation_api.url, "--transport", mailproof_transport.name,
         "--dkim-key", str(dkim_key_file), "--dkim-selector", DKIM_SELECTOR,
     ]
+    if mailproof_providers is not None:
+        t = mailproof_transport
+        command += ["--provider-url", t.url, "--provider-key", t.key, "--provider-region", t.region]
+        command += ["--provider-secret", t.secret] if t.secret else []
+        command += ["--webhook-key", t.webhook_key] if t.webhook_key else []
     with AppProcess(command, cwd=str(ROOT), name="demo application") as app:
+        if mailproof_providers is not None:
+            mailproof_providers.send_webhooks_to(mailproof_transport.name, f"{app.url}/webhooks/{mailproof_transport.name}")
         yield app
 
 

@@ -18,7 +18,18 @@ class Config:
     smtp_starttls: bool = False
     smtp_user: str | None = None
     smtp_password: str | None = None
-    smtp_timeout: float = 10.0
+    smtp_timeout: float = 10.0  # also the HTTP timeout of a provider's API
+    # smtp, or a provider's HTTP API through its official client: sendgrid | mailgun | ses | postmark.
+    transport: str = "smtp"
+    provider_url: str | None = None  # the API's base URL (None: the provider's public one)
+    provider_key: str | None = None  # API key / server token / AWS access key id
+    provider_secret: str | None = None  # AWS secret access key (ses)
+    provider_region: str = "us-east-1"  # ses
+    mailgun_domain: str | None = None  # the sending domain (None: --mail-from's)
+    # What a provider's event webhooks are checked with: SendGrid's verification key (base64),
+    # Mailgun's webhook signing key, Postmark's "user:password"; SES's SNS certificate must come
+    # from under --provider-url (a real deployment checks it comes from sns.<region>.amazonaws.com).
+    webhook_key: str | None = None
     # Transient SMTP failures (4xx, timeouts, disconnects) are retried until a message is this old,
     # then given up as a bounce. Real MTAs keep trying for days; a product's own outbox, minutes.
     retry_for: float = 600.0
@@ -51,6 +62,10 @@ class Config:
         return self.from_address.domain
 
 
+# The providers' own endpoints, when --provider-url is not given.
+PUBLIC_APIS = {"sendgrid": "https://api.sendgrid.com", "mailgun": "https://api.mailgun.net",
+               "ses": "https://email.{region}.amazonaws.com", "postmark": "https://api.postmarkapp.com"}
+
 # flag name -> (env var, type)
 _FLAGS = {
     "host": ("DEMO_HOST", str),
@@ -60,6 +75,13 @@ _FLAGS = {
     "smtp_user": ("DEMO_SMTP_USER", str),
     "smtp_password": ("DEMO_SMTP_PASSWORD", str),
     "smtp_timeout": ("DEMO_SMTP_TIMEOUT", float),
+    "transport": ("DEMO_TRANSPORT", str),
+    "provider_url": ("DEMO_PROVIDER_URL", str),
+    "provider_key": ("DEMO_PROVIDER_KEY", str),
+    "provider_secret": ("DEMO_PROVIDER_SECRET", str),
+    "provider_region": ("DEMO_PROVIDER_REGION", str),
+    "mailgun_domain": ("DEMO_MAILGUN_DOMAIN", str),
+    "webhook_key": ("DEMO_WEBHOOK_KEY", str),
     "retry_for": ("DEMO_RETRY_FOR", float),
     "validation_url": ("DEMO_VALIDATION_URL", str),
     "validation_key": ("DEMO_VALIDATION_KEY", str),
@@ -98,6 +120,16 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         p.error("--workers, --validation-concurrency and --validation-breaker-failures must be at least 1")
     if cfg.retry_for < 0 or cfg.validation_budget <= 0 or cfg.validation_cooldown < 0:
         p.error("--retry-for and --validation-cooldown must be >= 0, --validation-budget > 0")
+    from .transports import TRANSPORTS
+
+    if cfg.transport not in TRANSPORTS:
+        p.error(f"--transport must be one of {', '.join(TRANSPORTS)}, not {cfg.transport!r}")
+    if cfg.transport != "smtp" and not cfg.provider_key:
+        p.error(f"--transport {cfg.transport} needs --provider-key (env DEMO_PROVIDER_KEY)")
+    if cfg.transport == "ses" and not cfg.provider_secret:
+        p.error("--transport ses needs --provider-secret (the AWS secret access key, env DEMO_PROVIDER_SECRET)")
+    if cfg.transport != "smtp" and not cfg.provider_url:
+        cfg.provider_url = PUBLIC_APIS[cfg.transport].format(region=cfg.provider_region)
     if not cfg.from_address.domain:
         p.error(f"--mail-from has no usable address: {cfg.mail_from!r}")
     if bool(cfg.dkim_key) != bool(cfg.dkim_selector):

@@ -1,4 +1,5 @@
-"""Outbox: an asyncio.Queue served by a pool of workers that deliver over SMTP with retries.
+"""Outbox: an asyncio.Queue served by a pool of workers that deliver with retries, over SMTP or a
+provider's HTTP API (``transports``: ``--transport``).
 
 A transient failure (4xx, connection refused/reset, timeout, disconnect, a relay that refuses the
 session) puts the message back on the queue after a capped exponential backoff with full jitter,
@@ -15,6 +16,11 @@ A disconnect after the message was sent but before the 250 is also transient: th
 taken it, and the retry may deliver it twice. That is SMTP's at-least-once contract (RFC 5321,
 section 6.1); the retry resends the very same message (same Message-ID), so duplicates can be
 recognised. Each attempt logs one line: to, subject, attempt, outcome, code, elapsed, retry_in.
+
+Over a provider's API the same rules hold with HTTP codes: 429 and 5xx are transient, any other
+4xx permanent (``transports.http_error``). An address a provider reported bounced or complained
+about (its event webhook, ``web.py``) is suppressed: mail to it is not sent again but recorded as
+a bounce at once, as providers' own suppression lists do.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from email.message import EmailMessage
 
 import aiosmtplib
 
+from . import transports
 from .backoff import full_jitter
 from .config import Config
 from .metrics import Metrics
+from .transports import Permanent, Transient
 
 log = logging.getLogger("demo_app.mailer")
 
@@ -56,16 +64,6 @@ class Bounce:
     at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
 
-class Transient(Exception):
-    def __init__(self, code: int | None, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Permanent(Transient):
-    pass
-
-
 def classify(exc: BaseException) -> Transient:
     """Map a send error to Transient or Permanent, keeping the SMTP reply code when there is one."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
@@ -85,10 +83,14 @@ def classify(exc: BaseException) -> Transient:
 
 
 class Mailer:
-    def __init__(self, cfg: Config, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, metrics: Metrics, suppressed: dict[str, str] | None = None) -> None:
         self.cfg, self.metrics = cfg, metrics
+        self.transport = transports.make(cfg)
+        self.suppressed = suppressed if suppressed is not None else {}  # address -> why (bounce webhooks)
         self.signer = None
-        if cfg.dkim_key:
+        if cfg.dkim_key and self.transport.name == "smtp":
+            # Over SMTP the app signs its own mail; through a provider's API the provider signs
+            # (with the domain's key it holds), as SendGrid, Mailgun, SES and Postmark do.
             from .dkim import Signer  # dkimpy only when signing
 
             self.signer = Signer(cfg.dkim_key, cfg.dkim_selector, cfg.mail_domain)
@@ -130,6 +132,7 @@ class Mailer:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        await self.transport.close()
 
     def _done(self) -> None:
         self._pending -= 1
@@ -154,31 +157,22 @@ class Mailer:
         code: int | None = 250
         detail = ""
         try:
-            message, options = job.msg, None
+            if job.to in self.suppressed:
+                raise Permanent(None, f"suppressed: {self.suppressed[job.to]}")
             if self.signer is not None:
                 # Signed here, just before the first send: nothing changes the message after this.
                 utf8 = not (self.cfg.from_address.addr_spec + job.to).isascii()
                 if job.signed is None:
                     job.signed = self.signer.sign(job.msg, utf8)
-                message, options = job.signed, (["SMTPUTF8"] if utf8 else None)
-            await aiosmtplib.send(
-                message,
-                mail_options=options,
-                sender=self.cfg.from_address.addr_spec,
-                recipients=[job.to],
-                hostname=self.cfg.smtp_host,
-                port=self.cfg.smtp_port,
-                # aiosmtplib upgrades to STARTTLS on its own when offered (None); never do so unasked.
-                start_tls=self.cfg.smtp_starttls,
-                username=self.cfg.smtp_user,
-                password=self.cfg.smtp_password,
-                timeout=self.cfg.smtp_timeout,
-            )
+                await self.transport.send(job.signed, self.cfg.from_address.addr_spec, job.to,
+                                          mail_options=["SMTPUTF8"] if utf8 else None)
+            else:
+                await self.transport.send(job.msg, self.cfg.from_address.addr_spec, job.to)
             outcome = "sent"
             self.metrics.emails_sent += 1
             self._done()
         except Exception as exc:
-            err = classify(exc)
+            err = exc if isinstance(exc, Transient) else classify(exc)
             code, detail = err.code, str(err)
             too_old = time.monotonic() - job.queued_at >= self.cfg.retry_for
             if isinstance(err, Permanent) or too_old:

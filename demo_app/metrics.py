@@ -19,6 +19,7 @@ class Metrics:
     validation_degraded: int = 0  # signups accepted without a verdict (the API gave none in time)
     validation_revalidated: int = 0  # pending signups looked up later, once the API answered
     validation_found_undeliverable: int = 0  # ... and found undeliverable
+    webhook_suppressions: int = 0  # bounce/complaint events from a provider's webhook
 
     def snapshot(self, **extra: int) -> dict[str, float]:
         return {**asdict(self), **extra}

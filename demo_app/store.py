@@ -78,6 +78,8 @@ class Store:
         self.orders: dict[str, Order] = {}
         self._lists: dict[str, dict[str, str]] = {}  # list_id -> {email: unsubscribe token}
         self._unsub_tokens: dict[str, tuple[str, str]] = {}  # token -> (list_id, email)
+        # Addresses a provider reported bounced or complained about -> why; the outbox skips them.
+        self.suppressed: dict[str, str] = {}
 
     # --- users and confirmation ---
 

@@ -12,7 +12,7 @@ from functools import partial
 
 from aiohttp import web
 
-from . import addresses
+from . import addresses, webhooks
 from .config import Config
 from .emails import Composer, make_env
 from .mailer import Mailer
@@ -36,7 +36,7 @@ class Shop:
         self.store = Store()
         self.env = make_env()
         self.composer = Composer(self.env, cfg.from_address, cfg.public_url or "")
-        self.mailer = Mailer(cfg, self.metrics)
+        self.mailer = Mailer(cfg, self.metrics, suppressed=self.store.suppressed)
         self.validation = ValidationClient(cfg.validation_url, cfg.validation_key, self.metrics,
                                            cfg.validation_concurrency, cfg.validation_budget,
                                            cfg.validation_breaker_failures, cfg.validation_cooldown)
@@ -215,8 +215,10 @@ async def get_user(request: web.Request) -> web.Response:
         user = None
     if user is None:
         return error(404, "no such user")
-    return web.json_response({"email": user.email, "name": user.name, "confirmed": user.confirmed,
-                              "validation": user.validation})
+    answer = {"email": user.email, "name": user.name, "confirmed": user.confirmed, "validation": user.validation}
+    if user.email in store.suppressed:  # a provider reported it bounced or complained about
+        answer["suppressed"] = store.suppressed[user.email]
+    return web.json_response(answer)
 
 
 # --- password reset -------------------------------------------------------------------------------
@@ -383,4 +385,5 @@ def create_app(cfg: Config) -> web.Application:
     r.add_post(f"/newsletter/{LIST_ID}/send", send_newsletter)
     r.add_get("/unsubscribe", unsubscribe_form)
     r.add_post("/unsubscribe", unsubscribe)
+    webhooks.add_routes(r)
     return app

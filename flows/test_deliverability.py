@@ -1,4 +1,11 @@
+"""The deliverability flows check the app's own DKIM signature: its SMTP path only (through a
+provider's API the provider signs), so they are deselected on provider transports."""
+
+import pytest
+
 from flows import deliverability
+
+pytestmark = pytest.mark.smtp_transport
 
 
 def test_signup_confirmation_is_deliverable(run_flow):

@@ -3,7 +3,9 @@
 What ``mailproof rehearse --app`` starts for the demo (``make rehearsal``): the validation fake
 (``python -m fakes.validation_api``) first, then the demo app (``python -m demo_app``) pointed at
 it and at the sink that ``mailproof rehearse`` gives in ``MAILPROOF_SMTP_HOST`` and
-``MAILPROOF_SMTP_PORT``. The demo app's ``READY http://...`` line is printed on stdout once it
+``MAILPROOF_SMTP_PORT``, or (``mailproof rehearse --transport X``) the provider API in
+``MAILPROOF_TRANSPORT``, ``MAILPROOF_PROVIDER_URL``, ``MAILPROOF_PROVIDER_KEY`` and
+``MAILPROOF_PROVIDER_SECRET``. The demo app's ``READY http://...`` line is printed on stdout once it
 listens (``--app-ready 'READY (http://\\S+)'``); everything else goes to stderr.
 
 Both children stay in this process's group: ``mailproof`` ends the whole group, so neither
@@ -73,8 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     validation, validation_url = _start([python, "-m", "fakes.validation_api", "--port", "0"],
                                         "validation API", echo_ready=False)
     try:
+        transport = []
+        if os.environ.get("MAILPROOF_TRANSPORT", "smtp") != "smtp":
+            transport = ["--transport", os.environ["MAILPROOF_TRANSPORT"],
+                         "--provider-url", os.environ["MAILPROOF_PROVIDER_URL"],
+                         "--provider-key", os.environ["MAILPROOF_PROVIDER_KEY"]]
+            if os.environ.get("MAILPROOF_PROVIDER_SECRET"):
+                transport += ["--provider-secret", os.environ["MAILPROOF_PROVIDER_SECRET"]]
         app, _ = _start([python, "-m", "demo_app", "--port", str(args.port), "--smtp-host", host, "--smtp-port", port,
-                         "--validation-url", validation_url, "--workers", str(args.workers)],
+                         "--validation-url", validation_url, "--workers", str(args.workers), *transport],
                         "demo application", echo_ready=True)
         return app.wait()
     finally:

@@ -25,6 +25,13 @@ on, ``mailproof_backend.tls_ca_file`` is the throwaway CA's certificate, for the
 ``SSL_CERT_FILE=<tls_ca_file>`` (Python) or ``NODE_EXTRA_CA_CERTS=<tls_ca_file>`` (Node), see
 ``mailproof.capture.tls``. On ``service`` the service's own ``--tls``/``--auth`` decide, and
 ``tls_ca_file`` comes from its ``/health``.
+
+Transports (``--transport``, ini ``mailproof_transport``, env ``MAILPROOF_TRANSPORT``): ``smtp``
+(default) or a provider's HTTP API, ``sendgrid``, ``mailgun``, ``ses`` or ``postmark``. On a
+provider transport ``mailproof_providers`` is a running ``ProviderCapture`` (one loopback port for
+all four APIs) feeding the same store as the sink, and ``mailproof_transport`` says what the app
+under test must be configured with (name, base URL, key). Tests that inject SMTP faults
+(``sink_faults``) are deselected there; tests that use ``provider_faults`` are deselected on smtp.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from mailproof.flow import Flow, run
 from mailproof.http import DEFAULT_HTTP_TIMEOUT, AppSession
 from mailproof.extras import available
 from mailproof.mailbox import Mailbox
+from mailproof.providers.faults import PROVIDERS
 from mailproof.reporting import NullReporter
 
 # Allure is the report extra: with allure-pytest installed, flows record steps and email previews
@@ -56,6 +64,7 @@ ALLURE = available("allure")
 pytest_plugins = ["mailproof.report.allure_hooks"] if ALLURE else []
 
 BACKENDS = ("sink", "service", "imap")
+TRANSPORTS = ("smtp",) + PROVIDERS
 # IMAP account settings: ini key mailproof_imap_<key> or env MAILPROOF_IMAP_<KEY>. With no host,
 # the imap backend starts a private Dovecot (behind a private Postfix when running as root).
 IMAP_SETTINGS = {
@@ -84,6 +93,7 @@ class Settings:
     sink_auth: Optional[tuple[str, str]] = field(default=None, repr=False)
     timeout: Optional[float] = None  # how long a wait waits for late mail (None: max(3*within, within+10))
     http_timeout: float = DEFAULT_HTTP_TIMEOUT  # seconds a flow's HTTP request may take
+    transport: str = "smtp"  # smtp, or the provider API the app sends through
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -110,6 +120,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "PNGs to Allure (needs the Debian package chromium; ~0.3 s an email)")
     group.addoption("--sink-auth", dest="mailproof_sink_auth", default=None, metavar="USER:PASSWORD",
                     help=f"require SMTP AUTH on the in-process sink (better: {AUTH_ENV})")
+    group.addoption("--transport", dest="mailproof_transport", choices=TRANSPORTS, default=None,
+                    help="how the app under test sends: 'smtp' (default) or a provider's HTTP API "
+                         "(sendgrid, mailgun, ses, postmark), captured on loopback into the same mailbox")
+    parser.addini("mailproof_transport", "how the app under test sends: smtp, sendgrid, mailgun, ses or postmark",
+                  default="smtp")
     parser.addini("mailproof_backend", "default capture backend: sink, service or imap", default="sink")
     parser.addini("mailproof_app_url", "base URL of the application under test", default="")
     parser.addini("mailproof_sink_host", "address the capture sink binds", default="127.0.0.1")
@@ -140,7 +155,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "flow: a test that runs a mailproof flow (added automatically)")
     config.addinivalue_line(
         "markers", "sink_faults: the test injects SMTP faults at the capture sink (added automatically "
-        "to tests that use the sink_faults fixture); deselected on backends without one (imap)")
+        "to tests that use the sink_faults fixture); deselected on backends without one (imap) and "
+        "on provider transports")
+    config.addinivalue_line(
+        "markers", "provider_faults: the test makes the provider API misbehave (added automatically to "
+        "tests that use the provider_faults fixture); deselected on --transport smtp")
+    config.addinivalue_line(
+        "markers", "smtp_transport: the test checks what only the application's own SMTP path carries "
+        "(its own DKIM signature, say); deselected on provider transports")
     if getattr(config, "workerinput", None) is None and not config.getoption("help", False):
         # The controller (or a run without xdist) checks once, before any worker starts.
         problem = _configuration_problem(config)
@@ -155,28 +177,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.flow)
         if "sink_faults" in names:
             item.add_marker(pytest.mark.sink_faults)
+        if "provider_faults" in names:
+            item.add_marker(pytest.mark.provider_faults)
     backend = _setting(config, "backend", "MAILPROOF_BACKEND")
-    if backend in FAULT_BACKENDS:
-        return
+    transport = _setting(config, "transport", "MAILPROOF_TRANSPORT")
     # A fault that cannot be injected must not let its test pass (nor fail it for the wrong
     # reason): such tests are deselected, and the summary says so once.
-    dropped = [item for item in items if item.get_closest_marker("sink_faults")]
+    unusable = []
+    if backend not in FAULT_BACKENDS or transport != "smtp":
+        unusable.append("sink_faults")
+    if transport != "smtp":
+        unusable.append("smtp_transport")
+    if transport == "smtp":
+        unusable.append("provider_faults")
+    dropped = [item for item in items if any(item.get_closest_marker(m) for m in unusable)]
     if dropped:
-        items[:] = [item for item in items if not item.get_closest_marker("sink_faults")]
+        items[:] = [item for item in items if item not in dropped]
         config.hook.pytest_deselected(items=dropped)
-        config.stash[_DESELECTED] = (len(dropped), backend)
+        config.stash[_DESELECTED] = (len(dropped), backend, transport)
 
 
 _DESELECTED = pytest.StashKey[tuple]()
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    count, backend = config.stash.get(_DESELECTED, (0, ""))
-    if count:
+    count, backend, transport = config.stash.get(_DESELECTED, (0, "", ""))
+    if not count:
+        return
+    if transport != "smtp":
         terminalreporter.write_line(
-            f"mailproof: {count} test(s) marked sink_faults deselected: --mailbox={backend} has no "
-            "capture sink in the application's SMTP path to inject faults at (run them on --mailbox=sink "
-            "or --mailbox=service)")
+            f"mailproof: {count} test(s) marked sink_faults or smtp_transport deselected: on --transport "
+            f"{transport} the application sends through the provider's API, not the SMTP sink, and the "
+            "provider signs its mail, not the app (provider_faults tests run here)")
+    elif backend not in FAULT_BACKENDS:
+        terminalreporter.write_line(
+            f"mailproof: {count} test(s) marked sink_faults or provider_faults deselected: --mailbox={backend} "
+            "has no capture sink in the application's SMTP path to inject faults at (run them on "
+            "--mailbox=sink or --mailbox=service), and provider faults need a provider --transport")
+    else:
+        terminalreporter.write_line(
+            f"mailproof: {count} test(s) marked provider_faults deselected: they need a provider transport "
+            "(--transport sendgrid, mailgun, ses or postmark)")
 
 
 def _setting(config: pytest.Config, name: str, env: str) -> Any:
@@ -221,6 +262,12 @@ def _xdist_workers(config: pytest.Config) -> int:
 def _configuration_problem(config: pytest.Config) -> Optional[str]:
     """What makes the chosen backend unusable, said before any test runs (None: nothing)."""
     backend = _setting(config, "backend", "MAILPROOF_BACKEND")
+    transport = _setting(config, "transport", "MAILPROOF_TRANSPORT")
+    if transport not in TRANSPORTS:
+        return f"unknown transport {transport!r} (mailproof_transport / MAILPROOF_TRANSPORT): use one of {', '.join(TRANSPORTS)}"
+    if transport != "smtp" and backend != "sink":
+        return (f"--transport {transport} captures the provider API in this process, into the in-process "
+                f"sink's mailbox: run it with --mailbox=sink (not {backend})")
     if backend == "service":
         if not _setting(config, "sink_url", "MAILPROOF_SINK_URL"):
             return SERVICE_URL_MISSING
@@ -263,6 +310,7 @@ def mailproof_settings(pytestconfig: pytest.Config) -> Settings:
             sink_token=os.environ.get(TOKEN_ENV) or None,
             sink_tls=parse_tls_mode(_setting(pytestconfig, "sink_tls", "MAILPROOF_SINK_TLS")),
             sink_auth=parse_auth(_setting(pytestconfig, "sink_auth", AUTH_ENV)),
+            transport=_setting(pytestconfig, "transport", "MAILPROOF_TRANSPORT"),
         )
     except ValueError as exc:
         raise MailproofError(f"invalid mailproof setting: {exc}. Check --sink-port, mailproof_within, mailproof_timeout and mailproof_http_timeout.") from exc
@@ -294,6 +342,59 @@ def mailproof_backend(mailproof_settings: Settings):
     with EmbeddedSink(host=mailproof_settings.sink_host, port=mailproof_settings.sink_port,
                       tls=mailproof_settings.sink_tls, auth=mailproof_settings.sink_auth) as backend:
         yield backend
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """What the application under test sends through: ``name`` (smtp or a provider), and for a
+    provider the capture's base ``url`` and the credentials it accepts."""
+
+    name: str
+    url: Optional[str] = None
+    key: Optional[str] = field(default=None, repr=False)     # API key / server token / AWS access key id
+    secret: Optional[str] = field(default=None, repr=False)  # AWS secret access key (ses)
+    region: str = "us-east-1"
+    webhook_key: Optional[str] = field(default=None, repr=False)  # what the app checks webhooks with
+
+
+@pytest.fixture(scope="session")
+def mailproof_providers(mailproof_backend, mailproof_settings: Settings):
+    """The running ``ProviderCapture`` on a provider transport (None on smtp), into the sink's store."""
+    if mailproof_settings.transport == "smtp":
+        yield None
+        return
+    from mailproof.providers import ProviderCapture
+
+    with ProviderCapture(mailproof_backend.store) as capture:
+        yield capture
+
+
+@pytest.fixture(scope="session")
+def mailproof_transport(mailproof_settings: Settings, mailproof_providers) -> TransportSettings:
+    name = mailproof_settings.transport
+    if mailproof_providers is None:
+        return TransportSettings(name)
+    keys = mailproof_providers.keys
+    key = {"sendgrid": keys.sendgrid, "mailgun": keys.mailgun, "ses": keys.ses_access_key,
+           "postmark": keys.postmark}[name]
+    return TransportSettings(name, url=mailproof_providers.url, key=key,
+                             secret=keys.ses_secret_key if name == "ses" else None,
+                             webhook_key=mailproof_providers.webhook_key(name))
+
+
+@pytest.fixture
+def provider_faults(mailproof_providers, mailproof_settings, request):
+    """Provider misbehaviour for this test only: ``provider_faults.rule(status=429, to=addr)``
+    (``mailproof.providers.faults``). Removed when the test ends; tests using it run only on a
+    provider transport (deselected on smtp)."""
+    from mailproof.providers import ScopedProviderFaults
+
+    if mailproof_providers is None:
+        raise MailproofError("provider_faults needs a provider transport: run with --transport sendgrid, "
+                             "mailgun, ses or postmark")
+    scoped = ScopedProviderFaults(mailproof_providers.faults, scope=request.node.nodeid)
+    yield scoped
+    scoped.clear()
 
 
 def _service_backend(settings: Settings):

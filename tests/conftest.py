@@ -76,3 +76,43 @@ def make_message_fixture():
 @pytest.fixture
 def signalling_store() -> SignallingStore:
     return SignallingStore()
+
+
+class WebhookReceiver:
+    """A loopback HTTP endpoint standing for an application's webhook URL: it records each POST
+    (headers, body) before it answers ``status``, so once the capture has its answer the request
+    is in ``requests``."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        receiver = self
+        self.requests: list[tuple[dict, bytes]] = []
+        self.status = 200
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.requests.append((dict(self.headers), body))
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/webhook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook_receiver():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()

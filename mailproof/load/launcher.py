@@ -122,6 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="use the sink service already running at URL (python -m mailproof.capture.service) "
                            "instead of starting one: its SMTP address (from its /health) goes to --app; "
                            "not with --smtp-port or --chaos (give those to the service)")
+    mail.add_argument("--transport", default="smtp", choices=("smtp", "sendgrid", "mailgun", "ses", "postmark"),
+                      help="how the app sends: smtp (default), or a provider's HTTP API, which the sink "
+                           "service then also serves (--providers); the app gets MAILPROOF_TRANSPORT, "
+                           "MAILPROOF_PROVIDER_URL, MAILPROOF_PROVIDER_KEY (and MAILPROOF_PROVIDER_SECRET for ses)")
+    mail.add_argument("--provider-chaos", default=None, metavar="PROFILE",
+                      help="with a provider --transport: faults of the provider API on a share of the "
+                           "requests, e.g. '5%%:429,1%%:503,2%%:delay=0.5' (seeded by --chaos-seed)")
     mail.add_argument("--gate", action="append", default=[], metavar="GATE",
                       help="an SLO gate, e.g. 'signup_confirms_account:p95<2s' (repeatable), added to the "
                            "defaults: " + ", ".join(DEFAULT_GATES).replace("%", "%%"))
@@ -164,8 +171,20 @@ class Plan:
             if args.smtp_port or args.chaos:
                 raise SetupError("--sink-url uses a running sink service: give --smtp-port and --chaos to the "
                                  "service (python -m mailproof.capture.service --smtp-port P --chaos ...), not here")
+            if getattr(args, "transport", "smtp") != "smtp":
+                raise SetupError("--transport with --sink-url: the keys of a service someone else started are "
+                                 "not known here; drop --sink-url and let mailproof start the service")
         elif args.smtp_port:
             _check_port_free(args.smtp_port, "--smtp-port")
+        if getattr(args, "provider_chaos", None):
+            from mailproof.providers.faults import ProviderFaultError, parse_provider_chaos
+
+            if getattr(args, "transport", "smtp") == "smtp":
+                raise SetupError("--provider-chaos needs a provider --transport (sendgrid, mailgun, ses or postmark)")
+            try:
+                parse_provider_chaos(args.provider_chaos)
+            except ProviderFaultError as exc:
+                raise SetupError(f"--provider-chaos: {exc}") from None
         if args.workers < 0:
             raise SetupError("--workers must be 0 (one Locust process) or more")
         if args.grace < 0 or args.stop_timeout < 0 or args.pacing < 0:
@@ -230,8 +249,8 @@ class Plan:
 
     def _chaos(self) -> Optional[str]:
         if not self.args.chaos:
-            if self.args.chaos_seed is not None:
-                raise SetupError("--chaos-seed seeds a --chaos profile: give --chaos too")
+            if self.args.chaos_seed is not None and not getattr(self.args, "provider_chaos", None):
+                raise SetupError("--chaos-seed seeds a --chaos profile (or --provider-chaos): give one of them too")
             return None
         from mailproof.faults.specs import FaultError, parse_chaos_profile
 
@@ -303,6 +322,8 @@ class Run:
         self.stack = ExitStack()
         self.sink_url = ""
         self.smtp = ("", 0)
+        self.providers_url = ""  # the sink service's provider APIs, with a provider --transport
+        self.provider_keys = None
         self.app_url: Optional[str] = None
 
     def start_sink(self) -> None:
@@ -318,8 +339,19 @@ class Run:
             command += ["--chaos", plan.chaos]
             if plan.args.chaos_seed is not None:
                 command += ["--chaos-seed", str(plan.args.chaos_seed)]
+        env = None
+        if getattr(plan.args, "transport", "smtp") != "smtp":
+            from mailproof.providers.server import KEYS_ENV, Keys
+
+            self.provider_keys = Keys.random()  # one set for the service and the app
+            command += ["--providers"]
+            if getattr(plan.args, "provider_chaos", None):
+                command += ["--provider-chaos", plan.args.provider_chaos]
+                if plan.args.chaos_seed is not None and not plan.chaos:
+                    command += ["--chaos-seed", str(plan.args.chaos_seed)]
+            env = {KEYS_ENV: self.provider_keys.to_json()}
         sink = AppProcess(command, ready_pattern=r"READY (http://\S+) smtp=(\S+)", name="sink service",
-                          start_timeout=30.0)
+                          start_timeout=30.0, env=env)
         try:
             sink.start()
         except MailproofError as exc:
@@ -331,6 +363,11 @@ class Run:
         if found is None:
             raise SetupError(f"the sink service printed no SMTP address in its ready line {line!r}")
         self.smtp = (found.group(1).strip("[]"), int(found.group(2)))
+        providers = re.search(r"providers=(\S+)", line)
+        if self.provider_keys is not None:
+            if providers is None:
+                raise SetupError(f"the sink service printed no providers=URL in its ready line {line!r}")
+            self.providers_url = providers.group(1)
 
     def _use_sink(self, url: str) -> None:
         """--sink-url: a sink service someone else started (and stops); its SMTP address from /health."""
@@ -353,7 +390,8 @@ class Run:
         if not plan.args.app:
             self.app_url = plan.host
             return
-        env = {"MAILPROOF_SMTP_HOST": self.smtp[0], "MAILPROOF_SMTP_PORT": str(self.smtp[1]), **plan.app_env}
+        env = {"MAILPROOF_SMTP_HOST": self.smtp[0], "MAILPROOF_SMTP_PORT": str(self.smtp[1]),
+               **self._transport_env(), **plan.app_env}
         if plan.port is not None:
             env.setdefault("MAILPROOF_APP_PORT", str(plan.port))
         app = AppProcess(["/bin/sh", "-c", plan._sub(plan.args.app)], env=env, ready_url=plan.ready_url,
@@ -372,6 +410,18 @@ class Run:
         if not self.app_url or not re.match(r"^https?://", self.app_url):
             raise SetupError(f"the app is ready, but its URL is unknown ({self.app_url!r}): give --host URL, or a "
                              "--app-ready regex whose group 1 is the URL")
+
+    def _transport_env(self) -> dict[str, str]:
+        keys, transport = self.provider_keys, getattr(self.plan.args, "transport", "smtp")
+        if keys is None:
+            return {"MAILPROOF_TRANSPORT": "smtp"}
+        key = {"sendgrid": keys.sendgrid, "mailgun": keys.mailgun, "ses": keys.ses_access_key,
+               "postmark": keys.postmark}[transport]
+        env = {"MAILPROOF_TRANSPORT": transport, "MAILPROOF_PROVIDER_URL": self.providers_url,
+               "MAILPROOF_PROVIDER_KEY": key}
+        if transport == "ses":
+            env["MAILPROOF_PROVIDER_SECRET"] = keys.ses_secret_key
+        return env
 
     def locust_env(self) -> dict[str, str]:
         plan = self.plan
@@ -460,9 +510,12 @@ def describe(plan: Plan, run: Run) -> str:
     flows = ", ".join(f"{name}={weight}" for name, weight in
                       (parse_mix(args.flow_mix, list(plan.flows.flows)) if args.flow_mix else plan.flows.weights).items())
     return (f"mailproof rehearse: {plan.flows.module} ({flows}) against {run.app_url}; sink {run.sink_url} "
-            f"(smtp {run.smtp[0]}:{run.smtp[1]}); {load}"
+            f"(smtp {run.smtp[0]}:{run.smtp[1]}"
+            + (f"; the app sends through {args.transport}'s API at {run.providers_url}" if run.providers_url else "")
+            + f"); {load}"
             + (f"; {args.workers} Locust workers" if args.workers else "")
-            + (f"; chaos {plan.chaos!r}" if plan.chaos else ""))
+            + (f"; chaos {plan.chaos!r}" if plan.chaos else "")
+            + (f"; provider chaos {args.provider_chaos!r}" if getattr(args, "provider_chaos", None) else ""))
 
 
 def rehearse(args: argparse.Namespace) -> int:

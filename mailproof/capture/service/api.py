@@ -159,6 +159,9 @@ class SinkApi:
             "instance": service.instance, "pid": os.getpid(),
             "tls": {"mode": service.tls_mode, "ca_file": service.tls_ca_file},
             "auth_required": service.auth is not None,
+            # The provider APIs (--providers): their URL and the requests each accepted.
+            "providers": ({"url": service.providers.url, "accepted": dict(service.providers.accepted)}
+                          if service.providers is not None else None),
         })
 
     async def list_messages(self, request: web.Request) -> web.Response:

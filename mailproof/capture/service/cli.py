@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                         help=f"require SMTP AUTH with these credentials (or set {AUTH_ENV}); on a "
                              "non-loopback --host the default is user 'mailproof' with the token as password")
+    parser.add_argument("--providers", action="store_true",
+                        help="also serve the SendGrid, Mailgun, SES and Postmark send APIs (one more port, "
+                             "on the READY line as providers=URL; keys from MAILPROOF_PROVIDER_KEYS, else random)")
+    parser.add_argument("--providers-port", type=int, default=0, help="port of the provider APIs (0: the OS picks)")
+    parser.add_argument("--provider-chaos", default=None, metavar="PROFILE",
+                        help="with --providers: provider faults on a share of the requests, e.g. "
+                             "'5%%:429,1%%:503,2%%:delay=0.5' (seeded by --chaos-seed)")
     parser.add_argument("--open-smtp", action="store_true",
                         help="on a non-loopback --host, accept SMTP without AUTH (anyone who reaches the "
                              "port can then put mail in front of the flows)")
@@ -114,6 +121,16 @@ def parse_args(argv: Optional[Iterable[str]] = None) -> argparse.Namespace:
                      "pip install 'mailproof[tls]' (or drop --tls)")
     if (args.tls_ca_file or args.tls_hostname) and args.tls == "off":
         parser.error("--tls-ca-file and --tls-hostname need --tls starttls or --tls starttls-required")
+    args.provider_chaos_rules = []
+    if args.provider_chaos:
+        if not args.providers:
+            parser.error("--provider-chaos needs --providers")
+        from mailproof.providers.faults import ProviderFaultError, parse_provider_chaos
+
+        try:
+            args.provider_chaos_rules = parse_provider_chaos(args.provider_chaos)
+        except ProviderFaultError as exc:
+            parser.error(f"--provider-chaos: {exc}")
     if args.chaos:
         try:
             args.chaos_rules = parse_chaos_profile(args.chaos, seed=args.chaos_seed, scope="chaos")
@@ -130,9 +147,16 @@ async def _serve(args: argparse.Namespace) -> int:
                           stream_hold=args.stream_hold, smtp_timeout=args.smtp_timeout,
                           data_timeout=args.data_timeout,
                           tls=args.tls, auth=args.auth, tls_hostnames=tuple(args.tls_hostname),
-                          ca_file=args.tls_ca_file)
+                          ca_file=args.tls_ca_file, providers=args.providers,
+                          providers_port=args.providers_port)
     for rule in args.chaos_rules:
         service.faults.add(rule)
+    if service.providers is not None:
+        from mailproof.providers.faults import ProviderFaultPlan
+
+        service.providers.faults = ProviderFaultPlan(seed=args.chaos_seed)
+        for provider_rule in args.provider_chaos_rules:
+            service.providers.faults.add(provider_rule)
     try:
         await service.start()
     except (SinkError, ServiceError, MailproofError) as exc:

@@ -33,7 +33,8 @@ class SinkService:
                  stream_hold: float = DEFAULT_STREAM_HOLD, smtp_timeout: float = 60.0, data_timeout: float = 600.0,
                  data_size_limit: int = 64 * 1024 * 1024,
                  tls: str = "off", auth: Optional[Credentials] = None,
-                 tls_hostnames: tuple[str, ...] = (), ca_file: Optional[str] = None) -> None:
+                 tls_hostnames: tuple[str, ...] = (), ca_file: Optional[str] = None,
+                 providers: bool = False, providers_port: int = 0) -> None:
         self.host = host
         self.http_port = http_port
         self.token = token or None
@@ -46,6 +47,14 @@ class SinkService:
         self.faults = FaultPlan()
         self.sink = SmtpSink(on_message=self.store.add, host=host, port=smtp_port, faults=self.faults,
                              timeout=smtp_timeout, data_timeout=data_timeout, data_size_limit=data_size_limit)
+        # The providers' HTTP APIs too (--providers): same loop, same store, so the stream carries
+        # their mail like SMTP mail; keys from MAILPROOF_PROVIDER_KEYS (the launcher sets it).
+        self.providers = None
+        if providers:
+            from mailproof.providers.server import Keys, ProviderCapture
+
+            self.providers = ProviderCapture(host=host, port=providers_port, keys=Keys.from_env(),
+                                             deliver=self.store.add)
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex[:16]  # a restarted service numbers from 1 again: clients must know
         self.stopping = False
@@ -69,6 +78,7 @@ class SinkService:
     def ready_line(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         line = f"READY {self.url} smtp={host}:{self.smtp_port}"
+        line += f" providers={self.providers.url}" if self.providers is not None else ""
         return line + (f" ca={self.tls_ca_file}" if self.tls_ca_file else "")
 
     async def start(self) -> "SinkService":
@@ -97,6 +107,12 @@ class SinkService:
             raise ServiceError(f"cannot listen for HTTP on {self.host}:{self.http_port}: {exc}. "
                                "Choose a free port (0 lets the OS pick one).") from exc
         self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if self.providers is not None:
+            try:
+                await self.providers.start_async()
+            except BaseException:
+                await self.stop()
+                raise
         return self
 
     async def stop(self) -> None:
@@ -106,6 +122,8 @@ class SinkService:
             await self._runner.cleanup()
             self._runner = None
         self.store.close()
+        if self.providers is not None:
+            await self.providers.stop_async()
         await self.sink.stop_async()
         self._drop_ca()
 

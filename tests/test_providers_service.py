@@ -1,0 +1,42 @@
+"""The sink service with --providers: provider API mail reaches RemoteSink streams like SMTP mail
+(what a rehearsal with ``mailproof rehearse --transport X`` relies on)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import requests
+from sendgrid import SendGridAPIClient
+from sendgrid.helpers.mail import Mail
+
+from mailproof.addresses import AddressBook
+from mailproof.capture.remote import RemoteSink
+from mailproof.mailbox import Mailbox
+from mailproof.providers.server import KEYS_ENV, Keys
+from mailproof.servers.app_process import AppProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_provider_mail_reaches_the_service_stream_with_the_launchers_keys():
+    keys = Keys.random()
+    service = AppProcess([sys.executable, "-m", "mailproof.capture.service", "--providers"], cwd=str(ROOT),
+                         env={KEYS_ENV: keys.to_json()}, ready_pattern=r"READY (http://\S+) smtp=\S+ providers=(\S+)",
+                         name="sink service with providers")
+    with service:
+        line = next(l for l in reversed(service.output) if l.startswith("READY "))
+        providers_url = line.split("providers=")[1].split()[0]
+        assert requests.get(f"{service.url}/health", timeout=10).json()["providers"]["url"] == providers_url
+        with RemoteSink(service.url) as sink, Mailbox(sink.store, AddressBook(domain="mailproof.test")) as mailbox:
+            to = mailbox.address("provider")
+            mail = Mail(from_email="shop@example.test", to_emails=to, subject="Through the API",
+                        plain_text_content="Streamed.")
+            assert SendGridAPIClient(keys.sendgrid, host=providers_url).send(mail).status_code == 202
+            msg = mailbox.wait_for(to=to, subject="Through the API", within=5)
+            assert msg.text.strip() == "Streamed." and msg.mail_from == "shop@example.test"
+            bad = requests.post(f"{providers_url}/v3/mail/send", json={}, headers={"Authorization": "Bearer SG.x"},
+                                timeout=10)
+            assert bad.status_code == 401  # the keys are the launcher's, not random ones
+            accepted = requests.get(f"{service.url}/health", timeout=10).json()["providers"]["accepted"]
+            assert accepted == {"sendgrid": 1, "mailgun": 0, "ses": 0, "postmark": 0}
