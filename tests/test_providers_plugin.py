@@ -9,7 +9,7 @@ import pytest
 BASE_ARGS = ("-p", "no:cacheprovider", "-p", "no:locust", "-q")
 
 PROJECT = '''
-import json, requests
+import json, pytest, requests
 
 def test_sent_through_postmark_lands_in_the_mailbox(mailbox, mailproof_transport, mailproof_providers):
     assert mailproof_transport.name == "postmark" and mailproof_transport.url == mailproof_providers.url
@@ -31,6 +31,10 @@ def test_provider_fault(mailbox, mailproof_transport, provider_faults):
 
 def test_smtp_fault(sink_faults):
     sink_faults.rule("rcpt", "451 later")
+
+@pytest.mark.smtp_transport
+def test_the_apps_own_dkim_signature():
+    pass
 '''
 
 
@@ -44,14 +48,14 @@ def clean_env(monkeypatch):
 def test_provider_transport_captures_into_the_mailbox_and_deselects_smtp_faults(pytester):
     pytester.makepyfile(test_flows=PROJECT)
     result = pytester.runpytest_subprocess(*BASE_ARGS, "--transport", "postmark", timeout=60)
-    result.assert_outcomes(passed=2, deselected=1)
-    result.stdout.fnmatch_lines(["*1 test(s) marked sink_faults deselected*--transport postmark*"])
+    result.assert_outcomes(passed=2, deselected=2)  # the SMTP fault and the app's own signature
+    result.stdout.fnmatch_lines(["*2 test(s) marked sink_faults or smtp_transport deselected*--transport postmark*"])
 
 
 def test_smtp_transport_deselects_provider_faults(pytester):
     pytester.makepyfile(test_flows=PROJECT)
-    result = pytester.runpytest_subprocess(*BASE_ARGS, "-k", "fault", timeout=60)
-    result.assert_outcomes(passed=1, deselected=2)
+    result = pytester.runpytest_subprocess(*BASE_ARGS, "-k", "fault or signature", timeout=60)
+    result.assert_outcomes(passed=2, deselected=2)  # the smtp_transport test runs on smtp
     result.stdout.fnmatch_lines(["*marked provider_faults deselected*provider transport*"])
 
 
