@@ -318,10 +318,12 @@ def test_distributed_demo_run_merges_the_workers_ledgers(tmp_path):
     assert results["ledger"]["unexpected"] == 0  # each worker's mail is not "unexpected" to the master
     assert results["run"]["mode"] == "distributed" and results["run"]["missing_workers"] == []
     assert results["run"]["peak_users"] == 6
-    # One sink streams every message to both workers: each worker's stream saw all the sink captured.
+    # Fan-in: the sink streams each worker its own mail only (the demo sends no strays), so the
+    # workers' streams together carried each captured message once, and each worker some of them.
     (sink,) = results["harness"]["sinks"]
-    assert all(w["stream"]["received"] == sink["received"] for w in workers.values()), (workers, sink)
-    assert results["harness"]["stream"]["received"] == 2 * sink["received"]
+    assert all(0 < w["stream"]["received"] < sink["received"] for w in workers.values()), (workers, sink)
+    assert results["harness"]["stream"]["received"] == sink["received"]
+    assert all(w["stream"]["missing"] == 0 for w in workers.values())
 
 
 def test_a_chaos_run_records_its_profile_and_faults_and_the_report_shows_them(tmp_path):

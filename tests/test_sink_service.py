@@ -34,6 +34,7 @@ from mailproof.capture.remote import RemoteSink
 from mailproof.capture.service import store as store_module
 from mailproof.capture.service.store import SEQ, CaptureStore, Slicer
 from mailproof.capture.smtp_sink import CapturedMail
+from mailproof.mailbox import Mailbox
 from mailproof.message import Message
 from mailproof.servers.app_process import AppProcess
 
@@ -325,7 +326,7 @@ def test_stream_replays_since_seq_then_goes_live_with_heartbeats(service):
         assert response.getheader("Transfer-Encoding") == "chunked"
         hello = read_event(response)["hello"]
         assert hello == {"instance": service.json("/health")["instance"], "since": seqs[0],
-                         "last_seq": seqs[-1], "reset": False}
+                         "last_seq": seqs[-1], "reset": False, "run": None}
         replayed = [read_event(response) for _ in range(2)]  # everything after seqs[0]
         assert [e["seq"] for e in replayed] == seqs[1:]
         assert [base64.b64decode(e["raw"]) for e in replayed] == raws[1:]
@@ -368,6 +369,65 @@ def test_a_stream_for_another_run_of_the_service_replays_everything(service):
         assert read_event(response)["seq"] == first
     finally:
         conn.close()
+
+
+def test_a_stream_for_one_run_carries_its_mail_and_strays_and_accounts_for_every_seq(service):
+    """Fan-in: run=ID streams that run's mail and strays, never another run's; every line says which
+    seqs it accounts for (``from``), and mail only for others ends in a ``through`` line."""
+    since = service.last_seq()
+    mine, theirs = "order+abc123.000001@svc.test", "order+zzz999.000001@svc.test"
+    stray = addr("stray")
+    conn, response = open_stream(service, f"since={since}&run=ABC123&heartbeat=60")
+    everything, all_response = open_stream(service, f"since={since}&heartbeat=60")
+    try:
+        assert read_event(response)["hello"]["run"] == "abc123"
+        assert read_event(all_response)["hello"]["run"] is None
+        for to in (theirs, mine, theirs, stray, theirs):
+            service.send([to], make_raw(to))
+        # When a "through" line comes depends on timing; what is accounted for does not.
+        last, records = since, []
+        while last < since + 5:
+            event = read_event(response)
+            if "through" in event:
+                assert event["through"] > last
+                last = event["through"]
+            else:
+                assert event["from"] == last + 1, event  # every seq before it accounted for
+                last = event["seq"]
+                records.append(event)
+        assert [(e["seq"], e["rcpt_tos"]) for e in records] == [(since + 2, [mine]), (since + 4, [stray])]
+        unfiltered = [read_event(all_response) for _ in range(5)]
+        assert [e["seq"] for e in unfiltered] == list(range(since + 1, since + 6))
+        assert all("from" not in e for e in unfiltered)  # an unfiltered stream's lines are as before
+    finally:
+        conn.close()
+        everything.close()
+    conn, response = open_stream(service, f"since={since}&run=zzz999")  # a replay is filtered the same way
+    try:
+        read_event(response)
+        replayed = [read_event(response) for _ in range(3)]
+        assert [(e["from"], e["seq"]) for e in replayed] == [(since + 1, since + 1), (since + 2, since + 3),
+                                                             (since + 4, since + 4)]
+    finally:
+        conn.close()
+
+
+def test_remote_sinks_of_two_runs_each_get_their_own_mail_and_miss_nothing(service):
+    with RemoteSink(service.url, run="aaa111") as one, RemoteSink(service.url, run="bbb222") as two, \
+            Mailbox(one.store) as box_one, Mailbox(two.store) as box_two:
+        for i in range(6):
+            to = f"flow+{'aaa111' if i % 2 else 'bbb222'}.{i:06d}@svc.test"
+            service.send([to], make_raw(to, f"Mail {i}"))
+        stray = addr("stray")
+        service.send([stray], make_raw(stray, "Stray"))  # both get it, after all the rest
+        target = service.last_seq()
+        box_one.wait_for(stray, within=20)
+        box_two.wait_for(stray, within=20)
+        assert (one.last_seq, two.last_seq) == (target, target)  # every seq accounted for: catch-up works
+        assert sorted(m.subject for m in one.store.since(0)) == ["Mail 1", "Mail 3", "Mail 5", "Stray"]
+        assert sorted(m.subject for m in two.store.since(0)) == ["Mail 0", "Mail 2", "Mail 4", "Stray"]
+        assert (one.missing, two.missing, one.duplicates, two.duplicates) == (0, 0, 0, 0)  # filtered is no gap
+        assert one.filtered >= 3 and two.filtered >= 3
 
 
 def test_dropping_streams_cuts_them_abruptly(service):

@@ -223,8 +223,11 @@ class RemoteSink:
 
     def __init__(self, url: str, token: Optional[str] = None, *, store: Optional[MailStore] = None,
                  replay: bool = False, heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = 10.0,
-                 connect_timeout: float = 10.0, accept: Optional[Callable[[Message], bool]] = None) -> None:
-        """``replay=True`` also delivers what the service retained before ``start()``."""
+                 connect_timeout: float = 10.0, accept: Optional[Callable[[Message], bool]] = None,
+                 run: Optional[str] = None) -> None:
+        """``replay=True`` also delivers what the service retained before ``start()``. ``run``: an
+        AddressBook run id; the service then streams only the mail to that run's addresses, and
+        strays (mail to no harness address), not other runs' (a Locust worker's own mail)."""
         if heartbeat <= 0:
             raise ValueError("heartbeat must be a positive number of seconds")
         self.url = url.rstrip("/")
@@ -236,6 +239,7 @@ class RemoteSink:
         self._api = _Api(self.url, token, timeout)
         self.faults = RemoteFaults(self._api)
         self.accept = accept
+        self.run = run
         self.smtp_host: Optional[str] = None
         self.smtp_port: Optional[int] = None
         self.tls_mode = "off"  # the service's SMTP security, from /health at start()
@@ -247,6 +251,7 @@ class RemoteSink:
         self.received = 0  # messages delivered into the store from the stream
         self.set_aside = 0  # messages the stream brought that ``accept`` turned down
         self.duplicates = 0  # stream lines at or below last_seq (skipped; never expected)
+        self.filtered = 0  # seqs the service left out of this stream: other runs' mail (run=)
         self.missing = 0  # messages the service no longer had when the stream asked for them
         self.stream_connections = 0  # successful (re)connections of the stream
         self.restarts = 0  # times the stream found a restarted service (seqs begin again at 1)
@@ -412,6 +417,8 @@ class RemoteSink:
                 if self._stopping.is_set():
                     break
                 params = {"since": self.last_seq, "heartbeat": self.heartbeat, "client": self.client_id}
+                if self.run:
+                    params["run"] = self.run
                 if self.instance:
                     params["instance"] = self.instance
                 query = urllib.parse.urlencode(params)
@@ -462,9 +469,11 @@ class RemoteSink:
             if seq <= self.last_seq:
                 self.duplicates += 1
                 return
-            if seq != self.last_seq + 1:  # gap without a 'missing' notice: count it all the same
-                self.missing += seq - self.last_seq - 1
-                log.warning("sink service stream skipped seqs %d..%d (no longer retained)", self.last_seq + 1, seq - 1)
+            first = int(event.get("from", seq))  # a filtered stream: seqs first..seq-1 were other runs' mail
+            if first > self.last_seq + 1:  # gap without a 'missing' notice: count it all the same
+                self.missing += first - self.last_seq - 1
+                log.warning("sink service stream skipped seqs %d..%d (no longer retained)", self.last_seq + 1, first - 1)
+            self.filtered += seq - max(first, self.last_seq + 1)
             msg = Message(base64.b64decode(event["raw"]), mail_from=event.get("mail_from") or "",
                                   rcpt_tos=event.get("rcpt_tos") or (), received_at=event.get("received_at"),
                                   source="sink-service",
@@ -476,6 +485,10 @@ class RemoteSink:
                 return
             self.received += 1
             self.store.deliver(msg)
+        elif "through" in event:  # a filtered stream: everything up to here was other runs' mail
+            through = int(event["through"])
+            self.filtered += max(0, through - self.last_seq)
+            self.last_seq = max(self.last_seq, through)
         elif "heartbeat" in event:
             self.last_heartbeat = time.time()
         elif "hello" in event:

@@ -194,7 +194,10 @@ class Rehearsal:
         if not self.options.sink_url:
             raise SystemExit("mailproof: no sink service URL. Start one with `mailproof sink` "
                              "and pass --mailproof-sink-url or set MAILPROOF_SINK_URL.")
-        self.backend = RemoteSink(self.options.sink_url, token=self.options.token).start()
+        # Fan-in: the service streams this process only its own mail (and strays), so its stream
+        # work grows with messages, not with workers times messages.
+        self.backend = RemoteSink(self.options.sink_url, token=self.options.token,
+                                  run=self.address_book.run_id).start()
         self.backend.store.add_listener(self.ledger.on_arrival)
 
     def mailbox(self, within: float) -> Mailbox:

@@ -254,6 +254,7 @@ class SinkApi:
         heartbeat = _float_param(request, "heartbeat", DEFAULT_HEARTBEAT, minimum=0.05, maximum=300.0)
         known = request.query.get("instance")
         client = request.query.get("client") or None  # a named client keeps a cursor (retention)
+        run = (request.query.get("run") or "").strip().lower() or None  # only this run's mail (and strays)
         store, service = self.store, self.service
         reset = bool(known) and known != service.instance
         if reset:
@@ -265,25 +266,26 @@ class SinkApi:
                                                "X-Accel-Buffering": "no"})
         response.enable_chunked_encoding()
         await response.prepare(request)
-        # Subscribe and snapshot in one step on the loop: nothing can be captured in between,
-        # so the replay and the live part neither overlap nor leave a gap.
-        sub = Stream(request.transport)
+        # Subscribe, snapshot and queue the replay in one step on the loop (no await): nothing can
+        # be captured in between, so the replay and the live part neither overlap nor leave a gap,
+        # and the replay is queued ahead of every arrival.
+        sub = Stream(request.transport, run=run, since=since)
         replay = store.since(since)
         store.streams.add(sub)
         cursor = store.attach(client, since) if client else None
+        first = replay[0][SEQ] if replay else store.last_seq + 1
+        gap = (since + 1, first - 1) if since + 1 < first and since < store.last_seq else None
+        if gap:
+            sub.considered = sub.accounted = gap[1]
+        for rec in replay:
+            sub.take(rec)
+        del replay
         try:
             await response.write(_line({"hello": {"instance": service.instance, "since": since,
-                                                  "last_seq": store.last_seq, "reset": reset}}))
-            first = replay[0][SEQ] if replay else store.last_seq + 1
-            if since + 1 < first and since < store.last_seq:
-                await response.write(_line({"missing": {"from": since + 1, "to": first - 1,
+                                                  "last_seq": store.last_seq, "reset": reset, "run": run}}))
+            if gap:
+                await response.write(_line({"missing": {"from": gap[0], "to": gap[1],
                                                         "evicted": store.evicted, "cleared": store.cleared}}))
-            for start in range(0, len(replay), STREAM_BATCH):
-                batch = replay[start:start + STREAM_BATCH]
-                await response.write(b"".join(stream_line(m) for m in batch))
-                if cursor is not None:
-                    store.sent(cursor, batch[-1][SEQ])
-            del replay
             while not sub.closing and not service.stopping:
                 if sub.overflowed:
                     log.warning("a /stream client fell %d messages behind: dropping it (it reconnects with since=)",
@@ -294,9 +296,15 @@ class SinkApi:
                     batch, sub.pending = sub.pending[:STREAM_BATCH], sub.pending[STREAM_BATCH:]
                     if not sub.pending:
                         sub.event.clear()
-                    await response.write(b"".join(stream_line(m) for m in batch))
+                    await response.write(b"".join(stream_line(rec, first if run else None) for first, rec in batch))
                     if cursor is not None:
-                        store.sent(cursor, batch[-1][SEQ])
+                        store.sent(cursor, batch[-1][1][SEQ])
+                    continue
+                if sub.considered > sub.accounted:  # only filtered mail since the last line
+                    sub.accounted = through = sub.considered
+                    await response.write(_line({"through": through}))
+                    if cursor is not None:
+                        store.sent(cursor, through)
                     continue
                 sub.event.clear()
                 try:

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Optional
 
+from mailproof.addresses import TOKEN
 from mailproof.capture.service import ServiceError
 from mailproof.capture.smtp_sink import CapturedMail
 from mailproof.criteria import Criteria, _text_matches
@@ -193,17 +194,45 @@ class Waiter:
 
 
 class Stream:
-    """One ``/stream`` subscriber: the arrivals it has not written yet, and how it should end."""
+    """One ``/stream`` subscriber: the arrivals it has not written yet, and how it should end.
 
-    __slots__ = ("pending", "event", "overflowed", "closing", "drop", "transport")
+    ``run`` (``/stream?run=ID``, a Locust worker's AddressBook run id) filters it: the stream
+    carries the mail to that run's addresses, and mail to no harness address at all (strays, which
+    every filtered stream gets: the ledgers count them once, by seq), never another run's mail.
+    ``pending`` holds ``(first, record)``: ``first`` is the lowest seq the line accounts for, the
+    seqs filtered out before it included, so the client tells a filtered seq from a lost one.
+    ``considered``: the last seq the stream has seen; ``accounted``: the last seq a queued or
+    written line covers (when the stream is idle and ``considered`` is past it, a ``through``
+    line covers the rest).
+    """
 
-    def __init__(self, transport) -> None:
-        self.pending: list[Record] = []
+    __slots__ = ("pending", "event", "overflowed", "closing", "drop", "transport", "run", "considered",
+                 "accounted")
+
+    def __init__(self, transport, run: Optional[str] = None, since: int = 0) -> None:
+        self.pending: list[tuple[int, Record]] = []
         self.event = asyncio.Event()
         self.overflowed = False
         self.closing = False
         self.drop = False
         self.transport = transport
+        self.run = run
+        self.considered = self.accounted = since
+
+    def wants(self, rec: Record) -> bool:
+        if self.run is None:
+            return True
+        runs = [found.group(1) for found in map(TOKEN.search, (str(r).lower() for r in rec[RCPTS])) if found]
+        return not runs or self.run in runs
+
+    def take(self, rec: Record) -> bool:
+        """Account for ``rec``; True when it is queued for writing."""
+        self.considered = rec[SEQ]
+        if not self.wants(rec):
+            return False
+        self.pending.append((self.accounted + 1, rec))
+        self.accounted = rec[SEQ]
+        return True
 
 
 class Cursor:
@@ -278,10 +307,10 @@ class CaptureStore:
             self._evict_to_cap()
         if self.streams:
             for stream in self.streams:
-                stream.pending.append(rec)
+                stream.take(rec)
                 if len(stream.pending) > self.max_messages:
                     stream.overflowed = True  # a stuck client: drop it, it reconnects with since=
-                stream.event.set()
+                stream.event.set()  # filtered out too: the client hears "through" (and its cursor moves)
         if self.waiters_by_rcpt or self.waiters_any:
             self._offer(message_of(rec))
 

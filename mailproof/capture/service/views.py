@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from mailproof.capture.service.store import (AT, AUTH_USER, DATA, FROM, HELO, MAIL_OPTIONS, PEER, RCPTS,
                                              SEQ, SMTPUTF8, TLS, Record, Waiter, _rcpt_keys, message_of,
@@ -59,13 +59,16 @@ def parsed_view(rec: Record) -> dict:
     }
 
 
-def stream_line(rec: Record) -> bytes:
+def stream_line(rec: Record, first: Optional[int] = None) -> bytes:
     """One NDJSON line of ``/stream``: the envelope, the SMTP session's ``tls`` and ``auth_user``,
-    and the raw bytes, nothing parsed."""
-    return (json.dumps({"seq": rec[SEQ], "mail_from": rec[FROM], "rcpt_tos": list(rec[RCPTS]),
-                        "received_at": rec[AT], "tls": rec[TLS], "auth_user": rec[AUTH_USER],
-                        "raw": base64.b64encode(rec[DATA]).decode("ascii")}, separators=(",", ":"))
-            + "\n").encode("ascii")
+    and the raw bytes, nothing parsed. On a filtered stream (``run=``), ``from``: the first seq
+    this line accounts for (seqs from there to ``seq`` - 1 were other runs' mail)."""
+    event = {"seq": rec[SEQ], "mail_from": rec[FROM], "rcpt_tos": list(rec[RCPTS]),
+             "received_at": rec[AT], "tls": rec[TLS], "auth_user": rec[AUTH_USER],
+             "raw": base64.b64encode(rec[DATA]).decode("ascii")}
+    if first is not None:
+        event["from"] = first
+    return (json.dumps(event, separators=(",", ":")) + "\n").encode("ascii")
 
 
 async def near_misses(waiter: Waiter, store: "CaptureStore", timeout: float) -> dict:
