@@ -121,3 +121,19 @@ def test_counts_merge_second_by_second():
     assert (a.offered, a.started, a.completed) == ([4, 4, 1], [4, 3, 1], [1, 2])
     assert (a.cap_hits, a.not_started, a.max_users, a.lag_ms) == (1, 1, 6, {"0": 7, "40": 1})
     assert a.lag_percentile(100) == 0.04 and a.lag_percentile(50) == 0.0
+
+
+def test_an_arrival_a_user_slept_towards_is_not_started_once_the_load_stopped_before_it_was_due():
+    clock = FakeClock()
+    plan = plan_for([0.5, 2.0], clock)
+
+    def sleep_through_the_stop(seconds: float) -> None:
+        plan.stop()  # the load stops while the user sleeps towards its arrival
+        clock.sleep(seconds)
+
+    assert plan.claim() == 0.0
+    plan.sleep = sleep_through_the_stop
+    assert plan.claim() is None
+    counts = plan.counts()
+    assert (counts.total_offered, counts.total_started, counts.not_started) == (1, 1, 0)
+

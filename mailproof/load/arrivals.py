@@ -112,6 +112,8 @@ class ArrivalPlan:
                 self.cap_hits += 1  # nobody was free when it was due
         if due > now:
             self.sleep(due - now)
+        if self.stopped_at is not None and self.stopped_at < due:
+            return None  # the load stopped before it was due: never offered, never started
         started = self.clock()
         lag = max(0.0, started - due)
         with self._lock:
@@ -136,7 +138,7 @@ class ArrivalPlan:
             return []
         if self.stopped_at is None:
             return self.offsets
-        return [t for t in self.offsets if self.t0 + t < self.stopped_at]
+        return [t for t in self.offsets if self.t0 + t <= self.stopped_at]
 
     def _second(self, at: float) -> int:
         return max(0, int(at - (self.t0 or at)))
