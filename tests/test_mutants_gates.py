@@ -63,6 +63,13 @@ def test_a_gate_reads_as_written(text, flow, metric, op, value):
     assert gate.text == text.strip()
 
 
+def test_an_unreadable_gate_is_quoted_with_the_grammar_and_an_example():
+    with pytest.raises(GateError) as caught:
+        Gate.parse("p95 5s")
+    assert str(caught.value) == ("cannot read gate 'p95 5s': write it as [FLOW:]METRIC OP VALUE[ms|s|%], "
+                                 "e.g. 'signup_confirms_account:p95<5s' or '*:lost==0'")
+
+
 @pytest.mark.parametrize("text, words", [
     ("p95 5s", ["cannot read gate 'p95 5s'", "[FLOW:]METRIC OP VALUE[ms|s|%]",
                 "e.g. 'signup_confirms_account:p95<5s' or '*:lost==0'"]),

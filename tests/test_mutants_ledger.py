@@ -304,6 +304,7 @@ def test_a_snapshot_carries_everything_a_master_needs(ls):
     master.handed[awaited.lower()] = ledger.handed[handed.lower()]  # a worker handed it, another awaited it
     master.merge(ledger.snapshot())
     assert set(master.handed) == {handed.lower(), "other@x"}
+    assert (master.handed[handed.lower()].flow, master.handed[handed.lower()].run) == ("order", PASSED)
     assert master.unparsed == 1
     assert [a.key for a in master.arrivals[awaited.lower()]] == ["s1"]
     assert master.reconcile().flows["order"].delivered == 1
@@ -331,4 +332,46 @@ def test_a_bad_snapshot_is_refused_naming_its_source():
     assert "worker w1" in str(caught.value)
     with pytest.raises(ResultsError) as caught:
         Ledger().merge({"expectations": "nonsense"})
-    assert "ledger snapshot" in str(caught.value)
+    assert str(caught.value).startswith("ledger snapshot: ")
+
+
+def test_an_arrival_seen_twice_counts_once(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    address = run.address(trigger=T0, expect=2)
+    run.record()
+    store.deliver(mail(address, T0 + 1, seq=1))
+    snap = ledger.snapshot()
+    master = Ledger()
+    master.merge(snap)
+    master.merge(snap)  # two workers streamed the same email
+    assert len(master.arrivals[address.lower()]) == 1
+    assert master.reconcile().flows["order"].delivered == 1
+    again = master.arrivals[address.lower()][0]
+    assert master.recover(address.upper(), [again]) == 0
+    assert master.recover(address, [again, type(again)(key="s9", t=T0 + 2)]) == 1
+    assert master.reconcile().flows["order"].delivered == 2
+
+
+def test_lost_emails_are_listed_by_trigger_and_strangers_strays_say_whose_they_are_not(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    later = run.address(trigger=T0 + 9, label="a")
+    earlier = run.address(trigger=T0 + 1, label="b")
+    run.record()
+    store.deliver(mail("stranger@x", T0 + 4, subject="Who?", seq=1))
+    counts = ledger.reconcile()
+    assert [e.address for e in counts.lost_emails] == [earlier.lower(), later.lower()]
+    (stray,) = counts.unexpected_emails
+    assert (stray.address, stray.flow, stray.t, stray.subject, stray.why) == (
+        "stranger@x", None, T0 + 4, "Who?", "no flow handed out this address")
+
+
+def test_two_emails_measured_from_the_same_second_are_two_sends(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    a, b = run.address(trigger=T0), run.address(trigger=T0)
+    store.deliver(mail(a, T0 + 1, seq=1))
+    store.deliver(mail(b, T0 + 2, seq=2))
+    run.record()
+    assert ledger.timeline().sends == [(int(T0), 2)]

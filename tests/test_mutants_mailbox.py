@@ -283,3 +283,59 @@ def test_criteria_that_raise_on_an_extra_mail_are_a_harness_error_naming_the_mai
     assert list(store.harness_error_samples) == [
         f"checking {describe(bad)} against to {to} {wanted}: ZeroDivisionError: division by zero"]
     assert re.search(r"mail #\d+ to", describe(bad))
+
+
+def test_harness_errors_are_logged_once_per_kind_of_exception(caplog):
+    class Raising(Mapping):
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __getitem__(self, key):
+            raise KeyError(key)
+
+        def __iter__(self):
+            raise self.exc
+
+        def __len__(self):
+            return 1
+
+        def items(self):
+            raise self.exc
+
+    store = MailStore()
+    box = Mailbox(store)
+    box.address("scan")
+    with caplog.at_level("ERROR", logger="mailproof"):
+        for exc in (RuntimeError("one"), RuntimeError("two"), ValueError("three")):
+            box.on_request("POST", "http://app.test/x", {"json": Raising(exc)})
+    assert store.harness_errors == 3
+    logged = [r.getMessage() for r in caplog.records if "harness error" in r.getMessage()]
+    assert len(logged) == 2 and "RuntimeError: one" in logged[0] and "ValueError: three" in logged[1]
+
+
+def test_an_unexpected_mail_without_a_trigger_of_its_own_is_measured_from_the_last_mark_before_the_check():
+    store = MailStore()
+    box = Mailbox(store)
+    box.mark(at=100.0)
+    box.mark(at=time.time() + 1000)  # timed after the check began: not what caused the mail
+    to = box.address("late")
+    store.deliver(_mail(to, received_at=130.0))
+    with pytest.raises(UnexpectedMail) as caught:
+        box.expect_no_mail(to, within=0.1)
+    assert caught.value.messages[0].triggered_at == 100.0
+
+
+def test_after_an_expect_block_a_request_carrying_the_address_is_its_next_trigger():
+    store = MailStore()
+    now = [1000.0]
+    box = Mailbox(store, clock=lambda: now[0])
+    to = box.address("again")
+    with box.expect(to, within=100):
+        box.on_request("POST", f"http://app.test/signup?email={to}")
+        store.deliver(_mail(to, received_at=1001.0))
+    now[0] = 2000.0
+    box.on_request("POST", f"http://app.test/resend?email={to}")
+    now[0] = 2500.0
+    box.on_request("GET", "http://app.test/other")
+    store.deliver(_mail(to, received_at=2600.0))
+    assert box.wait_for(to, within=1000).latency == 600.0
