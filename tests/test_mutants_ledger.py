@@ -375,3 +375,104 @@ def test_two_emails_measured_from_the_same_second_are_two_sends(ls):
     store.deliver(mail(b, T0 + 2, seq=2))
     run.record()
     assert ledger.timeline().sends == [(int(T0), 2)]
+
+
+# -- what the waits returned, at the boundaries -----------------------------------------------------
+
+
+def test_defaults_and_bad_outcomes():
+    assert Ledger().grace == 5.0
+    assert Expectation(flow="f", count=0, within=1, trigger=T0).slots() == []
+    ledger = Ledger()
+    with pytest.raises(ValueError) as caught:
+        ledger.record_flow("f", Mailbox(MailStore()), outcome="crashed")
+    assert str(caught.value) == "outcome must be one of ('passed', 'failed', 'interrupted'), not 'crashed'"
+
+
+def test_a_claim_is_late_when_its_wait_said_so_or_its_latency_is_over_the_slo(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    said, over, at_slo = (run.address(trigger=T0, within=5.0) for _ in range(3))
+    for seq, (address, latency, late) in enumerate([(said, 1.0, True), (over, 5.5, False), (at_slo, 5.0, False)]):
+        store.deliver(mail(address, T0 + latency, seq=seq + 1))
+        run.claim(address, store.since(0)[-1], latency, late=late)
+    run.record()
+    by_address = {d.address: d for d in ledger.deliveries()}
+    assert {a: d.late for a, d in by_address.items()} == {said.lower(): True, over.lower(): True, at_slo.lower(): False}
+    assert {d.trigger for d in by_address.values()} == {T0}
+    assert ledger.reconcile().flows["order"].late == 2
+
+
+def test_an_arrival_at_its_trigger_or_at_the_slo_is_delivered_on_time(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    at_trigger, at_slo, over = (run.address(trigger=T0, within=5.0) for _ in range(3))
+    run.record()
+    store.deliver(mail(at_trigger, T0, seq=1))
+    store.deliver(mail(at_slo, T0 + 5.0, seq=2))
+    store.deliver(mail(over, T0 + 5.25, seq=3))
+    deliveries = {d.address: d for d in ledger.deliveries()}
+    assert {a: (d.latency, d.late, d.trigger) for a, d in deliveries.items()} == {
+        at_trigger.lower(): (0.0, False, T0), at_slo.lower(): (5.0, False, T0), over.lower(): (5.25, True, T0)}
+    assert ledger.reconcile().flows["order"].late == 1
+
+
+def test_a_resend_of_a_claimed_email_is_a_copy_after_another_email_arrived(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    address = run.address(trigger=T0, expect=2)
+    store.deliver(mail(address, T0 + 1, subject="First", message_id="<1@app>", seq=1))
+    run.claim(address, store.since(0)[-1], 1.0)
+    run.record()
+    store.deliver(mail(address, T0 + 2, subject="Second", message_id="<2@app>", seq=2))
+    store.deliver(mail(address, T0 + 3, subject="First", message_id="<1@app>", seq=3))
+    row = ledger.reconcile().flows["order"]
+    assert (row.delivered, row.duplicated, row.unexpected) == (2, 1, 0)
+
+
+def test_each_lost_email_carries_the_reply_to_its_own_trigger(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    box = run.mailbox
+    address = box.address("two")
+    for at in (T0, T0 + 1):
+        box.mark(address, at=at)
+        with pytest.raises(Exception):
+            box.wait_for(address, within=0.05, timeout=0.05)
+    assert box.triggers_of(address) == [T0, T0 + 1]
+    first, second = (HttpReply(method="POST", path=p, status=s, body="") for p, s in (("/a", 200), ("/b", 503)))
+    run.record(replies={T0: first, T0 + 1: second})
+    assert [(e.trigger, e.reply) for e in ledger.reconcile().lost_emails] == [(T0, first), (T0 + 1, second)]
+
+
+def test_an_address_awaited_later_is_no_longer_only_handed_out(ls):
+    ledger, store = ls
+    first = Run(ledger, store, "first")
+    address = first.address(expect=None)
+    first.record()
+    assert address.lower() in ledger.handed
+    second = Run(ledger, store, "second")
+    second.mailbox.handed_out.append(address)
+    second.mailbox.expected[address.lower()] = (1, 5.0)
+    second.record()
+    assert address.lower() not in ledger.handed
+    assert ledger.reconcile().handed_out == 1
+
+
+def test_an_expectation_met_before_it_is_recorded_is_not_outstanding(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    address = run.address(trigger=T0)
+    store.deliver(mail(address, T0 + 1, seq=1))
+    run.record()
+    assert ledger.outstanding == 0
+
+
+def test_mail_where_a_stopped_run_expected_none_after_its_trigger_is_unexpected(ls):
+    ledger, store = ls
+    run = Run(ledger, store)
+    quiet = run.address(trigger=T0, expect=0)
+    run.record(INTERRUPTED)
+    store.deliver(mail(quiet, T0 + 1, seq=1))
+    row = ledger.reconcile().flows["order"]
+    assert (row.unexpected, row.interrupted) == (1, 0)

@@ -12,7 +12,7 @@ from email.message import EmailMessage
 import pytest
 
 from mailproof.addresses import AddressBook
-from mailproof.errors import HarnessError, MailNotDelivered, MailproofError, UnexpectedMail
+from mailproof.errors import HarnessError, MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 from mailproof.mailbox import Mailbox, MailStore
 from mailproof.message import Message
 from mailproof.store import describe
@@ -339,3 +339,101 @@ def test_after_an_expect_block_a_request_carrying_the_address_is_its_next_trigge
     box.on_request("GET", "http://app.test/other")
     store.deliver(_mail(to, received_at=2600.0))
     assert box.wait_for(to, within=1000).latency == 600.0
+
+
+def test_criteria_errors_on_extra_mail_are_logged_once_per_kind_of_exception(caplog):
+    errors = iter([RuntimeError("one"), RuntimeError("two"), ValueError("three")])
+
+    def picky(msg: Message) -> bool:
+        if msg.subject == "boom":
+            raise next(errors)
+        return True
+
+    store = MailStore()
+    box = Mailbox(store)
+    with caplog.at_level("ERROR", logger="mailproof"):
+        for _ in range(3):
+            to = box.address("picky")
+            with pytest.raises(HarnessError):
+                with box.expect(to, match=picky, **SHORT):
+                    store.deliver(_mail(to, subject="fine"))
+                    store.deliver(_mail(to, subject="boom"))
+    assert store.harness_errors == 3
+    logged = [r.getMessage() for r in caplog.records if "harness error" in r.getMessage()]
+    assert len(logged) == 2 and "RuntimeError: one" in logged[0] and "ValueError: three" in logged[1]
+
+
+def test_an_address_is_labelled_user_by_default():
+    assert Mailbox(MailStore()).address().startswith("user+")
+
+
+def test_a_timeout_shorter_than_the_slo_is_refused_saying_why():
+    with pytest.raises(ValueError) as caught:
+        Mailbox(MailStore()).wait_for("a@x", within=5, timeout=1)
+    assert str(caught.value) == ("timeout must be at least within (5 s), not 1: the wait has to outlast the SLO to "
+                                 "tell late mail from lost mail")
+
+
+def test_a_wait_without_a_timeout_blocks_until_the_mail_comes(signalling_store):
+    import math
+    import threading
+
+    box = Mailbox(signalling_store)
+    to = box.address("forever")
+    sender = threading.Thread(target=lambda: (signalling_store.await_waiters(1), signalling_store.deliver(_mail(to))))
+    sender.start()
+    got = box.wait_for(to, within=60, timeout=math.inf)
+    sender.join()
+    assert got.rcpt_tos == (to,)
+
+
+def test_criteria_that_raise_fail_the_wait_as_a_harness_error_not_a_verdict():
+    def broken(msg):
+        raise KeyError("X-Flag")
+
+    store = MailStore()
+    box = Mailbox(store)
+    to = box.address("broken")
+    msg = store.deliver(_mail(to))
+    with pytest.raises(HarnessError) as caught:
+        box.wait_for(to, match=broken, **SHORT)
+    assert str(caught.value) == (
+        f"the harness could not check {describe(msg)} against to {to} match=broken: KeyError: 'X-Flag'. This is a "
+        "fault of the test's criteria (a match= callable?) or of mailproof, not a verdict on the product.")
+
+
+def test_mail_exactly_at_the_slo_is_on_time_and_later_mail_is_late_with_one_line_each():
+    store = MailStore()
+    box = Mailbox(store)
+    heard = []
+    box.observe(lambda *event: heard.append(event))
+    to = box.address("slo")
+    box.mark(to, at=100.0)
+    on_time = store.deliver(_mail(to, received_at=105.0))
+    assert box.wait_for(to, within=5) is on_time  # latency 5.0 == within: not late
+    box.mark(to, at=200.0)
+    store.deliver(_mail(to, subject="A", received_at=203.0))
+    late = store.deliver(_mail(to, subject="B", received_at=206.0))
+    with pytest.raises(MailLate) as caught:
+        box.wait_for(to, within=5, count=2)
+    assert str(caught.value) == (f"to {to}: arrived 6.000 s after the trigger, more than the 5 s allowed "
+                                 f"({late.describe()})\n1 of the 2 mails were late.")
+    assert caught.value.late == [late]
+    assert [(e, m.subject, x) for e, m, _, x in heard[1:]] == [("delivered", "A", None), ("late", "B", caught.value)]
+    box.mark(to, at=300.0)
+    single = store.deliver(_mail(to, subject="C", received_at=310.0))
+    with pytest.raises(MailLate) as caught:
+        box.wait_for(to, within=5)
+    assert str(caught.value) == (f"to {to}: arrived 10.000 s after the trigger, more than the 5 s allowed "
+                                 f"({single.describe()})")
+
+
+def test_without_a_trigger_mail_at_the_slo_after_the_wait_began_is_on_time():
+    store = MailStore()
+    box = Mailbox(store, clock=lambda: 100.0)
+    to = box.address("blind")
+    store.deliver(_mail(to, received_at=105.0))
+    assert box.wait_for(to, within=5).latency is None
+    store.deliver(_mail(to, received_at=105.5))
+    with pytest.raises(MailLate, match="after the wait began"):
+        box.wait_for(to, within=5)
