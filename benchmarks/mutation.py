@@ -90,6 +90,82 @@ TIMEOUT_CONSTANT = 5.0
 # Surviving mutants that are kept, one line each: why no test can (or should) fail on them.
 # Keys are mutmut's mutant names (``mutmut show NAME`` prints the diff).
 NOTES: dict[str, str] = {
+    # gates: a measured value's "why" is never shown (only a subject with no value has one)
+    "mailproof.load.gates.x__flow_value__mutmut_16": "equivalent: the why of a measured latency is never read",
+    "mailproof.load.gates.x__flow_value__mutmut_25": "equivalent: the why of a measured failure rate is never read",
+    "mailproof.load.gates.x__flow_value__mutmut_39": "equivalent: the why of a measured failure count is never read",
+    "mailproof.load.gates.x__flow_value__mutmut_45": "equivalent: the why of a measured 0 (ran, expected no email) is never read",
+    "mailproof.load.gates.x__flow_value__mutmut_53": "equivalent: the why of a measured count is never read",
+    "mailproof.load.gates.x_evaluate__mutmut_32": "equivalent: the why of the run's unexpected count is never read",
+    "mailproof.load.gates.x_evaluate__mutmut_43": "equivalent: the why of the HTTP error rate is never read",
+    "mailproof.load.gates.x_evaluate__mutmut_51": "equivalent: the why of the harness error count is never read",
+    # latency
+    "mailproof.load.latency.xǁLatencyHistogramsǁrecord__mutmut_12":
+        "equivalent below resolution: 1 ppm more, under the histogram's 0.1 %; exact only below 2 ms, where it is < 0.002 µs",
+    "mailproof.load.latency.xǁLatencyHistogramsǁencode__mutmut_3": "equivalent: codec names are case-insensitive",
+    "mailproof.load.latency.xǁLatencyHistogramsǁmerge__mutmut_5": "equivalent: codec names are case-insensitive",
+    # ledger
+    "mailproof.load.ledger.xǁLedgerǁon_arrival__mutmut_6":
+        "equivalent: a message without recipients is counted unparsed before its subject is used",
+    "mailproof.load.ledger.xǁLedgerǁon_arrival__mutmut_9":
+        "equivalent: a message without recipients is counted unparsed before its subject is used",
+    "mailproof.load.ledger.xǁLedgerǁon_arrival__mutmut_12":
+        "equivalent: a message without recipients is counted unparsed before its Message-ID is used",
+    "mailproof.load.ledger.xǁLedgerǁon_arrival__mutmut_44":
+        "equivalent: the notify_all at the top of the lock already wakes settle() on every arrival",
+    "mailproof.load.ledger.xǁLedgerǁsettle__mutmut_19": "equivalent: left is a float difference, exactly 0 only by chance",
+    "mailproof.load.ledger.xǁLedgerǁsettle__mutmut_20":
+        "timing only: ends the quiet period early in the last second; a test would need a timed straggler",
+    "mailproof.load.ledger.xǁLedgerǁsettle__mutmut_21": "equivalent: silent is a float difference, equal to quiet only by chance",
+    "mailproof.load.ledger.xǁLedgerǁsettle__mutmut_28":
+        "timing only: sleeps longer within the quiet period, still bounded by the deadline",
+    "mailproof.load.ledger.xǁLedgerǁ_satisfied__mutmut_3":
+        "equivalent: called only for addresses with an expectation; one not awaited owes nothing either way",
+    "mailproof.load.ledger.xǁLedgerǁ_satisfied__mutmut_7":
+        "equivalent: callers ask only about awaited expectations (record_flow, and addresses in _outstanding)",
+    "mailproof.load.ledger.xǁLedgerǁlost_addresses__mutmut_4":
+        "equivalent: the account of an expectation not awaited owes nothing",
+    "mailproof.load.ledger.xǁLedgerǁlost_addresses__mutmut_15":
+        "equivalent: an unknown trigger sorts first as 0.0 or 1.0, triggers being epoch seconds",
+    "mailproof.load.ledger.xǁLedgerǁreconcile__mutmut_151":
+        "equivalent: an unknown trigger sorts first as 0.0 or 1.0, triggers being epoch seconds",
+    "mailproof.load.ledger.xǁLedgerǁrecord_flow__mutmut_24":
+        "equivalent: replies are keyed by trigger times, never by None, so get(None) is None too",
+    "mailproof.load.ledger.xǁLedgerǁrecord_flow__mutmut_37":
+        "equivalent: Expectation.reply is read only past the end of replies, which has one per expected email",
+    "mailproof.load.ledger.xǁLedgerǁrecord_flow__mutmut_47":
+        "equivalent: Expectation.reply is read only past the end of replies, which has one per expected email",
+    "mailproof.load.ledger.xǁLedgerǁrecord_flow__mutmut_55":
+        "equivalent: Expectation.reply is read only past the end of replies, which has one per expected email",
+    "mailproof.load.ledger.xǁLedgerǁ_awaited__mutmut_2":
+        "equivalent: an expectation of 0 emails has no slots, so awaiting it owes and delivers nothing",
+    "mailproof.load.ledger.xǁLedgerǁ_account__mutmut_86":
+        "equivalent: every reader of account.owed first checks that the expectation is awaited",
+    # mailbox
+    "mailproof.mailbox.xǁMailboxǁ_verdict__mutmut_38":
+        "equivalent: with a recipient there is no resolved map, and stamp() then uses the trigger either way",
+    "mailproof.mailbox.xǁMailboxǁon_request__mutmut_18":
+        "equivalent: a harness-error kind is only a key for logging once; any name distinct from the others does",
+    "mailproof.mailbox.xǁMailboxǁon_request__mutmut_19":
+        "equivalent: a harness-error kind is only a key for logging once; any name distinct from the others does",
+    "mailproof.mailbox.xǁ_Expectingǁ_finish__mutmut_55":
+        "equivalent: a harness-error kind is only a key for logging once; any name distinct from the others does",
+    "mailproof.mailbox.xǁ_Expectingǁ_finish__mutmut_56":
+        "equivalent: a harness-error kind is only a key for logging once; any name distinct from the others does",
+    "mailproof.mailbox.xǁ_Expectingǁ__init____mutmut_11": "equivalent: None and False are both false for `if self._entered`",
+    "mailproof.mailbox.xǁ_Expectingǁ__enter____mutmut_13":
+        "equivalent: without a recipient the previous expectation is never restored (`if key:`)",
+    "mailproof.mailbox.xǁ_Expectingǁ__exit____mutmut_7":
+        "equivalent: __enter__ always set expected[key], so pop() without a default finds it",
+    "mailproof.mailbox.xǁ_Expectingǁ__exit____mutmut_30":
+        "equivalent: returning True only matters with an exception, and that path returns False earlier",
+    "mailproof.mailbox.xǁ_Expectingǁ_finish__mutmut_34":
+        "equivalent: narrowing the candidates by recipient is for speed; the criteria check the recipient too",
+    "mailproof.mailbox.xǁ_Expectingǁ_finish__mutmut_36":
+        "equivalent: narrowing the candidates by recipient is for speed; the criteria check the recipient too",
+    "mailproof.mailbox.xǁ_Expectingǁ_finish__mutmut_41": "equivalent: the probe only calls matches(), which ignores count",
+    "mailproof.mailbox.xǁ_Expectingǁ_finish__mutmut_42": "equivalent: the probe only calls matches(), which ignores exclude",
+    "mailproof.mailbox.xǁ_Expectingǁ_finish__mutmut_46": "equivalent: the probe only calls matches(), which ignores count",
 }
 
 SURVIVED = ("survived", "no tests", "suspicious")  # counted against the share
