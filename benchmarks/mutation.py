@@ -144,6 +144,15 @@ NOTES: dict[str, str] = {
     # mailbox
     "mailproof.mailbox.xǁMailboxǁ_verdict__mutmut_38":
         "equivalent: with a recipient there is no resolved map, and stamp() then uses the trigger either way",
+    "mailproof.mailbox.xǁMailboxǁ__init____mutmut_22": "equivalent: None and False are both false for `if not self._closed`",
+    "mailproof.mailbox.xǁMailboxǁaddress__mutmut_2": "equivalent: AddressBook lower-cases labels, so 'USER' is 'user'",
+    # criteria
+    "mailproof.criteria.xǁCriteriaǁ_mismatches__mutmut_11":
+        "only a sender= of 'xxxx' could tell: an empty MAIL FROM is compared as '' (or 'XXXX') and matches no real sender",
+    # message
+    "mailproof.message.xǁMessageǁ__init____mutmut_11": "equivalent: codec names are case-insensitive",
+    "mailproof.message.xǁMessageǁ_header_value__mutmut_1": "equivalent: the cache of decoded headers missed, same value decoded again",
+    "mailproof.message.xǁMessageǁ_header_value__mutmut_2": "equivalent: the cache of decoded headers missed, same value decoded again",
     "mailproof.mailbox.xǁMailboxǁon_request__mutmut_18":
         "equivalent: a harness-error kind is only a key for logging once; any name distinct from the others does",
     "mailproof.mailbox.xǁMailboxǁon_request__mutmut_19":

@@ -27,3 +27,28 @@ def test_describe_of_a_header_pair_and_of_a_callable_without_a_name():
 
 def test_describe_of_no_criterion_is_any_mail():
     assert Criteria().describe() == "any mail"
+
+
+def _msg():
+    from mailproof.message import Message
+
+    raw = b"From: a@x.test\r\nTo: b@x.test\r\nSubject: Hi\r\nX-Kind: news\r\n\r\nHello\r\n"
+    return Message(raw, mail_from="a@x.test", rcpt_tos=["b@x.test"])
+
+
+def test_mismatches_say_why_word_for_word():
+    def picky(msg) -> bool:
+        return False
+
+    def broken(msg) -> bool:
+        raise KeyError("X-Flag")
+
+    msg = _msg()
+    assert Criteria(contains="code", header=("X-Kind", re.compile("^receipt")), match=picky).mismatches(msg) == [
+        "body does not contain 'code'",
+        "header X-Kind ['news'] does not contain /^receipt/",
+        "match=picky returned False",
+    ]
+    assert Criteria(match=broken).mismatches(msg) == ["match raised KeyError: 'X-Flag'"]
+    assert Criteria(match=partial(picky)).mismatches(msg) == ["match=callable returned False"]
+    assert Criteria(sender="A@X.test", to="B@x.TEST").mismatches(msg) == []

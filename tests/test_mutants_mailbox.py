@@ -437,3 +437,9 @@ def test_without_a_trigger_mail_at_the_slo_after_the_wait_began_is_on_time():
     store.deliver(_mail(to, received_at=105.5))
     with pytest.raises(MailLate, match="after the wait began"):
         box.wait_for(to, within=5)
+
+
+def test_a_mailboxs_default_slo_is_ten_seconds_and_its_wait_thirty():
+    box = Mailbox(MailStore())
+    assert box.default_within == 10.0
+    assert box.wait_timeout() == 30.0

@@ -81,3 +81,16 @@ def test_describe_names_the_envelope_else_the_to_header_else_a_question_mark():
     headers_only = Message(b"To: a@example.test, c@example.test\r\nSubject: Hi\r\n\r\nx\r\n", seq=5)
     assert headers_only.describe() == "mail #5 to a@example.test, c@example.test subject 'Hi'"
     assert Message(b"Subject: Hi\r\n\r\nx\r\n", seq=6).describe() == "mail #6 to ? subject 'Hi'"
+
+
+def test_a_message_built_by_hand_has_no_envelope_and_no_trigger():
+    msg = Message(RAW)
+    assert (msg.mail_from, msg.rcpt_tos, msg.seq, msg.source, msg.received_at, msg.triggered_at) == (
+        "", (), 0, "sink", None, None)
+
+
+def test_raw_text_is_encoded_back_to_its_bytes_surrogates_included():
+    raw = b"Subject: caf\xe9 \xff\r\n\r\nbody\r\n"
+    msg = Message(raw.decode("utf-8", "surrogateescape"))
+    assert msg.raw == raw
+    assert Message("Subject: café\r\n\r\nx\r\n").raw == "Subject: café\r\n\r\nx\r\n".encode("utf-8")
