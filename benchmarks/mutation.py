@@ -150,6 +150,10 @@ NOTES: dict[str, str] = {
     "mailproof.criteria.xǁCriteriaǁ_mismatches__mutmut_11":
         "only a sender= of 'xxxx' could tell: an empty MAIL FROM is compared as '' (or 'XXXX') and matches no real sender",
     # message
+    "mailproof.message.xǁAttachmentǁtext__mutmut_10":
+        "equivalent: with no charset and no default decode_bytes reads UTF-8 anyway (an unusable charset is read as UTF-8)",
+    "mailproof.message.xǁAttachmentǁtext__mutmut_14": "equivalent: an unknown default charset is read as UTF-8, the default",
+    "mailproof.message.xǁAttachmentǁtext__mutmut_15": "equivalent: codec names are case-insensitive",
     "mailproof.message.xǁMessageǁ__init____mutmut_11": "equivalent: codec names are case-insensitive",
     "mailproof.message.xǁMessageǁ_header_value__mutmut_1": "equivalent: the cache of decoded headers missed, same value decoded again",
     "mailproof.message.xǁMessageǁ_header_value__mutmut_2": "equivalent: the cache of decoded headers missed, same value decoded again",
