@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from mailproof.load.ledger import FAILED, INTERRUPTED, PASSED, Claim, Expectation, HandedOut, Ledger, arrival_key
+from mailproof.errors import MailNotDelivered
 from mailproof.load.results import HttpReply, ResultsError
 from mailproof.mailbox import Mailbox, MailStore
 from mailproof.message import Message
@@ -100,7 +101,7 @@ def test_mail_the_harness_cannot_place_is_counted_unparsed_one_by_one():
     ledger.on_arrival(mail(None, T0, seq=1))  # no recipient
     ledger.on_arrival(mail("a@x", None, seq=2))  # no capture time, though a seq
     ledger.on_arrival(mail("a@x", None))  # neither
-    ledger.on_arrival(SimpleNamespace(received_at=T0, recipients=property(lambda s: 1 / 0)))  # unreadable
+    ledger.on_arrival(SimpleNamespace(received_at=T0, recipients=frozenset({"a@x"})))  # no subject to read
 
     class Unreadable:
         received_at = T0
@@ -111,7 +112,7 @@ def test_mail_the_harness_cannot_place_is_counted_unparsed_one_by_one():
 
     ledger.on_arrival(Unreadable())
     assert ledger.unparsed == 5
-    assert dict(ledger.arrivals) == {"a@x": []} or not any(ledger.arrivals.values())
+    assert not any(ledger.arrivals.values())
 
 
 def test_an_address_is_outstanding_until_its_last_expected_email_comes(ls):
@@ -437,7 +438,7 @@ def test_each_lost_email_carries_the_reply_to_its_own_trigger(ls):
     address = box.address("two")
     for at in (T0, T0 + 1):
         box.mark(address, at=at)
-        with pytest.raises(Exception):
+        with pytest.raises(MailNotDelivered):
             box.wait_for(address, within=0.05, timeout=0.05)
     assert box.triggers_of(address) == [T0, T0 + 1]
     first, second = (HttpReply(method="POST", path=p, status=s, body="") for p, s in (("/a", 200), ("/b", 503)))
