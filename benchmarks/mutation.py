@@ -15,7 +15,7 @@ imports the mutants from there (they come first on ``sys.path``, before the edit
 finder, which only answers for what nothing on the path has). Results are kept between runs:
 mutmut retests only the functions that changed; ``--fresh`` starts over.
 
-    nice -n 10 .venv/bin/python benchmarks/mutation.py             # about 25 min on 2 cores
+    nice -n 10 .venv/bin/python benchmarks/mutation.py --fresh     # 13-20 min on 2 shared cores
     .venv/bin/python benchmarks/mutation.py --report               # the last run's figures only
     .venv/bin/python benchmarks/mutation.py 'mailproof.criteria*'  # one module (mutmut's globs)
 
