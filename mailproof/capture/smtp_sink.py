@@ -48,7 +48,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+import aiosmtpd
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import __ident__ as _AIOSMTPD_IDENT
+from aiosmtpd.smtp import _AuthMechAttr
 
 from mailproof.net import LOOPBACK
 
@@ -146,34 +149,43 @@ class _Handler:
 
     async def handle_EHLO(self, server, session: Session, envelope, hostname, responses):
         session.host_name = hostname
-        reply = await self.sink._fault("ehlo", server, session, envelope)
-        return [reply] if reply else responses
+        reply = await self.sink._fault("ehlo", server, session, envelope) if self.sink._faulting() else None
+        # One write for the whole reply (aiosmtpd pushes each line with its own write and drain):
+        # the same bytes on the wire, one send() instead of six.
+        return [reply] if reply else ["\r\n".join(responses)]
 
     async def handle_MAIL(self, server, session, envelope: Envelope, address, mail_options):
-        reply = await self.sink._fault("mail", server, session, envelope, address=address)
-        if reply:
-            return reply
+        if self.sink._faulting():
+            reply = await self.sink._fault("mail", server, session, envelope, address=address)
+            if reply:
+                return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope: Envelope, address, rcpt_options):
-        reply = await self.sink._fault("rcpt", server, session, envelope, address=address)
-        if reply:
-            return reply
+        if self.sink._faulting():
+            reply = await self.sink._fault("rcpt", server, session, envelope, address=address)
+            if reply:
+                return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session: Session, envelope: Envelope):
-        reply = await self.sink._fault("data", server, session, envelope)
-        if reply:
-            return reply
+        faulting = self.sink._faulting()
+        if faulting:
+            reply = await self.sink._fault("data", server, session, envelope)
+            if reply:
+                return reply
         # Stamped after a data-stage fault (a slow relay's Delay): the mail is accepted now, and
         # latency from the trigger must include the delay the test injected.
         captured = self.sink._record(session, envelope, time.time())
-        reply = await self.sink._fault("after_data", server, session, envelope, captured=captured)
-        return reply or f"250 2.0.0 OK queued as {captured.seq}"
+        if faulting or self.sink._faulting():  # a rule may have come in during on_message
+            reply = await self.sink._fault("after_data", server, session, envelope, captured=captured)
+            if reply:
+                return reply
+        return f"250 2.0.0 OK queued as {captured.seq}"
 
 
 # aiosmtpd builds a new SMTP object per connection and, because the handler has an EHLO hook,
@@ -186,15 +198,95 @@ _Handler.handle_EHLO.__signature__ = inspect.signature(_Handler.handle_EHLO)  # 
 _CHUNK = 64 * 1024
 
 
+# _SinkSMTP.__init__ mirrors aiosmtpd 1.4.6's SMTP.__init__ with its per-class work done once;
+# any other version takes aiosmtpd's own __init__ (correct, only slower).
+_FAST_INIT = aiosmtpd.__version__ == "1.4.6"
+
+
+class _ClassTables:
+    """What aiosmtpd's SMTP.__init__ rebuilds on every connection from dir() and
+    inspect.getmembers() of the protocol and the handler (about a third of the setup cost of a
+    one-message connection): the names of the smtp_*, auth_* and handle_* methods. Computed
+    once per (protocol class, handler class); each connection binds them (a dict of ~20)."""
+
+    _cache: dict[tuple[type, type], "_ClassTables"] = {}
+
+    def __init__(self, proto_cls: type, handler_cls: type) -> None:
+        self.smtp = [(m[5:], m) for m in dir(proto_cls) if m.startswith("smtp_")]
+        self.hooks = [(m[7:], m) for m in dir(handler_cls) if m.startswith("handle_")]
+        # Name as aiosmtpd computes it: the decorator's name, else auth_X__Y -> X-Y.
+        self.auth = [(getattr(getattr(cls, m), "__auth_mechanism_name__", m.replace("auth_", "").replace("__", "-")),
+                      m, cls is proto_cls)
+                     for cls in (proto_cls, handler_cls) for m in dir(cls) if m.startswith("auth_")
+                     and callable(getattr(cls, m))]
+        self.auth.sort(key=lambda item: item[0])
+
+    @classmethod
+    def of(cls, proto_cls: type, handler_cls: type) -> "_ClassTables":
+        tables = cls._cache.get((proto_cls, handler_cls))
+        if tables is None:
+            tables = cls._cache[(proto_cls, handler_cls)] = cls(proto_cls, handler_cls)
+        return tables
+
+
 class _SinkSMTP(SMTP):
     """aiosmtpd's SMTP with a greeting-stage fault seam, connection tracking for clean stops,
     an idle timeout any byte resets, DATA and session deadlines, and a chunked DATA reader."""
 
-    def __init__(self, sink: "SmtpSink", *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, sink: "SmtpSink", handler, *, loop: asyncio.AbstractEventLoop, **kwargs) -> None:
+        if _FAST_INIT and not kwargs:
+            self._fast_init(sink, handler, loop)
+        else:
+            super().__init__(handler, loop=loop, **kwargs)
         self._sink = sink
         self._last_rx = 0.0
         self._session_handle: Optional[asyncio.TimerHandle] = None
+
+    def _fast_init(self, sink: "SmtpSink", handler, loop: asyncio.AbstractEventLoop) -> None:
+        """aiosmtpd 1.4.6's SMTP.__init__ for the options SmtpSink._protocol passes, line for line,
+        but with the method tables from _ClassTables. Its warnings (TLS verify mode, AUTH without
+        TLS) are issued once by SmtpSink, not per connection; its INFO log of the AUTH
+        mechanisms is not built."""
+        self.__ident__ = _AIOSMTPD_IDENT
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = handler
+        self.data_size_limit = sink.data_size_limit
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.command_size_limits.clear()  # aiosmtpd's (class-wide) table, reset per connection as it does
+        self.hostname = sink.hostname
+        self.tls_context = sink.tls_context
+        self.require_starttls = sink.tls_context and sink.require_starttls
+        self._timeout_duration = sink.timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = False
+        self._proxy_timeout = None
+        if sink.credentials is not None:
+            self._authenticator = sink._authenticate
+            self._auth_callback = None
+        else:
+            from aiosmtpd.smtp import login_always_fail
+
+            self._auth_callback = login_always_fail
+            self._authenticator = None
+        self._auth_required = sink.auth_required
+        tables = _ClassTables.of(type(self), type(handler))
+        self._auth_methods = {name: _AuthMechAttr(getattr(self if own else handler, attr), own)
+                              for name, attr, own in tables.auth}
+        self._handle_hooks = {name: getattr(handler, attr) for name, attr in tables.hooks}
+        self._ehlo_hook_ver = "new" if "EHLO" in self._handle_hooks else None  # _Handler's: 5 arguments
+        self._smtp_methods = {name: getattr(self, attr) for name, attr in tables.smtp}
+        self._enforce_call_limit = False
 
     def connection_made(self, transport) -> None:
         first = self.transport is None
@@ -244,13 +336,22 @@ class _SinkSMTP(SMTP):
         self.transport.close()
 
     async def _handle_client(self):
-        reply = await self._sink._fault("connect", self, self.session, self.envelope)
+        reply = (await self._sink._fault("connect", self, self.session, self.envelope)
+                 if self._sink._faulting() else None)
         if reply:
             await self.push(reply)
             if self.transport is not None:
                 self.transport.close()
             return
         await super()._handle_client()
+
+    def _reset_timeout(self, duration: Optional[float] = None) -> None:
+        # aiosmtpd cancels and re-creates its timer on every command. Once armed, the timer
+        # re-arms itself from _last_rx (_timeout_cb), so a command need not touch it.
+        handle = self._timeout_handle
+        if duration is None and handle is not None and not handle.cancelled():
+            return
+        super()._reset_timeout(duration)
 
     # -- DATA ----------------------------------------------------------------------------------
 
@@ -444,6 +545,7 @@ class SmtpSink:
         self._server: Optional[asyncio.base_events.Server] = None
         self._thread: Optional[threading.Thread] = None
         self._connections: set[_SinkSMTP] = set()
+        self._handler = _Handler(self)  # stateless but for the sink: one for every connection
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -523,9 +625,11 @@ class SmtpSink:
         if self._thread is not None or self._server is not None:
             raise SinkError("the sink is already running; stop it before starting it again")
         loop = asyncio.get_running_loop()
+        self._loop = loop
         try:
             server = await loop.create_server(self._protocol, self.host, self.port)
         except OSError as exc:
+            self._loop = None
             raise SinkError(
                 f"cannot listen for SMTP on {self.host}:{self.port}: {exc}. "
                 "Choose a free port (0 lets the OS pick one) or stop whatever holds it."
@@ -579,10 +683,13 @@ class SmtpSink:
     # -- internals ---------------------------------------------------------------------------
 
     def _protocol(self) -> SMTP:
+        if _FAST_INIT:
+            return _SinkSMTP(self, self._handler, loop=self._loop)
         auth = self._authenticate if self.credentials is not None else None
         return _SinkSMTP(
             self,
-            _Handler(self),
+            self._handler,
+            loop=self._loop,
             hostname=self.hostname,
             data_size_limit=self.data_size_limit,
             enable_SMTPUTF8=True,
@@ -602,6 +709,15 @@ class SmtpSink:
             if self.credentials is not None and self.credentials.get(user) == password:
                 return AuthResult(success=True, auth_data=user)
         return AuthResult(success=False, handled=False)
+
+    def _faulting(self) -> bool:
+        """False when no fault can fire: no fault object, or a FaultPlan with no rules (read
+        without its lock, as FaultPlan.apply does). Saves two coroutines per stage under load."""
+        faults = self.faults
+        if faults is None:
+            return False
+        rules = getattr(faults, "_rules", None)
+        return rules is None or bool(rules)  # another Faults object: always ask it
 
     async def _fault(self, stage: str, server, session, envelope, **details) -> Optional[str]:
         if self.faults is None:
