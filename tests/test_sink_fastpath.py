@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import queue
 import socket
+import sys
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailproof import errors as smtp_sink_errors
 from mailproof.capture import smtp_sink
 from mailproof.capture.smtp_sink import SmtpSink
 from mailproof.faults import FaultPlan, Reply
@@ -221,3 +223,85 @@ def test_the_idle_timeout_still_fires_between_commands():
     finally:
         client.close()
         sink.stop()
+
+
+_addr_chars = st.sampled_from(list("ab.@<>()\" \t=?!#~-_\\[]:,;") + ["\u00e9", "\x0c", "=?utf-8?q?x?="])
+_addr_args = st.one_of(
+    st.lists(_addr_chars, max_size=30).map("".join),
+    st.builds(lambda lp, dom, rest: f"<{lp}@{dom}>{rest}",
+              st.from_regex(r"[a-z0-9.!#=?~-]{0,8}", fullmatch=True),
+              st.from_regex(r"[a-z0-9.=?-]{0,8}", fullmatch=True),
+              st.sampled_from(["", " ", " SIZE=10", "\tBODY=8BITMIME", " (c) SIZE=1", "(c)", "x", "  \x0cA"])),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(arg=_addr_args, limit=st.sampled_from([0, 3]))
+def test_the_fast_address_parser_answers_like_aiosmtpds(arg, limit):
+    loop = asyncio.new_event_loop()
+    try:
+        sink = SmtpSink()
+        sink._loop = loop
+        proto = sink._protocol()
+    finally:
+        loop.close()
+    proto.local_part_limit = limit
+    assert _outcome(proto._getaddr, arg) == _outcome(lambda a: smtp_sink.SMTP._getaddr(proto, a), arg)
+
+
+def _outcome(parse, arg):
+    try:
+        return parse(arg)
+    except Exception as exc:  # aiosmtpd's own parser raises IndexError on "<": the same must happen
+        return type(exc)
+
+
+def test_plain_addresses_take_the_fast_path(monkeypatch):
+    loop = asyncio.new_event_loop()
+    try:
+        sink = SmtpSink()
+        sink._loop = loop
+        proto = sink._protocol()
+    finally:
+        loop.close()
+    monkeypatch.setattr(smtp_sink.SMTP, "_getaddr", lambda self, arg: pytest.fail(f"slow path for {arg!r}"))
+    assert proto._getaddr("<bench@mailproof.test> SIZE=4200 BODY=8BITMIME") == \
+        ("bench@mailproof.test", "SIZE=4200 BODY=8BITMIME")
+
+
+def test_the_service_captures_under_uvloop_with_starttls_and_pipelining():
+    import smtplib
+    import ssl
+    import subprocess
+    import sys
+    import urllib.request
+
+    import uvloop  # noqa: F401  (dev pulls mailproof[speed]; a missing uvloop fails here, by name)
+
+    proc = subprocess.Popen([sys.executable, "-m", "mailproof.capture.service", "--loop", "uvloop",
+                             "--tls", "starttls"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready and ready[0] == "READY", proc.stderr.read()
+        url, smtp, ca = ready[1], ready[2].split("=", 1)[1], ready[3].split("=", 1)[1]
+        host, port = smtp.rsplit(":", 1)
+        with smtplib.SMTP(host, int(port), timeout=10) as client:
+            client.starttls(context=ssl.create_default_context(cafile=ca))
+            bodies = [CORPUS[0], CORPUS[1], CORPUS[4]]  # smtplib rewrites bare CR/LF: not those
+            for body in bodies:
+                assert client.sendmail("a@x.test", ["b@x.test"], body) == {}
+        for seq, body in enumerate(bodies, 1):
+            with urllib.request.urlopen(f"{url}/messages/{seq}/raw", timeout=10) as response:
+                assert response.read() == body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_loop_uvloop_without_uvloop_says_how_to_install_it(monkeypatch):
+    from mailproof.capture.service import cli
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    assert cli.loop_factory("auto") is None and cli.loop_factory("asyncio") is None
+    with pytest.raises(smtp_sink_errors.MailproofError, match=r"pip install 'mailproof\[speed\]'"):
+        cli.loop_factory("uvloop")

@@ -40,6 +40,7 @@ import collections
 import inspect
 import itertools
 import logging
+import re
 import ssl
 import tempfile
 import threading
@@ -197,6 +198,14 @@ _Handler.handle_EHLO.__signature__ = inspect.signature(_Handler.handle_EHLO)  # 
 
 _CHUNK = 64 * 1024
 
+# An angle address whose local part and domain are plain dot-atoms (RFC 5322 atext, ASCII):
+# what nearly every MAIL FROM and RCPT TO carries. For these the email package's parser, which
+# aiosmtpd's _getaddr runs (and which defines a typing.Protocol class on every call), returns the
+# text itself; anything else (quoted local parts, comments, encoded words, non-ASCII, routes)
+# still goes to it.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ANGLE_ADDR = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*)>")
+
 
 # _SinkSMTP.__init__ mirrors aiosmtpd 1.4.6's SMTP.__init__ with its per-class work done once;
 # any other version takes aiosmtpd's own __init__ (correct, only slower).
@@ -344,6 +353,22 @@ class _SinkSMTP(SMTP):
                 self.transport.close()
             return
         await super()._handle_client()
+
+    def _getaddr(self, arg: str) -> tuple[Optional[str], Optional[str]]:
+        """aiosmtpd's _getaddr, answered without the email parser for a plain ``<local@domain>``
+        (about a third of the CPU of a message on a reused connection). Same results: a test
+        compares both on generated addresses."""
+        match = _PLAIN_ANGLE_ADDR.match(arg) if arg and "=?" not in arg else None
+        if match is not None:
+            rest = arg[match.end():]
+            if rest[:1] in (" ", "\t"):  # the parser drops the white space after '>' (CFWS) ...
+                rest = rest.lstrip()
+            if rest[:1] != "(":  # ... and a comment, which it alone reads
+                address = match.group(1)
+                if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+                    return None, None
+                return address, rest
+        return super()._getaddr(arg)
 
     def _reset_timeout(self, duration: Optional[float] = None) -> None:
         # aiosmtpd cancels and re-creates its timer on every command. Once armed, the timer
