@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -200,12 +201,14 @@ class SinkServiceServer(Server):
     name = "sink service"
 
     def __init__(self, server_pin, client_pin, *, stream: bool = False, max_messages: int = 2_000,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), root: Path = ROOT, label: str = "") -> None:
         super().__init__(server_pin)
+        if label:
+            self.name = label
         self.proc = subprocess.Popen(
             self.pin + [sys.executable, "-m", "mailproof.capture.service", "--host", HOST, "--smtp-port", "0",
                         "--http-port", "0", "--max-messages", str(max_messages), *extra],
-            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=str(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready = read_ready(self.proc, self.name)
         self.url = ready.split()[1]
         self.port = int(ready.rsplit(":", 1)[1])
@@ -293,7 +296,7 @@ def head_to_head(tool: str, client_pin: list[str], servers: list[Server], *, ses
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", "-m", type=int, default=3000, help="messages per run at 4 KB (default 3000)")
+    parser.add_argument("--messages", "-m", type=int, default=3000, help="messages per run at 4 KB, 3 times as many on reused connections (default 3000)")
     parser.add_argument("--large-messages", type=int, default=1000,
                         help="messages per run for sizes above 16 KB (default 1000)")
     parser.add_argument("--sessions", "-s", type=int, default=20)
@@ -310,6 +313,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-postfix-sink", action="store_true", help="skip Postfix's smtp-sink")
     parser.add_argument("--service-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the sink service (repeatable), e.g. --service-arg=--smtp-processes=2")
+    parser.add_argument("--variant", action="append", default=[], metavar="'LABEL=DIR [ARG...]'",
+                        help="also measure the sink service of another checkout (e.g. a `git archive` of an "
+                             "older commit in DIR) with these service arguments; repeatable: before/after "
+                             "figures from one run")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
 
@@ -325,8 +332,8 @@ def main(argv=None) -> int:
           f"({args.large_messages} above 16 KB), {args.repeat} runs each; server pinned "
           f"{' '.join(server_pin) or '(no taskset)'}, load {' '.join(client_pin) or '(no taskset)'}", flush=True)
 
-    def count_for(size: int) -> int:
-        return args.messages if size <= 16384 else args.large_messages
+    def count_for(size: int, reuse: bool) -> int:  # reused runs are 3 times as fast: 3 times as many
+        return (args.messages if size <= 16384 else args.large_messages) * (3 if reuse else 1)
 
     servers: list[Server] = []
     postfix = bare = streamed = None
@@ -337,6 +344,11 @@ def main(argv=None) -> int:
         if not args.no_bare:
             bare = BareAiosmtpd(server_pin)
             servers.append(bare)
+        for variant in args.variant:
+            label, _, rest = variant.partition("=")
+            words = shlex.split(rest)
+            servers.append(SinkServiceServer(server_pin, client_pin, extra=words[1:], root=Path(words[0]),
+                                             label=label))
         service = SinkServiceServer(server_pin, client_pin, extra=args.service_arg)
         servers.append(service)
         if not args.no_stream:
@@ -355,7 +367,7 @@ def main(argv=None) -> int:
             for mode, size, reuse in modes:
                 # ABBA order: whatever disturbs the machine early or late hits every server alike.
                 for server in (servers if rep % 2 == 0 else list(reversed(servers))):
-                    count = count_for(size)
+                    count = count_for(size, reuse)
                     server.before_run()
                     rate, cpu_us = run_load(source, client_pin, server, messages=count,
                                             sessions=args.sessions, size=size, reuse=reuse)
@@ -406,8 +418,8 @@ def main(argv=None) -> int:
             if ratio < 0.9:
                 ok = False
                 print(f"  GATE FAILED ({mode}): the sink service runs at {ratio:.2f}x bare aiosmtpd, below 0.90")
-    for server in (service, streamed):
-        if server is None:
+    for server in servers:
+        if not isinstance(server, SinkServiceServer):
             continue
         print(f"{server.name}: sent {server.total_sent}, lost {server.lost}"
               + (f"; consumer: {server.consumer_report}" if server.consumer is not None else ""))

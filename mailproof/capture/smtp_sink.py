@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import inspect
 import itertools
 import logging
@@ -45,6 +46,7 @@ import ssl
 import tempfile
 import threading
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -221,7 +223,7 @@ class _ClassTables:
     _cache: dict[tuple[type, type], "_ClassTables"] = {}
 
     def __init__(self, proto_cls: type, handler_cls: type) -> None:
-        self.smtp = [(m[5:], m) for m in dir(proto_cls) if m.startswith("smtp_")]
+        self.smtp = {m[5:]: getattr(proto_cls, m) for m in dir(proto_cls) if m.startswith("smtp_")}
         self.hooks = [(m[7:], m) for m in dir(handler_cls) if m.startswith("handle_")]
         # Name as aiosmtpd computes it: the decorator's name, else auth_X__Y -> X-Y.
         self.auth = [(getattr(getattr(cls, m), "__auth_mechanism_name__", m.replace("auth_", "").replace("__", "-")),
@@ -236,6 +238,30 @@ class _ClassTables:
         if tables is None:
             tables = cls._cache[(proto_cls, handler_cls)] = cls(proto_cls, handler_cls)
         return tables
+
+
+class _BoundMethods(collections.abc.Mapping):
+    """A name -> bound method table that binds on lookup: aiosmtpd's ``_smtp_methods`` is read
+    once per command, so binding ~20 methods for every connection is wasted work."""
+
+    __slots__ = ("_functions", "_owner")
+
+    def __init__(self, functions: dict, owner: object) -> None:
+        self._functions = functions
+        self._owner = owner
+
+    def __getitem__(self, name: str):
+        return types.MethodType(self._functions[name], self._owner)
+
+    def get(self, name, default=None):
+        function = self._functions.get(name)
+        return default if function is None else types.MethodType(function, self._owner)
+
+    def __iter__(self):
+        return iter(self._functions)
+
+    def __len__(self) -> int:
+        return len(self._functions)
 
 
 class _SinkSMTP(SMTP):
@@ -294,7 +320,7 @@ class _SinkSMTP(SMTP):
                               for name, attr, own in tables.auth}
         self._handle_hooks = {name: getattr(handler, attr) for name, attr in tables.hooks}
         self._ehlo_hook_ver = "new" if "EHLO" in self._handle_hooks else None  # _Handler's: 5 arguments
-        self._smtp_methods = {name: getattr(self, attr) for name, attr in tables.smtp}
+        self._smtp_methods = _BoundMethods(tables.smtp, self)
         self._enforce_call_limit = False
 
     def connection_made(self, transport) -> None:
