@@ -218,7 +218,7 @@ class _ClassTables:
     """What aiosmtpd's SMTP.__init__ rebuilds on every connection from dir() and
     inspect.getmembers() of the protocol and the handler (about a third of the setup cost of a
     one-message connection): the names of the smtp_*, auth_* and handle_* methods. Computed
-    once per (protocol class, handler class); each connection binds them (a dict of ~20)."""
+    once per (protocol class, handler class); each connection binds its hooks, smtp_* on lookup."""
 
     _cache: dict[tuple[type, type], "_ClassTables"] = {}
 
