@@ -29,6 +29,12 @@ aiosmtpd refuses any line over 1,001 bytes and Postfix accepts them. A message a
 close to its size (aiosmtpd keeps a list of lines and then joins it: 2.4-3.6 times). Command
 lines keep aiosmtpd's limits (512 bytes, more with ESMTP extensions).
 
+Speed (issue 12, docs/performance.md "Capture"): the connection setup reuses per-class method
+tables instead of aiosmtpd's dir()/getmembers() per connection, plain ``<local@domain>``
+addresses skip the email package's parser, EHLO goes out in one write, no fault coroutine runs
+while no rule is installed, and commands do not churn the idle timer. Each is tested to give
+aiosmtpd's own results (tests/test_sink_fastpath.py).
+
 aiosmtpd logs each unrecognised command at WARNING on ``mail.log``; a :class:`RepeatedWarningFilter`
 on that logger lets the first few of each kind through per minute and counts the rest.
 """
