@@ -13,7 +13,6 @@ import email
 import email.policy
 import pathlib
 import re
-import time
 from email.message import EmailMessage
 from html.parser import HTMLParser
 
@@ -166,13 +165,10 @@ def test_every_corpus_case_has_its_expectation():
 @pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.stem)
 def test_corpus_case(path):
     raw = path.read_bytes()
-    started = time.perf_counter()
     msg = every_accessor(Message(raw, rcpt_tos=["x@y.test"]))
-    elapsed = time.perf_counter() - started
     result = EXPECTED[path.stem](msg)
     assert result is None or result is True, f"{path.stem}: expectation not met"
-    # The worst of these took 18 s before (html-unterminated-start-tags); all take milliseconds now.
-    assert elapsed < 2.0, f"{path.stem} took {elapsed:.2f} s"
+    # How long these take (the worst took 18 s before) is measured by benchmarks/hostile_inputs.py.
     alone = Message(raw)
     assert alone.headers == msg.headers and "parsed" not in alone.__dict__
 
@@ -194,14 +190,11 @@ def many_parts(count: int) -> bytes:
 
 def test_10000_parts_are_capped_and_fast():
     raw = many_parts(10_000)
-    started = time.perf_counter()
     msg = every_accessor(Message(raw))
-    elapsed = time.perf_counter() - started
     assert len(msg.parts) == message_parts.MAX_PARTS == 1_000
     assert msg.defects == ["message: the message has more than 1000 parts; only the first 1000 are read"]
     assert msg.text == "the body 135790" and msg.attachment("f999.pdf").data == b"%PDF"
     assert msg.body_contains("https://app.test/998") and not msg.body_contains("https://app.test/1000")
-    assert elapsed < 3.0, f"{elapsed:.2f} s"  # 8.5 s before, all of it in the email package's default policy
 
 
 def test_the_part_cap_is_a_setting(monkeypatch):
@@ -216,11 +209,9 @@ def test_5000_parameters_are_capped_and_linear(monkeypatch):
         params = b"".join(b";\r\n name*%d*=utf-8''v%d" % (i, i) for i in range(count))
         return b"Subject: params\r\nContent-Type: text/plain; charset=utf-8" + params + b"\r\n\r\nbody 123456\r\n"
 
-    started = time.perf_counter()
     msg = Message(raw(5_000))
     assert msg.subject == "params"  # 0.46-2.2 s on the first .subject before, by parameter shape
     every_accessor(msg)
-    assert time.perf_counter() - started < 1.0
     assert msg.text == "body 123456\n"
     assert "Content-Type has 5001 parameters; only the first 100 are read" in defects_of(msg)
     assert len(msg.parts[0].params) == 2  # charset and the name its first 99 segments make
@@ -233,10 +224,8 @@ def test_one_header_does_not_parse_the_others():
     raw = (b"Content-Type: text/plain" + b"".join(b"; p%d=v%d" % (i, i) for i in range(5000)) + b"\r\n"
            b"To: " + b"=?utf-8?q?a?= " * 8000 + b"\r\nCc: " + b"(a)" * 600 + b"\r\n"
            b"Subject: cheap\r\n\r\nbody\r\n")
-    started = time.perf_counter()
     msg = Message(raw)
     assert msg.subject == "cheap"
-    assert time.perf_counter() - started < 0.2
     assert [msg._header_items[i][0] for i in msg._decoded] == ["Subject"] and "parsed" not in msg.__dict__
     every_accessor(msg)
 
@@ -267,9 +256,7 @@ def test_hostile_html_is_linear(piece):
     # html.parser took 10-195 s on 100 KB of most of these (and raised on <![x[).
     html = "<p>code 246801</p>" + piece * (400_000 // len(piece))
     raw = b"Subject: html\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + html.encode()
-    started = time.perf_counter()
-    msg = every_accessor(Message(raw))
-    assert time.perf_counter() - started < 3.0
+    msg = every_accessor(Message(raw))  # that it stays linear: benchmarks/hostile_inputs.py
     assert msg.code() == "246801"
 
 
