@@ -116,3 +116,24 @@ def webhook_receiver():
     receiver = WebhookReceiver()
     yield receiver
     receiver.close()
+
+
+# -- the provider capture (tests/test_providers_<provider>.py) --------------------------------------
+# Modules with a ``capture`` of their own (test_sink.py, test_demo_transports.py) override these.
+
+
+@pytest.fixture(scope="module")
+def capture():
+    """One running ProviderCapture per test module (module scope: each module gets its own)."""
+    from mailproof.providers import ProviderCapture
+
+    with ProviderCapture(MailStore()) as running:
+        yield running
+
+
+@pytest.fixture
+def store(capture):
+    """The capture's store, emptied and its fault rules dropped before each test."""
+    capture.store.clear()
+    capture.faults.clear()
+    return capture.store
