@@ -119,7 +119,7 @@ def webhook_receiver():
 
 
 # -- the provider capture (tests/test_providers_<provider>.py) --------------------------------------
-# Modules with a ``capture`` of their own (test_sink.py, test_demo_transports.py) override these.
+# A module with a ``capture`` of its own (test_sink.py) overrides these.
 
 
 @pytest.fixture(scope="module")
