@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 from mailproof.faults.actions import STAGES, ActionContext, FaultError, Tamper, as_action
-from mailproof.faults.rules import RuleList
+from mailproof.faults.rules import RuleList, recipients_match
 
 
 @dataclass
@@ -56,11 +56,7 @@ class FaultRule:
     def matches(self, sender: Optional[str], recipients: Sequence[str]) -> bool:
         if self.sender is not None and (sender or "").lower() != self.sender.lower():
             return False
-        if self.to is not None and self.to.lower() not in {r.lower() for r in recipients}:
-            return False
-        if self._to_regex is not None and not any(self._to_regex.search(r) for r in recipients):
-            return False
-        return True
+        return recipients_match(self.to, self._to_regex, recipients)
 
     def describe(self) -> dict:
         return {"id": self.id, "name": self.name, "stage": self.stage, "to": self.to,

@@ -5,8 +5,9 @@ capture reads them, and a test's own rules removed by scope."""
 from __future__ import annotations
 
 import itertools
+import re
 import threading
-from typing import Generic, Optional, Protocol, TypeVar
+from typing import Generic, Optional, Protocol, Sequence, TypeVar
 
 
 class _Rule(Protocol):
@@ -43,3 +44,11 @@ class RuleList(Generic[R]):
     def rules(self) -> list[R]:
         with self._lock:
             return list(self._rules)
+
+
+def recipients_match(to: Optional[str], to_regex: Optional[re.Pattern], recipients: Sequence[str]) -> bool:
+    """A rule's recipient condition: ``to`` among them (case-insensitive), ``to_regex`` found in
+    one of them; an absent condition holds."""
+    if to is not None and to.lower() not in {r.lower() for r in recipients}:
+        return False
+    return to_regex is None or any(to_regex.search(r) for r in recipients)

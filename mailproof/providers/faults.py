@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from mailproof.errors import MailproofError
-from mailproof.faults.rules import RuleList
+from mailproof.faults.rules import RuleList, recipients_match
 
 PROVIDERS = ("sendgrid", "mailgun", "ses", "postmark")
 EVENTS = ("bounce", "complaint")
@@ -77,11 +77,7 @@ class ProviderFault:
     def matches(self, provider: str, recipients: Sequence[str]) -> bool:
         if self.provider is not None and self.provider != provider:
             return False
-        if self.to is not None and self.to.lower() not in {r.lower() for r in recipients}:
-            return False
-        if self._regex is not None and not any(self._regex.search(r) for r in recipients):
-            return False
-        return True
+        return recipients_match(self.to, self._regex, recipients)
 
     def applies_to(self, recipient: str) -> bool:
         """For an event rule: does it concern this one recipient (a rule without one: all)."""
