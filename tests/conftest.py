@@ -116,3 +116,24 @@ def webhook_receiver():
     receiver = WebhookReceiver()
     yield receiver
     receiver.close()
+
+
+# -- the provider capture (tests/test_providers_<provider>.py) --------------------------------------
+# A module with a ``capture`` of its own (test_sink.py) overrides these.
+
+
+@pytest.fixture(scope="module")
+def capture():
+    """One running ProviderCapture per test module (module scope: each module gets its own)."""
+    from mailproof.providers import ProviderCapture
+
+    with ProviderCapture(MailStore()) as running:
+        yield running
+
+
+@pytest.fixture
+def store(capture):
+    """The capture's store, emptied and its fault rules dropped before each test."""
+    capture.store.clear()
+    capture.faults.clear()
+    return capture.store

@@ -7,25 +7,8 @@ import hmac
 import json
 from email.message import EmailMessage
 
-import pytest
 from mailgun.client import Client
 from mailgun.config import RetryPolicy
-
-from mailproof.mailbox import MailStore
-from mailproof.providers import ProviderCapture
-
-
-@pytest.fixture(scope="module")
-def capture():
-    with ProviderCapture(MailStore()) as running:
-        yield running
-
-
-@pytest.fixture
-def store(capture):
-    capture.store.clear()
-    capture.faults.clear()
-    return capture.store
 
 
 def client(capture, key=None, retries: int = 0) -> Client:

@@ -6,24 +6,7 @@ from __future__ import annotations
 import base64
 import json
 
-import pytest
 import requests
-
-from mailproof.mailbox import MailStore
-from mailproof.providers import ProviderCapture
-
-
-@pytest.fixture(scope="module")
-def capture():
-    with ProviderCapture(MailStore()) as running:
-        yield running
-
-
-@pytest.fixture
-def store(capture):
-    capture.store.clear()
-    capture.faults.clear()
-    return capture.store
 
 
 def post(capture, path, body, token=None):

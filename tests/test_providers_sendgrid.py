@@ -12,22 +12,6 @@ from sendgrid.helpers.eventwebhook import EventWebhook
 from sendgrid.helpers.mail import (Attachment, Bcc, Cc, Content, Disposition, FileContent, FileName, FileType,
                                    Header, Mail, Personalization, ReplyTo, To)
 
-from mailproof.mailbox import MailStore
-from mailproof.providers import ProviderCapture
-
-
-@pytest.fixture(scope="module")
-def capture():
-    with ProviderCapture(MailStore()) as running:
-        yield running
-
-
-@pytest.fixture
-def store(capture):
-    capture.store.clear()
-    capture.faults.clear()
-    return capture.store
-
 
 def client(capture, key=None) -> SendGridAPIClient:
     return SendGridAPIClient(key or capture.keys.sendgrid, host=capture.url)

@@ -11,22 +11,6 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from mailproof.mailbox import MailStore
-from mailproof.providers import ProviderCapture
-
-
-@pytest.fixture(scope="module")
-def capture():
-    with ProviderCapture(MailStore()) as running:
-        yield running
-
-
-@pytest.fixture
-def store(capture):
-    capture.store.clear()
-    capture.faults.clear()
-    return capture.store
-
 
 def ses(capture, secret=None, key_id=None):
     # botocore retries throttling and 5xx by itself (docs/traps.md): one attempt, so a test sees each answer.

@@ -10,162 +10,28 @@
   must show the verdict, gate, ledger and percentile numbers and both plots.
 
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``): no port,
-no extra package. Waits are event-driven (DevTools events, MutationObserver promises), never
+no extra package; the client is mailproof.report.chromium's (FrameRecorder: the renderer's client
+plus child frames auto-attached and every request recorded). Waits are event-driven (DevTools events, MutationObserver promises), never
 sleeps. Screenshots are kept in reports/screenshots/ (git-ignored) to look at.
 """
 
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 
 from mailproof.report import allure_build as report_build, rehearsal as rehearsal_report
+from mailproof.report.chromium import ChromiumError, FrameRecorder, find_chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "reports" / "screenshots"
-INSTALL = "apt-get update && apt-get install -y chromium"
-# docs/traps.md (Chromium): offline, quiet, and every host name but loopback unresolvable.
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1")
-
-
-# -- a minimal DevTools client over Chromium's pipe -----------------------------------------------
-
-
-class Chromium:
-    """Chromium with ``--remote-debugging-pipe``: commands on fd 3, replies and events on fd 4.
-
-    Frames of other processes (the report's attachment iframes are blob: documents of another
-    origin) attach automatically; each gets Page and Network enabled before it may load, so
-    every request of every frame is recorded in ``requests``.
-    """
-
-    def __init__(self, binary: str, width: int = 1400, height: int = 1000) -> None:
-        self.profile = tempfile.mkdtemp(prefix="mailproof-chromium-")
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
-
-        def wire_fds() -> None:  # in the child: the pipe ends become fds 3 and 4
-            read_end, write_end = os.dup(to_browser_r), os.dup(from_browser_w)
-            os.dup2(read_end, 3)
-            os.dup2(write_end, 4)
-
-        self.proc = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-             "--remote-debugging-pipe", "about:blank"],
-            preexec_fn=wire_fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_browser_r)
-        os.close(from_browser_w)
-        self._ids = itertools.count(1)
-        self._write_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._replies: dict[int, dict] = {}
-        self._events: list[dict] = []
-        self.requests: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _write(self, message: dict) -> None:
-        with self._write_lock:
-            os.write(self._to_browser, json.dumps(message).encode() + b"\0")
-
-    def send(self, method: str, params: Optional[dict] = None, session: Optional[str] = None) -> int:
-        ident = next(self._ids)
-        self._write({"id": ident, "method": method, "params": params or {},
-                     **({"sessionId": session} if session else {})})
-        return ident
-
-    def call(self, method: str, params: Optional[dict] = None, session: Optional[str] = None,
-             timeout: float = 30) -> dict:
-        ident = self.send(method, params, session)
-        with self._cond:
-            if not self._cond.wait_for(lambda: ident in self._replies or self.proc.poll() is not None, timeout):
-                raise TimeoutError(f"no reply to {method} within {timeout} s")
-            reply = self._replies.pop(ident, None)
-        if reply is None:
-            raise RuntimeError(f"Chromium exited (code {self.proc.returncode}) during {method}")
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    def wait_event(self, method: str, session: Optional[str] = None,
-                   where: Callable[[dict], bool] = lambda params: True, timeout: float = 20) -> dict:
-        """The first event (already received or yet to come) matching; it is consumed."""
-        def find() -> Optional[dict]:
-            for event in self._events:
-                if event.get("method") == method and (session is None or event.get("sessionId") == session) \
-                        and where(event.get("params", {})):
-                    self._events.remove(event)
-                    return event
-            return None
-
-        with self._cond:
-            found = [None]
-            if not self._cond.wait_for(lambda: (found.__setitem__(0, find()) or found[0]) is not None, timeout):
-                raise TimeoutError(f"no {method} event within {timeout} s")
-            return found[0]
-
-    def _read(self) -> None:
-        buffer = b""
-        while True:
-            try:
-                chunk = os.read(self._from_browser, 1 << 16)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                with self._cond:
-                    self._cond.notify_all()
-                return
-            buffer += chunk
-            *messages, buffer = buffer.split(b"\0")
-            for raw in messages:
-                self._dispatch(json.loads(raw))
-
-    def _dispatch(self, message: dict) -> None:
-        method = message.get("method")
-        if method == "Target.attachedToTarget":
-            # A new frame target, paused: record its traffic, attach its own children, resume it.
-            child = message["params"]["sessionId"]
-            for command in ("Network.enable", "Page.enable"):
-                self.send(command, session=child)
-            self.send("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True},
-                      session=child)
-            self.send("Runtime.runIfWaitingForDebugger", session=child)
-        if method == "Network.requestWillBeSent":
-            self.requests.append(message["params"]["request"]["url"])
-        with self._cond:
-            if "id" in message:
-                self._replies[message["id"]] = message
-            else:
-                self._events.append(message)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        try:
-            self.send("Browser.close")
-            self.proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        finally:
-            for fd in (self._to_browser, self._from_browser):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            shutil.rmtree(self.profile, ignore_errors=True)
 
 
 WAIT_FOR = """new Promise((resolve, reject) => {
@@ -179,7 +45,7 @@ WAIT_FOR = """new Promise((resolve, reject) => {
 
 
 class Page:
-    def __init__(self, browser: Chromium) -> None:
+    def __init__(self, browser: FrameRecorder) -> None:
         self.browser = browser
         target = next(t for t in browser.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
         self.session = browser.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})["sessionId"]
@@ -222,7 +88,7 @@ class Page:
         return path
 
 
-def document_of_frame(browser: Chromium, session: str) -> dict:
+def document_of_frame(browser: FrameRecorder, session: str) -> dict:
     return browser.call("DOM.getDocument", {"depth": -1, "pierce": True}, session=session)["root"]
 
 
@@ -243,15 +109,16 @@ def texts_and_attributes(node: dict) -> tuple[str, list[tuple[str, str]]]:
 
 @pytest.fixture(scope="module")
 def chromium_binary() -> str:
-    binary = shutil.which("chromium")
-    if binary is None:
-        pytest.fail(f"Chromium is needed to check the reports in a real browser: {INSTALL}", pytrace=False)
-    return binary
+    try:
+        return find_chromium("checking the reports in a real browser")
+    except ChromiumError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture
 def browser(chromium_binary):
-    instance = Chromium(chromium_binary)
+    # Every request of every frame (the preview iframes too) lands in browser.requests.
+    instance = FrameRecorder(chromium_binary, ["--window-size=1400,1000"])
     yield instance
     instance.close()
 
@@ -377,7 +244,7 @@ def test_allure_report_opens_from_disk_with_the_right_totals(allure_report, brow
     assert remote(browser.requests) == [], remote(browser.requests)
 
 
-def open_email_preview(page: Page, browser: Chromium, report: Path, test_name: str) -> tuple[str, list]:
+def open_email_preview(page: Page, browser: FrameRecorder, report: Path, test_name: str) -> tuple[str, list]:
     """Open a test's Attachments tab, expand the email preview; its frame's text and attributes."""
     page.goto(f"{report.as_uri()}#/{result_id(report, test_name)}/attachments")
     header = ("[...document.querySelectorAll('[data-testid=test-result-attachment-header]')]"

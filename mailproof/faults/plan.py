@@ -14,13 +14,12 @@ Three things implement it:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 from mailproof.faults.actions import STAGES, ActionContext, FaultError, Tamper, as_action
+from mailproof.faults.rules import RuleList, recipients_match
 
 
 @dataclass
@@ -57,11 +56,7 @@ class FaultRule:
     def matches(self, sender: Optional[str], recipients: Sequence[str]) -> bool:
         if self.sender is not None and (sender or "").lower() != self.sender.lower():
             return False
-        if self.to is not None and self.to.lower() not in {r.lower() for r in recipients}:
-            return False
-        if self._to_regex is not None and not any(self._to_regex.search(r) for r in recipients):
-            return False
-        return True
+        return recipients_match(self.to, self._to_regex, recipients)
 
     def describe(self) -> dict:
         return {"id": self.id, "name": self.name, "stage": self.stage, "to": self.to,
@@ -85,19 +80,8 @@ class Faults(Protocol):
     def rules(self) -> list[FaultRule]: ...
 
 
-class FaultPlan:
-    """The sink's fault rules. Thread-safe: tests add rules from their thread, the sink reads them."""
-
-    def __init__(self) -> None:
-        self._rules: list[FaultRule] = []
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-
-    def add(self, rule: FaultRule) -> FaultRule:
-        with self._lock:
-            rule.id = next(self._ids)
-            self._rules.append(rule)
-        return rule
+class FaultPlan(RuleList[FaultRule]):
+    """The sink's fault rules (add/clear/rules: RuleList); the sink asks them at every SMTP stage."""
 
     def rule(self, stage: str, action: Any, **match: Any) -> FaultRule:
         return self.add(FaultRule(stage=stage, action=action, **match))
@@ -109,19 +93,6 @@ class FaultPlan:
             found = next((r for r in self._rules if r.id == rule_id), None)
             self._rules = [r for r in self._rules if r.id != rule_id]
         return found
-
-    def clear(self, scope: Optional[str] = None) -> int:
-        """Remove every rule (or those of one scope); returns how many were removed."""
-        with self._lock:
-            keep = [r for r in self._rules if scope is not None and r.scope != scope]
-            removed = len(self._rules) - len(keep)
-            self._rules = keep
-        return removed
-
-    @property
-    def rules(self) -> list[FaultRule]:
-        with self._lock:
-            return list(self._rules)
 
     def _count_acted(self, rule: FaultRule) -> None:
         with self._lock:

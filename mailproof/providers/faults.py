@@ -21,14 +21,13 @@ builds such rules from the text ``mailproof rehearse --provider-chaos`` takes.
 
 from __future__ import annotations
 
-import itertools
 import random
 import re
-import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from mailproof.errors import MailproofError
+from mailproof.faults.rules import RuleList, recipients_match
 
 PROVIDERS = ("sendgrid", "mailgun", "ses", "postmark")
 EVENTS = ("bounce", "complaint")
@@ -78,11 +77,7 @@ class ProviderFault:
     def matches(self, provider: str, recipients: Sequence[str]) -> bool:
         if self.provider is not None and self.provider != provider:
             return False
-        if self.to is not None and self.to.lower() not in {r.lower() for r in recipients}:
-            return False
-        if self._regex is not None and not any(self._regex.search(r) for r in recipients):
-            return False
-        return True
+        return recipients_match(self.to, self._regex, recipients)
 
     def applies_to(self, recipient: str) -> bool:
         """For an event rule: does it concern this one recipient (a rule without one: all)."""
@@ -91,35 +86,16 @@ class ProviderFault:
         return self._regex is None or bool(self._regex.search(recipient))
 
 
-class ProviderFaultPlan:
-    """The capture's rules. Thread-safe: tests add rules from their thread, the capture reads them."""
+class ProviderFaultPlan(RuleList[ProviderFault]):
+    """The capture's rules (add/clear/rules: the SMTP fault plan's RuleList); the capture takes
+    the ones that fire on each request."""
 
     def __init__(self, seed: Optional[int] = None) -> None:
-        self._rules: list[ProviderFault] = []
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        super().__init__()
         self._random = random.Random(seed)  # for rate= rules: the same seed, the same faults
-
-    def add(self, rule: ProviderFault) -> ProviderFault:
-        with self._lock:
-            rule.id = next(self._ids)
-            self._rules.append(rule)
-        return rule
 
     def rule(self, provider: Optional[str] = None, **options) -> ProviderFault:
         return self.add(ProviderFault(provider=provider, **options))
-
-    def clear(self, scope: Optional[str] = None) -> int:
-        with self._lock:
-            keep = [r for r in self._rules if scope is not None and r.scope != scope]
-            removed = len(self._rules) - len(keep)
-            self._rules = keep
-        return removed
-
-    @property
-    def rules(self) -> list[ProviderFault]:
-        with self._lock:
-            return list(self._rules)
 
     def take(self, provider: str, recipients: Sequence[str]) -> list[ProviderFault]:
         """The rules that fire on this request (each counted, and spent when out of ``times``)."""

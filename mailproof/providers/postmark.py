@@ -27,7 +27,7 @@ import hmac
 import json
 import secrets
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, Optional
 
 from aiohttp import web
 
@@ -126,33 +126,33 @@ class Postmark(Provider):
         return None, {"To": item.get("To"), "SubmittedAt": _when(datetime.now().timestamp()),
                       "MessageID": result.message_id, "ErrorCode": 0, "Message": "OK"}
 
-    async def _json(self, request: web.Request):
-        try:
-            return json.loads(await request.read())
-        except ValueError:
-            raise Invalid("The request body is not valid JSON") from None
-
-    async def send(self, request: web.Request) -> web.Response:
+    async def _body(self, request: web.Request) -> tuple[Optional[web.Response], Any]:
+        """(the answer refusing the request: bad token or not JSON, or None; its JSON body)."""
         refused = self._refused(request)
         if refused is not None:
-            return refused
+            return refused, None
         try:
-            item = await self._json(request)
-        except Invalid as exc:
-            return self.error(422, str(exc))
-        refusal, answer = await self._one(request, item)
+            return None, json.loads(await request.read())
+        except ValueError:
+            return self.error(422, "The request body is not valid JSON"), None
+
+    async def _answer(self, request: web.Request, item, **details) -> web.Response:
+        """The answer to one message (/email, /email/withTemplate)."""
+        refusal, answer = await self._one(request, item, **details)
         if refusal is not None:
             return refusal
         return web.json_response(answer, status=422 if answer["ErrorCode"] else 200)
 
-    async def send_with_template(self, request: web.Request) -> web.Response:
-        refused = self._refused(request)
+    async def send(self, request: web.Request) -> web.Response:
+        refused, item = await self._body(request)
         if refused is not None:
             return refused
-        try:
-            item = await self._json(request)
-        except Invalid as exc:
-            return self.error(422, str(exc))
+        return await self._answer(request, item)
+
+    async def send_with_template(self, request: web.Request) -> web.Response:
+        refused, item = await self._body(request)
+        if refused is not None:
+            return refused
         if not isinstance(item, dict):
             return self.error(422, "Invalid email request: the message must be a JSON object")
         key = item.get("TemplateAlias") or item.get("TemplateId")
@@ -163,19 +163,12 @@ class Postmark(Provider):
         model = item.get("TemplateModel") or {}
         rendered = {**item, "Subject": render(template.get("Subject"), model),
                     "TextBody": render(template.get("TextBody"), model), "HtmlBody": render(template.get("HtmlBody"), model)}
-        refusal, answer = await self._one(request, rendered, template=str(key), model=model)
-        if refusal is not None:
-            return refusal
-        return web.json_response(answer, status=422 if answer["ErrorCode"] else 200)
+        return await self._answer(request, rendered, template=str(key), model=model)
 
     async def send_batch(self, request: web.Request) -> web.Response:
-        refused = self._refused(request)
+        refused, items = await self._body(request)
         if refused is not None:
             return refused
-        try:
-            items = await self._json(request)
-        except Invalid as exc:
-            return self.error(422, str(exc))
         if not isinstance(items, list) or len(items) > 500:
             return self.error(422, "A batch is a JSON array of at most 500 messages.")
         answers = []

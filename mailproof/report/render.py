@@ -11,38 +11,33 @@ through the DevTools Fetch domain (and counted, ``Rendering.blocked``); and ever
 but loopback resolves to nothing (``--host-resolver-rules``).
 
 Chromium (Debian package ``chromium``) is started once, on first use, and driven over the
-DevTools protocol on a pipe (``--remote-debugging-pipe``: no port); each wait is woken by the
-reply or event it waits for. ``close()`` ends it (the pytest plugin does at the session's end).
+DevTools protocol on a pipe (mailproof.report.chromium, ``--remote-debugging-pipe``: no port);
+each wait is woken by the reply or event it waits for. ``close()`` ends it (the pytest plugin
+does at the session's end).
 """
 
 from __future__ import annotations
 
 import base64
-import itertools
-import json
-import os
 import shutil
-import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from mailproof.errors import MailproofError
+from mailproof.report.chromium import INSTALL, Chromium, ChromiumError, find_chromium
+
+__all__ = ["INSTALL", "MAX_HEIGHT", "WIDTHS", "RenderError", "Renderer", "Rendering", "close_shared_renderer",
+           "shared_renderer"]
 
 WIDTHS = (600, 375)
 MAX_HEIGHT = 4000
-INSTALL = "apt-get install -y chromium"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--hide-scrollbars", "--mute-audio",
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1")
-TIMEOUT = 30.0
+ARGS = ("--disable-extensions", "--hide-scrollbars", "--mute-audio")  # on top of chromium.FLAGS
 
-
-class RenderError(MailproofError):
-    """Chromium is missing or did not render; the message says what to do."""
+# Chromium is missing or did not render; the message says what to do. One error for both, so
+# a caller catching RenderError also catches what the DevTools client raises.
+RenderError = ChromiumError
 
 
 @dataclass
@@ -52,115 +47,12 @@ class Rendering:
     blocked: list[str] = field(default_factory=list)  # requests failed (none expected)
 
 
-class _DevTools:
-    """Chromium with ``--remote-debugging-pipe``: commands on its fd 3, replies and events on fd 4."""
-
-    def __init__(self, binary: str) -> None:
-        self.profile = tempfile.mkdtemp(prefix="mailproof-render-")
-        to_r, self._to = os.pipe()
-        self._from, from_w = os.pipe()
-
-        def wire() -> None:  # in the child: the pipe ends become fds 3 and 4
-            a, b = os.dup(to_r), os.dup(from_w)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={self.profile}",
-                                      "--remote-debugging-pipe", "about:blank"],
-                                     preexec_fn=wire, pass_fds=(3, 4), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_r)
-        os.close(from_w)
-        self._ids = itertools.count(1)
-        self._cond = threading.Condition()
-        self._replies: dict[int, dict] = {}
-        self._events: list[dict] = []
-        self.on_event = None  # called from the reader thread with each event
-        threading.Thread(target=self._read, daemon=True, name="mailproof-render").start()
-
-    def send(self, method: str, params: Optional[dict] = None, session: Optional[str] = None) -> int:
-        ident = next(self._ids)
-        message = {"id": ident, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        os.write(self._to, json.dumps(message).encode() + b"\0")
-        return ident
-
-    def call(self, method: str, params: Optional[dict] = None, session: Optional[str] = None) -> dict:
-        ident = self.send(method, params, session)
-        with self._cond:
-            if not self._cond.wait_for(lambda: ident in self._replies or self.proc.poll() is not None, TIMEOUT):
-                raise RenderError(f"Chromium did not answer {method} within {TIMEOUT:g} s")
-            reply = self._replies.pop(ident, None)
-        if reply is None:
-            raise RenderError(f"Chromium exited (code {self.proc.returncode}) during {method}")
-        if "error" in reply:
-            raise RenderError(f"Chromium refused {method}: {reply['error']}")
-        return reply.get("result", {})
-
-    def wait_event(self, method: str, session: str) -> dict:
-        def find():
-            for event in self._events:
-                if event.get("method") == method and event.get("sessionId") == session:
-                    self._events.remove(event)
-                    return event
-            return None
-
-        with self._cond:
-            box = [None]
-            if not self._cond.wait_for(lambda: (box.__setitem__(0, find()) or box[0]) is not None
-                                       or self.proc.poll() is not None, TIMEOUT):
-                raise RenderError(f"no {method} from Chromium within {TIMEOUT:g} s")
-            if box[0] is None:
-                raise RenderError(f"Chromium exited (code {self.proc.returncode})")
-            return box[0]
-
-    def _read(self) -> None:
-        buffer = b""
-        while True:
-            try:
-                chunk = os.read(self._from, 1 << 16)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                with self._cond:
-                    self._cond.notify_all()
-                return
-            buffer += chunk
-            *messages, buffer = buffer.split(b"\0")
-            for raw in messages:
-                message = json.loads(raw)
-                if "id" not in message and self.on_event is not None:
-                    self.on_event(message)
-                with self._cond:
-                    if "id" in message:
-                        self._replies[message["id"]] = message
-                    elif message.get("method") in ("Page.loadEventFired",):
-                        self._events.append(message)
-                    self._cond.notify_all()
-
-    def close(self) -> None:
-        try:
-            self.send("Browser.close")
-            self.proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        finally:
-            for fd in (self._to, self._from):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            shutil.rmtree(self.profile, ignore_errors=True)
-
-
 class Renderer:
     """One headless Chromium, started on first use, rendering one email at a time."""
 
     def __init__(self, widths: Iterable[int] = WIDTHS) -> None:
         self.widths = tuple(widths)
-        self._browser: Optional[_DevTools] = None
+        self._browser: Optional[Chromium] = None
         self._session: Optional[str] = None
         self._lock = threading.Lock()
         self._blocked: list[str] = []
@@ -168,10 +60,9 @@ class Renderer:
         self._dir = None
 
     def _start(self) -> None:
-        binary = shutil.which("chromium") or shutil.which("chromium-browser")
-        if binary is None:
-            raise RenderError(f"rendering emails (--mailproof-render) needs Chromium: {INSTALL} (Debian/Ubuntu)")
-        browser = _DevTools(binary)
+        binary = find_chromium("rendering emails (--mailproof-render)")
+        # Only the load events are waited for; the rest would pile up in a long-lived browser.
+        browser = Chromium(binary, ARGS, keep=("Page.loadEventFired",))
         browser.on_event = self._on_event
         self._browser = browser
         target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
