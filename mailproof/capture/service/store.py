@@ -162,6 +162,17 @@ def _rcpt_keys(rec: Record) -> set:
     return {str(r).lower() for r in rec[RCPTS]}
 
 
+def _index_keys(rcpts) -> set:
+    """The index keys of ``rcpts``: each lower-cased, and the recipient's own str when it already
+    is (``str.lower`` always copies; the index then shares the record's str)."""
+    keys = set()
+    for r in rcpts:
+        r = str(r)
+        key = r.lower()
+        keys.add(r if key == r else key)
+    return keys
+
+
 class Waiter:
     """One ``/wait`` long-poll: what it waits for, how many, after which seq, and its future."""
 
@@ -274,7 +285,9 @@ class CaptureStore:
         self.evicted = 0
         self.cleared = 0
         self.last_seq = 0
-        self.by_rcpt: dict[str, deque[int]] = {}  # lower-cased envelope recipient -> retained seqs
+        # Lower-cased envelope recipient -> its retained seq (an int: one message, the usual case) or
+        # seqs (a deque, oldest first: a deque costs some 600 B, too much for every recipient).
+        self.by_rcpt: dict[str, "int | deque[int]"] = {}
         self.subjects: dict[int, str] = {}  # seq -> decoded Subject, once some request parsed it
         # Evicted seqs as [first, last] runs (a clear starts a new run): how many were evicted
         # after any seq, for a /wait that found nothing.
@@ -293,11 +306,15 @@ class CaptureStore:
                msg.smtputf8, msg.tls, msg.auth_user, msg.mail_options)
         self.messages.append(rec)
         by_rcpt = self.by_rcpt
-        for key in _rcpt_keys(rec):
+        seq = msg.seq
+        for key in _index_keys(msg.rcpt_tos):
             seqs = by_rcpt.get(key)
             if seqs is None:
-                by_rcpt[key] = seqs = deque()
-            seqs.append(msg.seq)
+                by_rcpt[key] = seq  # most recipients get one message: a bare int, not a deque
+            elif type(seqs) is int:
+                by_rcpt[key] = deque((seqs, seq))
+            else:
+                seqs.append(seq)
         size = len(msg.data)
         self.received += 1
         self.bytes += size
@@ -399,17 +416,27 @@ class CaptureStore:
             self._waiters_changed()
 
     def _unindex(self, rec: Record) -> None:
+        by_rcpt = self.by_rcpt
+        seq = rec[SEQ]
         for key in _rcpt_keys(rec):
-            seqs = self.by_rcpt.get(key)
-            if seqs and seqs[0] == rec[SEQ]:  # the evicted one is always the oldest retained
+            seqs = by_rcpt.get(key)
+            if seqs is None:
+                continue
+            if type(seqs) is int:
+                if seqs == seq:
+                    del by_rcpt[key]
+                continue
+            if seqs[0] == seq:  # the evicted one is always the oldest retained
                 seqs.popleft()
-            elif seqs:
+            else:
                 try:
-                    seqs.remove(rec[SEQ])
+                    seqs.remove(seq)
                 except ValueError:
                     pass
-            if seqs is not None and not seqs:
-                del self.by_rcpt[key]
+            if len(seqs) == 1:
+                by_rcpt[key] = seqs[0]
+            elif not seqs:
+                del by_rcpt[key]
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -465,8 +492,10 @@ class CaptureStore:
     def seqs_to(self, recipient: str, since: int = 0) -> list[int]:
         """Retained seqs > ``since`` of mail to ``recipient`` (envelope, case-insensitive), oldest first."""
         seqs = self.by_rcpt.get(recipient.lower())
-        if not seqs:
+        if seqs is None:
             return []
+        if type(seqs) is int:
+            return [seqs] if seqs > since else []
         found = []
         for seq in reversed(seqs):  # ints only: cheap even for a recipient with many messages
             if seq <= since:
