@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import multiprocessing
 import os
@@ -34,6 +33,8 @@ from typing import Optional
 
 from mailproof.addresses import TOKEN
 from mailproof.capture.service import ServiceError
+from mailproof.capture.service.records import (AT, AUTH_USER, DATA, FROM, HELO, MAIL_OPTIONS, PEER, RCPTS,  # noqa: F401
+                                               SEQ, SMTPUTF8, TLS, Record, Records)
 from mailproof.capture.smtp_sink import CapturedMail
 from mailproof.criteria import Criteria, _text_matches
 from mailproof.message import Message
@@ -50,11 +51,9 @@ SLICE_SECONDS = 0.0005  # ... or sooner: a scan holds the loop this long at most
 TURN_SECONDS = 0.005  # a heavy request hands the turn on after this long (its slices included)
 OFF_LOOP_BYTES = 64 * 1024  # a message at least this big is parsed in a worker thread
 
-# A retained message is a plain tuple in CapturedMail's field order, not a CapturedMail: the
-# garbage collector untracks tuples of atomic values, so 200,000 retained messages add nothing
-# to its full collections (dataclass instances would be scanned on every one of them).
-Record = tuple
-SEQ, FROM, RCPTS, DATA, AT, PEER, HELO, SMTPUTF8, TLS, AUTH_USER, MAIL_OPTIONS = range(11)
+# A retained message reads as a plain tuple in CapturedMail's field order (``Record``), stored
+# by column in ``Records`` (records.py): a few machine words beside its raw bytes, and nothing
+# the garbage collector scans on each full collection (dataclass instances would be).
 
 
 def message_of(rec: Record) -> Message:
@@ -278,7 +277,7 @@ class CaptureStore:
         self.cursors: dict[str, Cursor] = {}  # named stream clients -> what they were sent
         self.over_cap = 0  # deliveries kept past max_messages: a stream client had not been sent the oldest
         self._over_cap_logged = False
-        self.messages: deque[Record] = deque()
+        self.messages = Records()
         self.received = 0
         self.bytes = 0
         self.retained_bytes = 0
@@ -302,9 +301,8 @@ class CaptureStore:
     # -- capture (hot path: keep it short) -------------------------------------------------------
 
     def add(self, msg: CapturedMail) -> None:
-        rec = (msg.seq, msg.mail_from, msg.rcpt_tos, msg.data, msg.received_at, msg.peer, msg.helo,
-               msg.smtputf8, msg.tls, msg.auth_user, msg.mail_options)
-        self.messages.append(rec)
+        messages = self.messages
+        messages.append(msg)
         by_rcpt = self.by_rcpt
         seq = msg.seq
         for key in _index_keys(msg.rcpt_tos):
@@ -320,8 +318,11 @@ class CaptureStore:
         self.bytes += size
         self.retained_bytes += size
         self.last_seq = msg.seq
-        if len(self.messages) > self.max_messages:
+        if len(messages) > self.max_messages:
             self._evict_to_cap()
+        if not (self.streams or self.waiters_by_rcpt or self.waiters_any):
+            return
+        rec = messages[-1]
         if self.streams:
             for stream in self.streams:
                 stream.take(rec)
@@ -337,7 +338,7 @@ class CaptureStore:
         ``delivery``: called for a new message (counted in ``over_cap`` if it must be kept)."""
         messages = self.messages
         while len(messages) > self.max_messages:
-            if not self._sent_to_every_cursor(messages[0][SEQ]):
+            if not self._sent_to_every_cursor(messages.seq_at(0)):
                 self.over_cap += delivery
                 if not self._over_cap_logged:
                     self._over_cap_logged = True
@@ -476,7 +477,7 @@ class CaptureStore:
             chunk = missing[start:start + SUBJECT_BATCH]
             subjects = await self.off_process(subjects_of, [rec[DATA] for rec in chunk])
             for rec, subject in zip(chunk, subjects):
-                if self.get(rec[SEQ]) is rec:  # still retained
+                if self.retains(rec):
                     self.subjects[rec[SEQ]] = subject
 
     async def subject(self, rec: Record) -> str:
@@ -485,7 +486,7 @@ class CaptureStore:
         subject = self.subjects.get(seq)
         if subject is None:
             subject = await prepared(rec, _subject)
-            if self.get(seq) is rec:  # still retained (not evicted or cleared meanwhile)
+            if self.retains(rec):  # not evicted or cleared meanwhile
                 self.subjects[seq] = subject
         return subject
 
@@ -507,16 +508,16 @@ class CaptureStore:
     def after(self, seq: int, limit: int) -> list[Record]:
         """At most ``limit`` retained records with seq > ``seq``, oldest first (a page)."""
         messages = self.messages
-        if not messages or seq >= messages[-1][SEQ]:
+        if not messages or seq >= messages.seq_at(-1):
             return []
-        skip = max(0, seq - messages[0][SEQ] + 1)
-        return [m for m in itertools.islice(messages, skip, skip + limit) if m[SEQ] > seq]
+        skip = max(0, seq - messages.seq_at(0) + 1)
+        return [m for m in messages.slice(skip, skip + limit) if m[SEQ] > seq]
 
     def count_after(self, seq: int) -> int:
         """How many retained records have seq > ``seq``."""
         if not self.messages:
             return 0
-        return max(0, min(len(self.messages), self.messages[-1][SEQ] - seq))
+        return max(0, min(len(self.messages), self.messages.seq_at(-1) - seq))
 
     def evicted_after(self, seq: int) -> int:
         """How many messages with seq > ``seq`` were evicted (not cleared)."""
@@ -524,30 +525,30 @@ class CaptureStore:
 
     @property
     def first_seq(self) -> int:
-        return self.messages[0][SEQ] if self.messages else self.last_seq + 1
+        return self.messages.seq_at(0) if self.messages else self.last_seq + 1
 
     def get(self, seq: int) -> Optional[Record]:
-        if not self.messages:
+        messages = self.messages
+        if not messages:
             return None
-        index = seq - self.messages[0][SEQ]
-        if 0 <= index < len(self.messages):
-            rec = self.messages[index]
-            if rec[SEQ] == seq:
-                return rec
-        return next((m for m in self.messages if m[SEQ] == seq), None)  # never expected: seqs are dense
+        index = seq - messages.seq_at(0)
+        if 0 <= index < len(messages) and messages.seq_at(index) == seq:
+            return messages[index]
+        index = next((i for i in range(len(messages)) if messages.seq_at(i) == seq), None)  # seqs with gaps
+        return None if index is None else messages[index]
+
+    def retains(self, rec: Record) -> bool:
+        """``rec`` (read earlier) is still retained: not evicted or cleared since."""
+        found = self.get(rec[SEQ])
+        return found is not None and found[DATA] is rec[DATA]
 
     def since(self, seq: int) -> list[Record]:
         """Retained messages with seq > ``seq``, oldest first."""
         messages = self.messages
-        if not messages or seq >= messages[-1][SEQ]:
+        if not messages or seq >= messages.seq_at(-1):
             return []
-        skip = max(0, seq - messages[0][SEQ] + 1)
-        keep = len(messages) - skip
-        if skip > keep:  # near the end: walk from the right (deque indexing is O(n))
-            found = list(itertools.islice(reversed(messages), keep))
-            found.reverse()
-            return [m for m in found if m[SEQ] > seq]
-        return [m for m in itertools.islice(messages, skip, None) if m[SEQ] > seq]
+        skip = max(0, seq - messages.seq_at(0) + 1)
+        return [m for m in messages.slice(skip, len(messages)) if m[SEQ] > seq]
 
     def clear(self) -> int:
         count = len(self.messages)
