@@ -34,7 +34,7 @@ from typing import Optional
 from mailproof.addresses import TOKEN
 from mailproof.capture.service import ServiceError
 from mailproof.capture.service.records import (AT, AUTH_USER, DATA, FROM, HELO, MAIL_OPTIONS, PEER, RCPTS,  # noqa: F401
-                                               SEQ, SMTPUTF8, TLS, Record, Records)
+                                               SEQ, SMTPUTF8, TLS, Record, Records, index_key)
 from mailproof.capture.smtp_sink import CapturedMail
 from mailproof.criteria import Criteria, _text_matches
 from mailproof.message import Message
@@ -162,14 +162,8 @@ def _rcpt_keys(rec: Record) -> set:
 
 
 def _index_keys(rcpts) -> set:
-    """The index keys of ``rcpts``: each lower-cased, and the recipient's own str when it already
-    is (``str.lower`` always copies; the index then shares the record's str)."""
-    keys = set()
-    for r in rcpts:
-        r = str(r)
-        key = r.lower()
-        keys.add(r if key == r else key)
-    return keys
+    """The recipient index's keys of ``rcpts`` (``records.index_key``)."""
+    return {index_key(str(r)) for r in rcpts}
 
 
 class Waiter:
@@ -284,9 +278,10 @@ class CaptureStore:
         self.evicted = 0
         self.cleared = 0
         self.last_seq = 0
-        # Lower-cased envelope recipient -> its retained seq (an int: one message, the usual case) or
-        # seqs (a deque, oldest first: a deque costs some 600 B, too much for every recipient).
-        self.by_rcpt: dict[str, "int | deque[int]"] = {}
+        # Envelope recipient (``index_key``: lower-cased, UTF-8) -> its retained seq (an int: one
+        # message, the usual case) or seqs (a deque, oldest first: a deque costs some 600 B, too
+        # much for every recipient).
+        self.by_rcpt: "dict[bytes, int | deque[int]]" = {}
         self.subjects: dict[int, str] = {}  # seq -> decoded Subject, once some request parsed it
         # Evicted seqs as [first, last] runs (a clear starts a new run): how many were evicted
         # after any seq, for a /wait that found nothing.
@@ -302,10 +297,10 @@ class CaptureStore:
 
     def add(self, msg: CapturedMail) -> None:
         messages = self.messages
-        messages.append(msg)
+        key = messages.append(msg)
         by_rcpt = self.by_rcpt
         seq = msg.seq
-        for key in _index_keys(msg.rcpt_tos):
+        for key in (key,) if key is not None else _index_keys(msg.rcpt_tos):
             seqs = by_rcpt.get(key)
             if seqs is None:
                 by_rcpt[key] = seq  # most recipients get one message: a bare int, not a deque
@@ -419,7 +414,7 @@ class CaptureStore:
     def _unindex(self, rec: Record) -> None:
         by_rcpt = self.by_rcpt
         seq = rec[SEQ]
-        for key in _rcpt_keys(rec):
+        for key in _index_keys(rec[RCPTS]):
             seqs = by_rcpt.get(key)
             if seqs is None:
                 continue
@@ -492,7 +487,7 @@ class CaptureStore:
 
     def seqs_to(self, recipient: str, since: int = 0) -> list[int]:
         """Retained seqs > ``since`` of mail to ``recipient`` (envelope, case-insensitive), oldest first."""
-        seqs = self.by_rcpt.get(recipient.lower())
+        seqs = self.by_rcpt.get(index_key(recipient))
         if seqs is None:
             return []
         if type(seqs) is int:
