@@ -33,7 +33,8 @@ def as_record(m: CapturedMail) -> tuple:
     {},
     {"peer": None},
     {"peer": ("::1", 2525, 0, 0)},  # IPv6: kept whole
-    {"peer": ("127.0.0.1", 0)},
+    {"peer": ("127.0.0.1", 0)},  # port 0: kept whole
+    {"peer": ("127.0.0.1", 65535)},
     {"rcpt_tos": ("A@X.test", "b@y.test")},
     {"rcpt_tos": ()},
     {"mail_options": ["SMTPUTF8"]},  # a list reads back as the tuple of its items

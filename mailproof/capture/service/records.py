@@ -5,11 +5,13 @@ DATA, AT, PEER, HELO, SMTPUTF8, TLS, AUTH_USER, MAIL_OPTIONS), built when it is 
 stored as a few machine words (docs/performance.md, "Memory"):
 
 - the seq is implicit while seqs are dense (the sink counts them one by one), an array otherwise;
-- the arrival time and the peer's port are array items (8 and 4 bytes, not a float and an int);
+- the arrival time and the peer's port are array items (8 and 2 bytes, not a float and an int);
 - one recipient is kept as its UTF-8 bytes (16 B less than the str; a 1-tuple would cost 48 B
   more), and those very bytes are the recipient index's key when the address is lower-case;
 - what one application's messages share (sender, HELO, peer host, SMTPUTF8, TLS, AUTH user, MAIL
-  options) is one tuple interned by value: thousands of messages point at the same one.
+  options) is one tuple interned by value: thousands of messages point at the same one. (Kept
+  once per run of records instead, it would cost nothing per message only while the MAIL options
+  are constant; a client's SIZE=n changes with every message size.)
 
 Garbage collector: the columns are a few lists of bytes, strs and tuples of atomic values (which
 the collector untracks), so retained mail adds nothing to what a full collection examines but
@@ -23,8 +25,8 @@ from array import array
 Record = tuple
 SEQ, FROM, RCPTS, DATA, AT, PEER, HELO, SMTPUTF8, TLS, AUTH_USER, MAIL_OPTIONS = range(11)
 
-NO_PORT = -1  # the peer is stored whole (None, IPv6 4-tuple...): no port split off
-PORT_MAX = 2 ** 31 - 1
+NO_PORT = 0  # the peer is stored whole (None, IPv6 4-tuple, port 0...): no port split off
+PORT_MAX = 65535
 ENVELOPES_INTERNED = 4096  # distinct shared envelopes remembered; past that the table starts over
 COMPACT_AFTER = 1024  # evicted slots tolerated at the head before the columns are shifted
 
@@ -49,7 +51,7 @@ class Records:
         self._base = 0  # seq of column index 0 while seqs are dense (``_seqs`` is None)
         self._seqs: "array | None" = None
         self._ats = array("d")
-        self._ports = array("i")
+        self._ports = array("H")
         self._datas: list = []
         self._rcpts: list = []
         self._envs: list = []
@@ -60,7 +62,7 @@ class Records:
         """Retain ``msg`` (a ``CapturedMail``) as the newest record. For a message to one
         recipient, returns its ``index_key`` (the stored bytes themselves when they are one)."""
         peer, port = msg.peer, NO_PORT
-        if type(peer) is tuple and len(peer) == 2 and type(peer[1]) is int and 0 <= peer[1] <= PORT_MAX:
+        if type(peer) is tuple and len(peer) == 2 and type(peer[1]) is int and 0 < peer[1] <= PORT_MAX:
             peer, port = peer
         options = msg.mail_options
         if type(options) is not tuple:
