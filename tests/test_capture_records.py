@@ -153,3 +153,13 @@ def test_retained_records_leave_nothing_tracked_for_the_collector_but_the_column
     gc.collect()
     assert not any(gc.is_tracked(env) for env in recs._envs)
     assert not any(gc.is_tracked(r) for r in recs._rcpts)
+
+
+def test_evict_names_the_oldest_records_seq_size_and_index_keys():
+    recs = Records()
+    for seq, to in enumerate((("Ab@X.test",), ("Ü@x.test",), ("a@x.test", "B@x.test")), 1):
+        recs.append(captured(seq, to=to, data=b"x" * seq))
+    assert recs.evict() == (1, 1, (b"ab@x.test",))
+    assert recs.evict() == (2, 2, ("ü@x.test".encode(),))
+    assert recs.evict() == (3, 3, {b"a@x.test", b"b@x.test"})
+    assert len(recs) == 0

@@ -36,6 +36,14 @@ def index_key(recipient: str) -> bytes:
     return recipient.lower().encode("utf-8", "surrogatepass")
 
 
+def index_keys(rcpts) -> set:
+    """The recipient index's keys of ``rcpts``, one per distinct address."""
+    return {index_key(str(r)) for r in rcpts}
+
+
+_BOOLS = (bool, bool)
+
+
 class Records:
     """Retained records in seq order: ``append`` a CapturedMail, ``popleft`` the oldest, index
     (``[i]``, ``seq_at(i)``), iterate or reverse them. Not thread-safe (the service's one loop)."""
@@ -72,10 +80,11 @@ class Records:
         rcpts = msg.rcpt_tos
         key = None
         if len(rcpts) == 1 and type(rcpts[0]) is str:
-            rcpt = rcpts[0].encode("utf-8", "surrogatepass")
-            key = index_key(rcpts[0])
-            if key == rcpt:
-                key = rcpt
+            r = rcpts[0]
+            lower = r.lower()
+            key = rcpt = r.encode("utf-8", "surrogatepass")
+            if lower != r:
+                key = lower.encode("utf-8", "surrogatepass")
         else:
             rcpt = tuple(rcpts)
         at = msg.received_at
@@ -96,9 +105,9 @@ class Records:
         return key
 
     def _intern(self, env: tuple, flag_types: tuple) -> tuple:
-        # The flags' types are part of the key: True == 1 and they hash alike, but they are not
-        # the same field value (interning must never merge distinct values).
-        key = env + flag_types
+        # Flags that are not both bools put their types in the key: True == 1 and they hash alike,
+        # but they are not the same field value (interning must never merge distinct values).
+        key = env if flag_types == _BOOLS else env + flag_types
         interned = self._interned
         try:
             shared = interned.get(key)
@@ -124,6 +133,29 @@ class Records:
         elif head >= COMPACT_AFTER and head * 2 >= len(self._datas):
             self._compact()
         return rec
+
+    def evict(self) -> tuple[int, int, "set | tuple"]:
+        """Remove the oldest record; return its seq, its size and its recipient index keys (what
+        eviction needs, without building the record)."""
+        head = self._head
+        if head >= len(self._datas):
+            raise IndexError("evict from empty Records")
+        seq = self._base + head if self._seqs is None else self._seqs[head]
+        size = len(self._datas[head])
+        rcpt = self._rcpts[head]
+        if type(rcpt) is not bytes:
+            keys = index_keys(rcpt)
+        elif rcpt.isascii():
+            keys = (rcpt.lower(),)  # for ASCII the same as str.lower
+        else:
+            keys = (index_key(rcpt.decode("utf-8", "surrogatepass")),)
+        self._datas[head] = self._rcpts[head] = self._envs[head] = None
+        self._head = head = head + 1
+        if head == len(self._datas):
+            self.clear()
+        elif head >= COMPACT_AFTER and head * 2 >= len(self._datas):
+            self._compact()
+        return seq, size, keys
 
     def _compact(self) -> None:
         """Drop the evicted head slots (amortised O(1): at most as many as remain are moved)."""

@@ -34,7 +34,7 @@ from typing import Optional
 from mailproof.addresses import TOKEN
 from mailproof.capture.service import ServiceError
 from mailproof.capture.service.records import (AT, AUTH_USER, DATA, FROM, HELO, MAIL_OPTIONS, PEER, RCPTS,  # noqa: F401
-                                               SEQ, SMTPUTF8, TLS, Record, Records, index_key)
+                                               SEQ, SMTPUTF8, TLS, Record, Records, index_key, index_keys)
 from mailproof.capture.smtp_sink import CapturedMail
 from mailproof.criteria import Criteria, _text_matches
 from mailproof.message import Message
@@ -161,9 +161,6 @@ def _rcpt_keys(rec: Record) -> set:
     return {str(r).lower() for r in rec[RCPTS]}
 
 
-def _index_keys(rcpts) -> set:
-    """The recipient index's keys of ``rcpts`` (``records.index_key``)."""
-    return {index_key(str(r)) for r in rcpts}
 
 
 class Waiter:
@@ -300,7 +297,7 @@ class CaptureStore:
         key = messages.append(msg)
         by_rcpt = self.by_rcpt
         seq = msg.seq
-        for key in (key,) if key is not None else _index_keys(msg.rcpt_tos):
+        for key in (key,) if key is not None else index_keys(msg.rcpt_tos):
             seqs = by_rcpt.get(key)
             if seqs is None:
                 by_rcpt[key] = seq  # most recipients get one message: a bare int, not a deque
@@ -341,16 +338,17 @@ class CaptureStore:
                                 "the oldest yet: keeping them past the limit (counted in /stats as 'over_cap')",
                                 self.max_messages)
                 return
-            old = messages.popleft()
-            self.retained_bytes -= len(old[DATA])
+            seq, size, keys = messages.evict()
+            self.retained_bytes -= size
             self.evicted += 1
-            self._unindex(old)
-            self.subjects.pop(old[SEQ], None)
+            self._unindex(seq, keys)
+            if self.subjects:
+                self.subjects.pop(seq, None)
             runs = self.evicted_runs
-            if runs and runs[-1][1] == old[SEQ] - 1:
-                runs[-1][1] = old[SEQ]
+            if runs and runs[-1][1] == seq - 1:
+                runs[-1][1] = seq
             else:
-                runs.append([old[SEQ], old[SEQ]])
+                runs.append([seq, seq])
             if self.evicted == 1:
                 log.warning("retention limit of %d messages reached: evicting the oldest (counted in "
                             "/stats as 'evicted'); raise --max-messages to keep more", self.max_messages)
@@ -411,10 +409,9 @@ class CaptureStore:
         if self._watchers:
             self._waiters_changed()
 
-    def _unindex(self, rec: Record) -> None:
+    def _unindex(self, seq: int, keys) -> None:
         by_rcpt = self.by_rcpt
-        seq = rec[SEQ]
-        for key in _index_keys(rec[RCPTS]):
+        for key in keys:
             seqs = by_rcpt.get(key)
             if seqs is None:
                 continue
