@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import multiprocessing
 import os
@@ -34,6 +33,8 @@ from typing import Optional
 
 from mailproof.addresses import TOKEN
 from mailproof.capture.service import ServiceError
+from mailproof.capture.service.records import (AT, AUTH_USER, DATA, FROM, HELO, MAIL_OPTIONS, PEER, RCPTS,  # noqa: F401
+                                               SEQ, SMTPUTF8, TLS, Record, Records, index_key, index_keys)
 from mailproof.capture.smtp_sink import CapturedMail
 from mailproof.criteria import Criteria, _text_matches
 from mailproof.message import Message
@@ -50,11 +51,9 @@ SLICE_SECONDS = 0.0005  # ... or sooner: a scan holds the loop this long at most
 TURN_SECONDS = 0.005  # a heavy request hands the turn on after this long (its slices included)
 OFF_LOOP_BYTES = 64 * 1024  # a message at least this big is parsed in a worker thread
 
-# A retained message is a plain tuple in CapturedMail's field order, not a CapturedMail: the
-# garbage collector untracks tuples of atomic values, so 200,000 retained messages add nothing
-# to its full collections (dataclass instances would be scanned on every one of them).
-Record = tuple
-SEQ, FROM, RCPTS, DATA, AT, PEER, HELO, SMTPUTF8, TLS, AUTH_USER, MAIL_OPTIONS = range(11)
+# A retained message reads as a plain tuple in CapturedMail's field order (``Record``), stored
+# by column in ``Records`` (records.py): a few machine words beside its raw bytes, and nothing
+# the garbage collector scans on each full collection (dataclass instances would be).
 
 
 def message_of(rec: Record) -> Message:
@@ -162,6 +161,8 @@ def _rcpt_keys(rec: Record) -> set:
     return {str(r).lower() for r in rec[RCPTS]}
 
 
+
+
 class Waiter:
     """One ``/wait`` long-poll: what it waits for, how many, after which seq, and its future."""
 
@@ -267,14 +268,17 @@ class CaptureStore:
         self.cursors: dict[str, Cursor] = {}  # named stream clients -> what they were sent
         self.over_cap = 0  # deliveries kept past max_messages: a stream client had not been sent the oldest
         self._over_cap_logged = False
-        self.messages: deque[Record] = deque()
+        self.messages = Records()
         self.received = 0
         self.bytes = 0
         self.retained_bytes = 0
         self.evicted = 0
         self.cleared = 0
         self.last_seq = 0
-        self.by_rcpt: dict[str, deque[int]] = {}  # lower-cased envelope recipient -> retained seqs
+        # Envelope recipient (``index_key``: lower-cased, UTF-8) -> its retained seq (an int: one
+        # message, the usual case) or seqs (a deque, oldest first: a deque costs some 600 B, too
+        # much for every recipient).
+        self.by_rcpt: "dict[bytes, int | deque[int]]" = {}
         self.subjects: dict[int, str] = {}  # seq -> decoded Subject, once some request parsed it
         # Evicted seqs as [first, last] runs (a clear starts a new run): how many were evicted
         # after any seq, for a /wait that found nothing.
@@ -289,22 +293,28 @@ class CaptureStore:
     # -- capture (hot path: keep it short) -------------------------------------------------------
 
     def add(self, msg: CapturedMail) -> None:
-        rec = (msg.seq, msg.mail_from, msg.rcpt_tos, msg.data, msg.received_at, msg.peer, msg.helo,
-               msg.smtputf8, msg.tls, msg.auth_user, msg.mail_options)
-        self.messages.append(rec)
+        messages = self.messages
+        key = messages.append(msg)
         by_rcpt = self.by_rcpt
-        for key in _rcpt_keys(rec):
+        seq = msg.seq
+        for key in (key,) if key is not None else index_keys(msg.rcpt_tos):
             seqs = by_rcpt.get(key)
             if seqs is None:
-                by_rcpt[key] = seqs = deque()
-            seqs.append(msg.seq)
+                by_rcpt[key] = seq  # most recipients get one message: a bare int, not a deque
+            elif type(seqs) is int:
+                by_rcpt[key] = deque((seqs, seq))
+            else:
+                seqs.append(seq)
         size = len(msg.data)
         self.received += 1
         self.bytes += size
         self.retained_bytes += size
         self.last_seq = msg.seq
-        if len(self.messages) > self.max_messages:
+        if len(messages) > self.max_messages:
             self._evict_to_cap()
+        if not (self.streams or self.waiters_by_rcpt or self.waiters_any):
+            return
+        rec = messages[-1]
         if self.streams:
             for stream in self.streams:
                 stream.take(rec)
@@ -320,7 +330,7 @@ class CaptureStore:
         ``delivery``: called for a new message (counted in ``over_cap`` if it must be kept)."""
         messages = self.messages
         while len(messages) > self.max_messages:
-            if not self._sent_to_every_cursor(messages[0][SEQ]):
+            if not self._sent_to_every_cursor(messages.seq_at(0)):
                 self.over_cap += delivery
                 if not self._over_cap_logged:
                     self._over_cap_logged = True
@@ -328,16 +338,17 @@ class CaptureStore:
                                 "the oldest yet: keeping them past the limit (counted in /stats as 'over_cap')",
                                 self.max_messages)
                 return
-            old = messages.popleft()
-            self.retained_bytes -= len(old[DATA])
+            seq, size, keys = messages.evict()
+            self.retained_bytes -= size
             self.evicted += 1
-            self._unindex(old)
-            self.subjects.pop(old[SEQ], None)
+            self._unindex(seq, keys)
+            if self.subjects:
+                self.subjects.pop(seq, None)
             runs = self.evicted_runs
-            if runs and runs[-1][1] == old[SEQ] - 1:
-                runs[-1][1] = old[SEQ]
+            if runs and runs[-1][1] == seq - 1:
+                runs[-1][1] = seq
             else:
-                runs.append([old[SEQ], old[SEQ]])
+                runs.append([seq, seq])
             if self.evicted == 1:
                 log.warning("retention limit of %d messages reached: evicting the oldest (counted in "
                             "/stats as 'evicted'); raise --max-messages to keep more", self.max_messages)
@@ -398,18 +409,27 @@ class CaptureStore:
         if self._watchers:
             self._waiters_changed()
 
-    def _unindex(self, rec: Record) -> None:
-        for key in _rcpt_keys(rec):
-            seqs = self.by_rcpt.get(key)
-            if seqs and seqs[0] == rec[SEQ]:  # the evicted one is always the oldest retained
+    def _unindex(self, seq: int, keys) -> None:
+        by_rcpt = self.by_rcpt
+        for key in keys:
+            seqs = by_rcpt.get(key)
+            if seqs is None:
+                continue
+            if type(seqs) is int:
+                if seqs == seq:
+                    del by_rcpt[key]
+                continue
+            if seqs[0] == seq:  # the evicted one is always the oldest retained
                 seqs.popleft()
-            elif seqs:
+            else:
                 try:
-                    seqs.remove(rec[SEQ])
+                    seqs.remove(seq)
                 except ValueError:
                     pass
-            if seqs is not None and not seqs:
-                del self.by_rcpt[key]
+            if len(seqs) == 1:
+                by_rcpt[key] = seqs[0]
+            elif not seqs:
+                del by_rcpt[key]
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -449,7 +469,7 @@ class CaptureStore:
             chunk = missing[start:start + SUBJECT_BATCH]
             subjects = await self.off_process(subjects_of, [rec[DATA] for rec in chunk])
             for rec, subject in zip(chunk, subjects):
-                if self.get(rec[SEQ]) is rec:  # still retained
+                if self.retains(rec):
                     self.subjects[rec[SEQ]] = subject
 
     async def subject(self, rec: Record) -> str:
@@ -458,15 +478,17 @@ class CaptureStore:
         subject = self.subjects.get(seq)
         if subject is None:
             subject = await prepared(rec, _subject)
-            if self.get(seq) is rec:  # still retained (not evicted or cleared meanwhile)
+            if self.retains(rec):  # not evicted or cleared meanwhile
                 self.subjects[seq] = subject
         return subject
 
     def seqs_to(self, recipient: str, since: int = 0) -> list[int]:
         """Retained seqs > ``since`` of mail to ``recipient`` (envelope, case-insensitive), oldest first."""
-        seqs = self.by_rcpt.get(recipient.lower())
-        if not seqs:
+        seqs = self.by_rcpt.get(index_key(recipient))
+        if seqs is None:
             return []
+        if type(seqs) is int:
+            return [seqs] if seqs > since else []
         found = []
         for seq in reversed(seqs):  # ints only: cheap even for a recipient with many messages
             if seq <= since:
@@ -478,16 +500,16 @@ class CaptureStore:
     def after(self, seq: int, limit: int) -> list[Record]:
         """At most ``limit`` retained records with seq > ``seq``, oldest first (a page)."""
         messages = self.messages
-        if not messages or seq >= messages[-1][SEQ]:
+        if not messages or seq >= messages.seq_at(-1):
             return []
-        skip = max(0, seq - messages[0][SEQ] + 1)
-        return [m for m in itertools.islice(messages, skip, skip + limit) if m[SEQ] > seq]
+        skip = max(0, seq - messages.seq_at(0) + 1)
+        return [m for m in messages.slice(skip, skip + limit) if m[SEQ] > seq]
 
     def count_after(self, seq: int) -> int:
         """How many retained records have seq > ``seq``."""
         if not self.messages:
             return 0
-        return max(0, min(len(self.messages), self.messages[-1][SEQ] - seq))
+        return max(0, min(len(self.messages), self.messages.seq_at(-1) - seq))
 
     def evicted_after(self, seq: int) -> int:
         """How many messages with seq > ``seq`` were evicted (not cleared)."""
@@ -495,30 +517,30 @@ class CaptureStore:
 
     @property
     def first_seq(self) -> int:
-        return self.messages[0][SEQ] if self.messages else self.last_seq + 1
+        return self.messages.seq_at(0) if self.messages else self.last_seq + 1
 
     def get(self, seq: int) -> Optional[Record]:
-        if not self.messages:
+        messages = self.messages
+        if not messages:
             return None
-        index = seq - self.messages[0][SEQ]
-        if 0 <= index < len(self.messages):
-            rec = self.messages[index]
-            if rec[SEQ] == seq:
-                return rec
-        return next((m for m in self.messages if m[SEQ] == seq), None)  # never expected: seqs are dense
+        index = seq - messages.seq_at(0)
+        if 0 <= index < len(messages) and messages.seq_at(index) == seq:
+            return messages[index]
+        index = next((i for i in range(len(messages)) if messages.seq_at(i) == seq), None)  # seqs with gaps
+        return None if index is None else messages[index]
+
+    def retains(self, rec: Record) -> bool:
+        """``rec`` (read earlier) is still retained: not evicted or cleared since."""
+        found = self.get(rec[SEQ])
+        return found is not None and found[DATA] is rec[DATA]
 
     def since(self, seq: int) -> list[Record]:
         """Retained messages with seq > ``seq``, oldest first."""
         messages = self.messages
-        if not messages or seq >= messages[-1][SEQ]:
+        if not messages or seq >= messages.seq_at(-1):
             return []
-        skip = max(0, seq - messages[0][SEQ] + 1)
-        keep = len(messages) - skip
-        if skip > keep:  # near the end: walk from the right (deque indexing is O(n))
-            found = list(itertools.islice(reversed(messages), keep))
-            found.reverse()
-            return [m for m in found if m[SEQ] > seq]
-        return [m for m in itertools.islice(messages, skip, None) if m[SEQ] > seq]
+        skip = max(0, seq - messages.seq_at(0) + 1)
+        return [m for m in messages.slice(skip, len(messages)) if m[SEQ] > seq]
 
     def clear(self) -> int:
         count = len(self.messages)
