@@ -123,8 +123,11 @@ class FastReply:
         return self._r.text or ""
 
     @property
-    def content(self) -> bytes:
-        return self._r.content or b""
+    def content(self) -> Optional[bytes]:
+        content = self._r.content
+        if content is None and self.status_code:
+            return b""
+        return content  # None without an answer, as requests' (Locust's) response then
 
     @property
     def headers(self) -> Any:
@@ -133,7 +136,12 @@ class FastReply:
 
     @property
     def ok(self) -> bool:
-        return 0 < self.status_code < 400
+        """As requests': False on an HTTP error status; no answer at all raises its ConnectionError."""
+        try:
+            self.raise_for_status()
+        except requests.HTTPError:
+            return False
+        return True
 
     @property
     def reason(self) -> str:
