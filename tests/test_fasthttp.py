@@ -222,8 +222,9 @@ def test_the_same_flows_give_the_same_ledger_on_both_clients(tmp_path):
                 assert a[key] / ra == b[key] / rb, (name, key, a, b)
             for key in ("late", "lost", "unverified", "duplicated", "unexpected", "interrupted", "unawaited"):
                 assert a[key] == b[key] == 0, (name, key, a, b)
-    # The same statistics rows (HTTP routes, MAIL steps, CHECKs, FLOWs), each as often per run.
+    # The same statistics rows: HTTP routes (ids templated), MAIL steps, CHECKs and FLOWs.
     assert set(slow_rows) == set(fast_rows)
-    per_flow_run = lambda rows, runs: {k: v / sum(runs.values()) for k, v in rows.items() if k[0] == "FLOW"}
-    assert per_flow_run(slow_rows, slow["flows"]["runs"]).keys() == per_flow_run(fast_rows, fast["flows"]["runs"]).keys()
-    assert fast["run"]["client"] == "fast" and slow["run"]["client"] == "requests" if "client" in fast["run"] else True
+    assert {kind for kind, _ in slow_rows} >= {"GET", "POST", "MAIL", "FLOW"}
+    for (kind, name), count in slow_rows.items():
+        if kind == "FLOW":
+            assert count == slow["flows"]["runs"][name] and fast_rows[(kind, name)] == fast["flows"]["runs"][name]
