@@ -77,7 +77,7 @@ CLIENTS = textwrap.dedent(r'''
     from locust.contrib.fasthttp import FastHttpSession
     from locust.env import Environment
     from mailproof.load.fasthttp import RequestsLikeClient
-    from mailproof.load.user import _NamedClient
+    from mailproof.load.user import REPLY_BODY_CHARS, _NamedClient, _reply_body
 
     base, closed = sys.argv[1], sys.argv[2]
     env = Environment()
@@ -130,6 +130,8 @@ CLIENTS = textwrap.dedent(r'''
                 "served_by": r.headers.get("x-served-by") if r.status_code else None,
                 "url": r.url if r.status_code else None,
                 "bool": outcome(lambda: bool(r)),
+                # what the ledger keeps of the answer that triggered an email: text's own first characters
+                "reply_body_is_text": _reply_body(r) == (r.text or "")[:REPLY_BODY_CHARS],
             })
         seen[kind] = {"answers": answers, "events": list(events)}
     unsupported = []
@@ -180,6 +182,7 @@ def test_the_fast_client_answers_every_call_as_the_requests_client_does(echo_ser
     assert requests_side["answers"][-1]["ok"] == ["raised", "ConnectionError"]  # requests' Response.ok, under Locust
     assert requests_side["answers"][13]["ok"] == ["ok", False] and requests_side["answers"][14]["ok"] == ["ok", False]
     assert len(answers) == len(requests_side["answers"])
+    assert all(a["reply_body_is_text"] for a in requests_side["answers"] + fast_side["answers"])
     # Locust's statistics: the same rows (routes with ids templated), the same failures.
     assert requests_side["events"] == fast_side["events"]
     failed = [(name, ok) for _, name, ok in requests_side["events"] if not ok]
