@@ -13,12 +13,12 @@ from mailproof.load.gates import DEFAULT_GATES, Gate, GateError, Verdict, evalua
 from mailproof.load.ledger import Ledger
 from mailproof.load.results import RehearsalResults, ResultsError
 
-__all__ = ["DEFAULT_GATES", "FlowUser", "Gate", "GateError", "Ledger", "RehearsalResults", "ResultsError",
+__all__ = ["DEFAULT_GATES", "FastFlowUser", "FlowUser", "Gate", "GateError", "Ledger", "RehearsalResults", "ResultsError",
            "Verdict", "evaluate", "tasks_for"]
 
 
 def __getattr__(name: str):
-    if name in ("FlowUser", "tasks_for"):
+    if name in ("FastFlowUser", "FlowUser", "tasks_for"):
         from mailproof.extras import require
 
         require("locust", "running flows under Locust")

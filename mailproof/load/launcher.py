@@ -2,7 +2,7 @@
 
     mailproof rehearse -f FLOWS (--host URL | --app "CMD" --app-ready URL_OR_REGEX) \\
         (-u USERS -r SPAWN_RATE -t RUN_TIME | --shape burst|ramp|constant --peak-rate R --duration S) \\
-        [--workers N] [--smtp-port P] [--flow-mix name=W,...] [--gate GATE ...] \\
+        [--workers N] [--client fast|requests] [--smtp-port P] [--flow-mix name=W,...] [--gate GATE ...] \\
         [--chaos PROFILE [--chaos-seed S] | --sink-url URL] [--grace S] [--out DIR]
 
 Everything that can be wrong with the command is checked before anything starts (the gates, the
@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--flow-mix", default="", metavar="NAME=W,...",
                       help="task weights, e.g. 'signup_confirms_account=3,order_receipt=1' "
                            "(default: each flow's @flow(weight=N), else 1)")
+    what.add_argument("--client", choices=("fast", "requests"), default="fast",
+                      help="what flow.http runs on: fast (Locust's FastHttpUser, geventhttpclient; default: "
+                           "about half the load generator's CPU per flow, docs/performance.md) or requests "
+                           "(Locust's HttpUser, for a flow that needs requests' per-call timeout=, files= ...)")
     what.add_argument("--pacing", type=float, default=1.0, metavar="S",
                       help="without a shape (-u/-r/-t, a closed model): seconds between the starts of one user's "
                            "flows (default 1); a shape sets the arrivals itself")
@@ -429,6 +433,7 @@ class Run:
         if flows.endswith(".py") or os.path.sep in flows:
             flows = str(Path(flows).resolve())
         env = {**os.environ, "MAILPROOF_FLOWS": flows, "MAILPROOF_PACING": f"{plan.args.pacing:g}",
+               "MAILPROOF_CLIENT": getattr(plan.args, "client", "fast"),
                "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
         env.pop("MAILPROOF_SHAPE", None)
         env.pop("MAILPROOF_FLOW_MIX", None)

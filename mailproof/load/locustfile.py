@@ -8,7 +8,9 @@ The command runs ``locust -f <this file>`` (and its workers) with the environmen
   its schedule of arrivals (open model; users are the concurrency cap); without it Locust's
   ``-u/-r/-t`` drive the run (closed model);
 - ``MAILPROOF_WORKERS``: how many workers share the shape's arrivals (default 1);
-- ``MAILPROOF_PACING``: without a shape, seconds between the starts of one user's flows (default 1).
+- ``MAILPROOF_PACING``: without a shape, seconds between the starts of one user's flows (default 1);
+- ``MAILPROOF_CLIENT``: ``fast`` (FastFlowUser, geventhttpclient; the default) or ``requests``
+  (FlowUser, Locust's requests-based HttpUser): what ``flow.http`` runs on.
 
 By hand, for a distributed run on several machines:
 ``MAILPROOF_FLOWS=myapp/loadflows.py locust -f $(python -c 'import mailproof.load.locustfile as f; print(f.__file__)') ...``
@@ -28,7 +30,7 @@ sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _HERE]
 from locust import constant_pacing, events  # noqa: E402
 
 from mailproof.load.flows import FlowsError, load_flows  # noqa: E402
-from mailproof.load.user import FlowUser  # noqa: E402
+from mailproof.load.user import CLIENTS  # noqa: E402
 
 _SOURCE = os.environ.get("MAILPROOF_FLOWS", "")
 if not _SOURCE:
@@ -39,9 +41,13 @@ try:
     MIX = LOADED.mix(os.environ.get("MAILPROOF_FLOW_MIX", ""))
 except FlowsError as exc:
     raise SystemExit(f"mailproof: {exc}") from None
+_CLIENT = os.environ.get("MAILPROOF_CLIENT", "") or "fast"
+if _CLIENT not in CLIENTS:
+    raise SystemExit(f"mailproof: MAILPROOF_CLIENT={_CLIENT!r}: the client is one of {', '.join(CLIENTS)} "
+                     "(mailproof rehearse --client)")
 
 
-class RehearsalUser(FlowUser):
+class RehearsalUser(CLIENTS[_CLIENT]):  # type: ignore[misc,valid-type]
     flows = MIX
     # Without a shape (closed model). With one, a user waits for its next arrival instead (FlowUser).
     wait_time = constant_pacing(float(os.environ.get("MAILPROOF_PACING", "1")))

@@ -37,13 +37,15 @@ from typing import Any, Callable, Iterable, Optional, Union
 from urllib.parse import urlsplit
 
 import gevent
-import gevent.event
-from locust import HttpUser, between, events
+import requests
+from requests.utils import get_encoding_from_headers
+from locust import FastHttpUser, HttpUser, between, events
 
 from mailproof import checks as _checks
 from mailproof.criteria import Criteria
 from mailproof.errors import MailLate, MailNotDelivered, MailproofError, UnexpectedMail
 from mailproof.flow import Flow, flow_info, run
+from mailproof.load.fasthttp import RequestsLikeClient
 from mailproof.load.ledger import Claim, arrival_key
 from mailproof.load.listeners import install
 from mailproof.load.rehearsal import Rehearsal
@@ -54,6 +56,7 @@ from mailproof.message import Message
 install(events)
 _ID_SEGMENT = re.compile(r"(@|%40|\d)")
 REPLY_BODY_CHARS = 300
+IDLE_SECONDS = 3600.0  # a user's wait once the shape's schedule is spent (ended by the end of the run)
 DEFAULT_STEP = "mail"  # the MAIL row of a wait outside any flow.step
 
 
@@ -80,7 +83,7 @@ class LocustReporter:
         trigger = self.mailbox.triggers.times[-1]
         status = getattr(response, "status_code", 0) or 0
         try:
-            body = (getattr(response, "text", "") or "")[:REPLY_BODY_CHARS]
+            body = _reply_body(response)
         except Exception:  # undecodable body: the status is what matters
             body = ""
         self.replies[trigger] = HttpReply(method=method, path=_route(url), status=int(status), body=body)
@@ -99,6 +102,21 @@ class LocustReporter:
             request_type="MAIL", name=name, response_time=response_time,
             response_length=msg.size if msg is not None else 0, exception=error, context={},
         )
+
+
+def _reply_body(response: Any) -> str:
+    """The first REPLY_BODY_CHARS characters of the answer, as ``response.text`` would give them,
+    decoding only the bytes they can take (4 per character at most) rather than the whole body,
+    for every triggering request. Without a charset the headers name, ``text``'s own detection."""
+    content = getattr(response, "content", None)
+    if isinstance(content, bytes):
+        encoding = getattr(response, "encoding", None) or get_encoding_from_headers(response.headers or {})
+        if encoding:
+            try:
+                return content[: REPLY_BODY_CHARS * 4].decode(encoding, "replace")[:REPLY_BODY_CHARS]
+            except LookupError:  # a charset Python does not know: as text does
+                pass
+    return (getattr(response, "text", "") or "")[:REPLY_BODY_CHARS]
 
 
 def _safe_subject(msg: Message) -> str:
@@ -158,6 +176,10 @@ class _NamedClient:
                     response.failure(f"HTTP {status}: {(response.text or '')[:200]}")
                 else:
                     response.failure(f"no HTTP answer: {getattr(response, 'error', None) or 'connection failed'}")
+            # Reported: from here the answer reads as requests' own (``ok``, ``raise_for_status``), as
+            # under pytest; Locust's would still follow the success()/failure() above.
+            if isinstance(response, requests.Response) and getattr(response, "_manual_result", None) is not None:
+                response._manual_result = None
             return response
 
         return call
@@ -168,10 +190,10 @@ def _route(url: str) -> str:
     return "/".join("{id}" if _ID_SEGMENT.search(seg) else seg for seg in path.split("/"))
 
 
-class FlowUser(HttpUser):
-    """Runs ``flows`` (a {flow_function: weight} mapping) as weighted tasks."""
+class _FlowRunner:
+    """What FlowUser and FastFlowUser share: ``flows`` (a {flow_function: weight} mapping) run as
+    weighted tasks, each run accounted for. ``flow_client()`` is what ``flow.http`` wraps."""
 
-    abstract = True
     flows: dict[Callable, int] = {}
     wait_time = between(0.5, 1.5)
     within: Optional[float] = None  # default seconds per wait; None keeps each flow's own bounds
@@ -182,13 +204,22 @@ class FlowUser(HttpUser):
             cls.tasks = tasks_for(cls.flows)
 
     def __init__(self, environment: Any) -> None:
-        super().__init__(environment)
+        super().__init__(environment)  # type: ignore[call-arg]
+        self._http = _NamedClient(self.flow_client())  # one per user: flows reuse it
         if self.rehearsal.options.shape_config:
-            self.wait_time = lambda: 0  # open model: the shape's arrivals pace the flows, not the user
+            self.wait_time = self._open_model_wait
 
     @property
     def rehearsal(self) -> Rehearsal:
         return Rehearsal.of(self.environment)
+
+    def _open_model_wait(self) -> float:
+        """The open model: the shape's arrivals pace the flows, not the user (no wait between
+        tasks). Once the schedule is spent the user idles in Locust's own wait, which the end of
+        the run stops at once (an idle wait inside a task would hold the end for --stop-timeout)."""
+        plan = self.arrival_plan()
+        spent = plan is not None and (plan.stopped_at is not None or plan.next >= len(plan.offsets))
+        return IDLE_SECONDS if spent else 0
 
     def arrival_plan(self):
         """This process's share of the load shape's arrivals; None without a shape (closed model)."""
@@ -199,7 +230,7 @@ class FlowUser(HttpUser):
         rehearsal = self.rehearsal
         mailbox = rehearsal.mailbox(self.within or 10.0)
         reporter = LocustReporter(self.environment, rehearsal, info.name, mailbox)
-        flow = Flow(http=_NamedClient(self.client), mailbox=mailbox, reporter=reporter, name=info.name)
+        flow = Flow(http=self._http, mailbox=mailbox, reporter=reporter, name=info.name)
         started = time.perf_counter()
         error: Optional[BaseException] = None
         interrupted = harness = False
@@ -240,6 +271,28 @@ class FlowUser(HttpUser):
         )
 
 
+class FlowUser(_FlowRunner, HttpUser):
+    """Runs ``flows`` on Locust's requests-based HttpUser (``mailproof rehearse --client requests``)."""
+
+    abstract = True
+
+    def flow_client(self) -> Any:
+        return self.client
+
+
+class FastFlowUser(_FlowRunner, FastHttpUser):
+    """Runs ``flows`` on Locust's FastHttpUser (geventhttpclient; ``--client fast``): ``flow.http``
+    offers the requests-like subset flows use (mailproof.load.fasthttp), so a flow runs unchanged."""
+
+    abstract = True
+
+    def flow_client(self) -> Any:
+        return RequestsLikeClient(self.client)
+
+
+CLIENTS = {"fast": FastFlowUser, "requests": FlowUser}  # mailproof rehearse --client
+
+
 def tasks_for(mix: dict[Callable, int]) -> list[Callable]:
     """Locust's weighted task list (a task repeated weight times) for {flow: weight}. Under a load
     shape each run first waits for its arrival (mailproof.load.arrivals): the shape, not the
@@ -252,8 +305,7 @@ def tasks_for(mix: dict[Callable, int]) -> list[Callable]:
                 user.run_flow(fn)
                 return
             if plan.claim() is None:
-                gevent.event.Event().wait()  # the schedule is spent: idle until the shape ends the run
-                return
+                return  # the schedule is spent: the user idles in its wait (_open_model_wait)
             try:
                 user.run_flow(fn)
             finally:
