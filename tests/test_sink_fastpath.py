@@ -238,15 +238,20 @@ _addr_args = st.one_of(
 @settings(max_examples=1500, deadline=None)
 @given(arg=_addr_args, limit=st.sampled_from([0, 3]))
 def test_the_fast_address_parser_answers_like_aiosmtpds(arg, limit):
+    proto = _protocol()
+    proto.local_part_limit = limit
+    assert _outcome(proto._getaddr, arg) == _outcome(lambda a: smtp_sink.SMTP._getaddr(proto, a), arg)
+
+
+def _protocol():
+    """One connection's SMTP protocol object of a fresh sink (made on a loop, as the sink does)."""
     loop = asyncio.new_event_loop()
     try:
         sink = SmtpSink()
         sink._loop = loop
-        proto = sink._protocol()
+        return sink._protocol()
     finally:
         loop.close()
-    proto.local_part_limit = limit
-    assert _outcome(proto._getaddr, arg) == _outcome(lambda a: smtp_sink.SMTP._getaddr(proto, a), arg)
 
 
 def _outcome(parse, arg):
@@ -257,13 +262,7 @@ def _outcome(parse, arg):
 
 
 def test_plain_addresses_take_the_fast_path(monkeypatch):
-    loop = asyncio.new_event_loop()
-    try:
-        sink = SmtpSink()
-        sink._loop = loop
-        proto = sink._protocol()
-    finally:
-        loop.close()
+    proto = _protocol()
     monkeypatch.setattr(smtp_sink.SMTP, "_getaddr", lambda self, arg: pytest.fail(f"slow path for {arg!r}"))
     assert proto._getaddr("<bench@mailproof.test> SIZE=4200 BODY=8BITMIME") == \
         ("bench@mailproof.test", "SIZE=4200 BODY=8BITMIME")

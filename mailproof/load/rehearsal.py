@@ -76,8 +76,7 @@ class RehearsalOptions:
         shape = os.environ.get("MAILPROOF_SHAPE") or get("shape", None) or None
         if shape and ":" not in shape and get("peak_rate", None) is not None:  # a locustfile's own shape options
             try:
-                shape = ShapeConfig(shape, float(get("peak_rate", 0)), float(get("duration", 0)),
-                                int(get("ramp_steps", 4)), int(get("max_users", 0) or 0)).encode()
+                shape = ShapeConfig.from_options(parsed).encode()
             except ValueError as exc:
                 raise SystemExit(f"mailproof: --shape: {exc}") from None
         shape_kind, shape_peak, shape_duration = _shape_facts(shape, get)

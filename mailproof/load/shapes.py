@@ -22,7 +22,7 @@ from locust import LoadTestShape
 
 from mailproof.load.shapes_config import BURST, KINDS, ShapeConfig
 
-__all__ = ["BURST", "KINDS", "RehearsalShape", "ShapeConfig", "add_options", "config_from_options", "shape_class"]
+__all__ = ["BURST", "KINDS", "RehearsalShape", "ShapeConfig", "add_options", "shape_class"]
 
 class RehearsalShape(LoadTestShape):
     """One class for all shapes; ``config()`` says which (abstract: subclass it or use shape_class)."""
@@ -30,7 +30,7 @@ class RehearsalShape(LoadTestShape):
     abstract = True
 
     def config(self) -> ShapeConfig:
-        return config_from_options(self.runner.environment.parsed_options)
+        return ShapeConfig.from_options(self.runner.environment.parsed_options)
 
     def tick(self) -> Optional[tuple[int, float]]:
         return self.config().tick(self.get_run_time())
@@ -39,12 +39,6 @@ class RehearsalShape(LoadTestShape):
 def shape_class(config: ShapeConfig) -> type:
     """A concrete LoadTestShape running ``config`` (bind it to a name in the locustfile)."""
     return type("MailproofShape", (RehearsalShape,), {"abstract": False, "config": lambda self: config})
-
-
-def config_from_options(options) -> ShapeConfig:
-    """The shape Locust's parsed ``--shape/--peak-rate/--duration/--ramp-steps/--max-users`` give."""
-    return ShapeConfig(options.shape, float(options.peak_rate), float(options.duration),
-                       int(getattr(options, "ramp_steps", 4)), int(getattr(options, "max_users", 0) or 0))
 
 
 def add_options(parser) -> None:

@@ -53,6 +53,12 @@ class ShapeConfig:
         if self.max_users == 0:
             object.__setattr__(self, "max_users", default_max_users(self.peak_rate))
 
+    @classmethod
+    def from_options(cls, options) -> "ShapeConfig":
+        """The shape Locust's parsed ``--shape/--peak-rate/--duration/--ramp-steps/--max-users`` give."""
+        return cls(options.shape, float(options.peak_rate), float(options.duration),
+                   int(getattr(options, "ramp_steps", 4)), int(getattr(options, "max_users", 0) or 0))
+
     def encode(self) -> str:
         return f"{self.kind}:{self.peak_rate:g}:{self.duration:g}:{self.ramp_steps}:{self.max_users}"
 
