@@ -1,0 +1,121 @@
+"""The recipient index's hash table: the newest record of each recipient, in one array of slots.
+
+Most captured messages have one lower-case recipient, and most recipients get one message. A dict
+entry (24 B amortised to some 50 B) and an int seq (28 B) per message were a fifth of what a
+retained 143-byte message cost, so for those records the index is this table instead:
+
+- open addressing with linear probing over an ``array('q')`` of slots (a power of two, at most
+  half full; halved when under an eighth full), each 0 (empty) or 1 + the record's position;
+- a position is "absolute": column index plus every slot ``Records`` compaction has dropped, so
+  compaction moves nothing here;
+- the table stores no key: a slot matches when the record's own stored recipient bytes (which are
+  the key, ``records.index_key``) equal the key; bytes cache their hash, so probing and resizing
+  rehash nothing;
+- deletion shifts the probe chain back (no tombstones), so a lookup stops at the first empty slot.
+
+Older records to the same recipient are found through ``Records``' per-record "previous" column,
+not here. ``HASH`` and ``MIN_SLOTS`` are module globals so tests can force keys into one probe
+chain or a tiny table.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+HASH = hash  # the slot of a key: hash(key) & mask
+MIN_SLOTS = 1024  # 8 KB: what an empty store keeps, and the smallest it shrinks to
+
+
+class RcptTable:
+    """Key (bytes) -> absolute position of the newest record with that key.
+
+    Every method takes ``keys`` (the records' recipient column) and ``dropped`` (how many column
+    slots compaction has removed): the key of position ``p`` is ``keys[p - dropped]``. Every
+    position held must be a retained record whose ``keys`` item is its key."""
+
+    __slots__ = ("slots", "mask", "count")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.slots = array("q", bytes(8 * MIN_SLOTS))
+        self.mask = MIN_SLOTS - 1
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def find(self, key: bytes, keys: list, dropped: int) -> int:
+        """The position held for ``key``, or -1."""
+        slots, mask = self.slots, self.mask
+        i = HASH(key) & mask
+        while True:
+            held = slots[i]
+            if not held:
+                return -1
+            if keys[held - 1 - dropped] == key:
+                return held - 1
+            i = (i + 1) & mask
+
+    def put(self, key: bytes, pos: int, keys: list, dropped: int) -> int:
+        """Hold ``pos`` for ``key``; return the position it replaces, or -1 for a new key."""
+        slots, mask = self.slots, self.mask
+        i = HASH(key) & mask
+        while True:
+            held = slots[i]
+            if not held:
+                break
+            if keys[held - 1 - dropped] == key:
+                slots[i] = pos + 1
+                return held - 1
+            i = (i + 1) & mask
+        slots[i] = pos + 1
+        self.count += 1
+        if self.count * 2 > len(slots):
+            self._resize(len(slots) * 2, keys, dropped)
+        return -1
+
+    def remove(self, key: bytes, pos: int, keys: list, dropped: int) -> bool:
+        """Forget ``key`` if the position held for it is ``pos`` (a newer one stays); True if so."""
+        slots, mask = self.slots, self.mask
+        i = HASH(key) & mask
+        while True:
+            held = slots[i]
+            if not held:
+                return False
+            if keys[held - 1 - dropped] == key:
+                break
+            i = (i + 1) & mask
+        if held != pos + 1:
+            return False
+        # Backward shift: move each later entry of the probe chain into the hole unless its home
+        # slot lies cyclically in (hole, its slot], where a lookup would never reach the hole.
+        j = i
+        while True:
+            j = (j + 1) & mask
+            held = slots[j]
+            if not held:
+                break
+            home = HASH(keys[held - 1 - dropped]) & mask
+            if (i < home <= j) if i <= j else (i < home or home <= j):
+                continue
+            slots[i] = held
+            i = j
+        slots[i] = 0
+        self.count -= 1
+        if self.count * 8 < len(slots) and len(slots) > MIN_SLOTS:
+            self._resize(len(slots) // 2, keys, dropped)
+        return True
+
+    def _resize(self, size: int, keys: list, dropped: int) -> None:
+        # O(slots), amortised O(1) per put or remove (the count doubled or fell to a quarter since).
+        new = array("q", bytes(8 * size))
+        mask = size - 1
+        for held in self.slots:
+            if held:
+                i = HASH(keys[held - 1 - dropped]) & mask
+                while new[i]:
+                    i = (i + 1) & mask
+                new[i] = held
+        self.slots, self.mask = new, mask
