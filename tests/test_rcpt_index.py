@@ -23,9 +23,9 @@ ADDRESSES = ("a@x.test", "A@x.test", "b@x.test", "ü@x.test", "Ü@X.test", "bad\
              "BAD\udcffbyte@x.test", "ǅ@x.test", "c@x.test", "d@x.test")
 LOOKUPS = ADDRESSES + ("A@X.TEST", "nobody@x.test", "7", "")
 
-# (slot hash, smallest table, evicted slots before compaction): real; real in a tiny table (it
-# grows and shrinks); every key one probe chain;
-# every key's home the last slot (chains wrap around); a few short clusters.
+# (slot hash, smallest table and largest made up front, evicted slots before compaction): real;
+# real in a tiny table (it grows and shrinks); every key one probe chain; every key's home the
+# last slot (chains wrap around); a few short clusters.
 CONFIGS = {
     "real": (hash, rcpt_table.MIN_SLOTS, records.COMPACT_AFTER),
     "real-small": (hash, 8, 4),
@@ -39,6 +39,8 @@ def configured(name: str):
     slot_hash, min_slots, compact_after = CONFIGS[name]
     patches = [mock.patch.object(rcpt_table, "HASH", slot_hash), mock.patch.object(rcpt_table, "MIN_SLOTS", min_slots),
                mock.patch.object(records, "COMPACT_AFTER", compact_after)]
+    if name != "real":  # not sized for the cap up front: the table grows and shrinks
+        patches.append(mock.patch.object(rcpt_table, "PRESIZE_SLOTS", min_slots))
     for p in patches:
         p.start()
     return patches
@@ -157,3 +159,18 @@ def test_a_recipient_with_most_of_the_mail_reads_back_whole_across_compaction():
     assert store.messages._dropped > 0  # compacted on the way: positions stayed valid
     assert store.seqs_to("HOT@x.test") == hot and store.seqs_to("hot@x.test", since=11990) == hot[-9:]
     assert store.seqs_to("u12000@x.test") == [12000] and store.seqs_to("u7000@x.test") == []
+
+
+def test_the_table_is_sized_for_the_cap_up_front_and_never_shrinks_below_it():
+    store = CaptureStore()  # the default cap, 200,000: no resize in the DATA handler before it
+    assert len(store.messages._table.slots) == 1 << 19
+    store = CaptureStore(max_messages=3000)
+    assert len(store.messages._table.slots) == 8192  # at most half full at the cap
+    for seq in range(1, 3001):
+        store.add(mail(seq, (f"u{seq}@x.test",)))
+    assert len(store.messages._table.slots) == 8192
+    store.max_messages = 1
+    store._evict_to_cap(delivery=False)
+    assert len(store.messages._table.slots) == 8192 and store.seqs_to("u3000@x.test") == [3000]
+    big = CaptureStore(max_messages=10_000_000)  # capped up front (4 MB); past that it grows as needed
+    assert len(big.messages._table.slots) == rcpt_table.PRESIZE_SLOTS

@@ -6,6 +6,9 @@ retained 143-byte message cost, so for those records the index is this table ins
 
 - open addressing with linear probing over an ``array('q')`` of slots (a power of two, at most
   half full; halved when under an eighth full), each 0 (empty) or 1 + the record's position;
+- sized up front for the store's cap (up to ``PRESIZE_SLOTS``, 4 MB: the default 200,000-message
+  cap fits), never shrunk below that: a resize is a loop in Python (60 ms for 131,072 keys, where
+  a dict takes a few), and it would run in the SMTP DATA handler, before the 250;
 - a position is "absolute": column index plus every slot ``Records`` compaction has dropped, so
   compaction moves nothing here;
 - the table stores no key: a slot matches when the record's own stored recipient bytes (which are
@@ -23,7 +26,16 @@ from __future__ import annotations
 from array import array
 
 HASH = hash  # the slot of a key: hash(key) & mask
-MIN_SLOTS = 1024  # 8 KB: what an empty store keeps, and the smallest it shrinks to
+MIN_SLOTS = 1024  # 8 KB: the smallest table
+PRESIZE_SLOTS = 1 << 19  # the largest table made up front for an expected count (4 MB)
+
+
+def slots_for(expected: int) -> int:
+    """The table a count of ``expected`` keys needs up front: a power of two, at least twice it."""
+    size = MIN_SLOTS
+    while size < 2 * expected and size < PRESIZE_SLOTS:
+        size *= 2
+    return size
 
 
 class RcptTable:
@@ -33,16 +45,20 @@ class RcptTable:
     slots compaction has removed): the key of position ``p`` is ``keys[p - dropped]``. Every
     position held must be a retained record whose ``keys`` item is its key."""
 
-    __slots__ = ("slots", "mask", "count")
+    __slots__ = ("slots", "mask", "count", "floor", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, expected: int = 0) -> None:
+        self.floor = slots_for(expected)  # never shrunk below this
         self.clear()
 
     def clear(self) -> None:
-        self.slots = array("q", bytes(8 * MIN_SLOTS))
-        self.mask = MIN_SLOTS - 1
+        self._allocate(self.floor)
         self.count = 0
 
+    def _allocate(self, size: int) -> None:
+        self.slots = array("q", (0,)) * size
+        self.mask = size - 1
+        self.limit = size // 2  # at most half full
     def __len__(self) -> int:
         return self.count
 
@@ -72,7 +88,7 @@ class RcptTable:
             i = (i + 1) & mask
         slots[i] = pos + 1
         self.count += 1
-        if self.count * 2 > len(slots):
+        if self.count > self.limit:
             self._resize(len(slots) * 2, keys, dropped)
         return -1
 
@@ -104,18 +120,17 @@ class RcptTable:
             i = j
         slots[i] = 0
         self.count -= 1
-        if self.count * 8 < len(slots) and len(slots) > MIN_SLOTS:
+        if self.count * 8 < len(slots) and len(slots) > self.floor:
             self._resize(len(slots) // 2, keys, dropped)
         return True
 
     def _resize(self, size: int, keys: list, dropped: int) -> None:
         # O(slots), amortised O(1) per put or remove (the count doubled or fell to a quarter since).
-        new = array("q", bytes(8 * size))
-        mask = size - 1
-        for held in self.slots:
-            if held:
-                i = HASH(keys[held - 1 - dropped]) & mask
-                while new[i]:
-                    i = (i + 1) & mask
-                new[i] = held
-        self.slots, self.mask = new, mask
+        old = self.slots
+        self._allocate(size)
+        new, mask = self.slots, self.mask
+        for held in filter(None, old):  # the empty slots skipped in C
+            i = HASH(keys[held - 1 - dropped]) & mask
+            while new[i]:
+                i = (i + 1) & mask
+            new[i] = held

@@ -60,9 +60,11 @@ class Records:
     __slots__ = ("_head", "_base", "_seqs", "_ats", "_ports", "_datas", "_rcpts", "_envs", "_interned", "_prev",
                  "_dropped", "_table")
 
-    def __init__(self) -> None:
+    def __init__(self, expected: int = 0) -> None:
+        """``expected``: how many records are usually retained (the cap): the recipient table is
+        sized for it up front."""
         self._interned: dict[tuple, tuple] = {}
-        self._table = RcptTable()
+        self._table = RcptTable(expected)
         self.clear()
 
     def clear(self) -> None:

@@ -269,7 +269,7 @@ class CaptureStore:
         self.cursors: dict[str, Cursor] = {}  # named stream clients -> what they were sent
         self.over_cap = 0  # deliveries kept past max_messages: a stream client had not been sent the oldest
         self._over_cap_logged = False
-        self.messages = Records()
+        self.messages = Records(max_messages)
         self.received = 0
         self.bytes = 0
         self.retained_bytes = 0
