@@ -96,15 +96,14 @@ class RcptTable:
         """Forget ``key`` if the position held for it is ``pos`` (a newer one stays); True if so."""
         slots, mask = self.slots, self.mask
         i = HASH(key) & mask
+        mine = pos + 1
         while True:
             held = slots[i]
-            if not held:
-                return False
-            if keys[held - 1 - dropped] == key:
+            if held == mine:  # positions are unique: no need to compare keys
                 break
+            if not held or keys[held - 1 - dropped] == key:
+                return False  # not held, or a newer record to it is the head
             i = (i + 1) & mask
-        if held != pos + 1:
-            return False
         # Backward shift: move each later entry of the probe chain into the hole unless its home
         # slot lies cyclically in (hole, its slot], where a lookup would never reach the hole.
         j = i
