@@ -39,8 +39,9 @@ def configured(name: str):
     slot_hash, min_slots, compact_after = CONFIGS[name]
     patches = [mock.patch.object(rcpt_table, "HASH", slot_hash), mock.patch.object(rcpt_table, "MIN_SLOTS", min_slots),
                mock.patch.object(records, "COMPACT_AFTER", compact_after)]
-    if name != "real":  # not sized for the cap up front: the table grows and shrinks
-        patches.append(mock.patch.object(rcpt_table, "PRESIZE_SLOTS", min_slots))
+    if name != "real":  # not sized for the cap up front: the table grows and shrinks; positions rebased
+        patches += [mock.patch.object(rcpt_table, "PRESIZE_SLOTS", min_slots),
+                    mock.patch.object(records, "REBASE_AFTER", 3 * compact_after)]
     for p in patches:
         p.start()
     return patches
@@ -137,6 +138,7 @@ def test_thousands_of_recipients_grow_and_shrink_the_table_and_stay_exact(config
             if seq % 97 == 0:
                 index = reference(model)
                 assert [store.seqs_to(r) for r in pool] == [index.get(index_key(r), []) for r in pool]
+        assert store.evicted > records.REBASE_AFTER > store.messages._dropped  # positions were rebased
         grown = len(store.messages._table.slots)
         assert grown >= 2 * len(store.messages._table) and grown > rcpt_table.MIN_SLOTS  # at most half full
         store.max_messages = 3  # most of it evicted: the table shrinks with it
@@ -172,5 +174,5 @@ def test_the_table_is_sized_for_the_cap_up_front_and_never_shrinks_below_it():
     store.max_messages = 1
     store._evict_to_cap(delivery=False)
     assert len(store.messages._table.slots) == 8192 and store.seqs_to("u3000@x.test") == [3000]
-    big = CaptureStore(max_messages=10_000_000)  # capped up front (4 MB); past that it grows as needed
+    big = CaptureStore(max_messages=10_000_000)  # capped up front (2 MB); past that it grows as needed
     assert len(big.messages._table.slots) == rcpt_table.PRESIZE_SLOTS

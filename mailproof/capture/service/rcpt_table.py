@@ -4,13 +4,14 @@ Most captured messages have one lower-case recipient, and most recipients get on
 entry (24 B amortised to some 50 B) and an int seq (28 B) per message were a fifth of what a
 retained 143-byte message cost, so for those records the index is this table instead:
 
-- open addressing with linear probing over an ``array('q')`` of slots (a power of two, at most
-  half full; halved when under an eighth full), each 0 (empty) or 1 + the record's position;
-- sized up front for the store's cap (up to ``PRESIZE_SLOTS``, 4 MB: the default 200,000-message
+- open addressing with linear probing over an ``array('I')`` of 4-byte slots (a power of two, at
+  most half full; halved when under an eighth full), each 0 (empty) or 1 + the record's position;
+- sized up front for the store's cap (up to ``PRESIZE_SLOTS``, 2 MB: the default 200,000-message
   cap fits), never shrunk below that: a resize is a loop in Python (60 ms for 131,072 keys, where
   a dict takes a few), and it would run in the SMTP DATA handler, before the 250;
 - a position is "absolute": column index plus every slot ``Records`` compaction has dropped, so
-  compaction moves nothing here;
+  compaction moves nothing here (``rebase`` brings them back under 32 bits, once in a billion
+  messages);
 - the table stores no key: a slot matches when the record's own stored recipient bytes (which are
   the key, ``records.index_key``) equal the key; bytes cache their hash, so probing and resizing
   rehash nothing;
@@ -27,7 +28,7 @@ from array import array
 
 HASH = hash  # the slot of a key: hash(key) & mask
 MIN_SLOTS = 1024  # 8 KB: the smallest table
-PRESIZE_SLOTS = 1 << 19  # the largest table made up front for an expected count (4 MB)
+PRESIZE_SLOTS = 1 << 19  # the largest table made up front for an expected count (2 MB)
 
 
 def slots_for(expected: int) -> int:
@@ -56,7 +57,7 @@ class RcptTable:
         self.count = 0
 
     def _allocate(self, size: int) -> None:
-        self.slots = array("q", (0,)) * size
+        self.slots = array("I", (0,)) * size
         self.mask = size - 1
         self.limit = size // 2  # at most half full
     def __len__(self) -> int:
@@ -122,6 +123,10 @@ class RcptTable:
         if self.count * 8 < len(slots) and len(slots) > self.floor:
             self._resize(len(slots) // 2, keys, dropped)
         return True
+
+    def rebase(self, dropped: int) -> None:
+        """Positions count from ``dropped`` on now (the caller resets its count to 0): O(slots)."""
+        self.slots = array("I", (held - dropped if held else 0 for held in self.slots))
 
     def _resize(self, size: int, keys: list, dropped: int) -> None:
         # O(slots), amortised O(1) per put or remove (the count doubled or fell to a quarter since).

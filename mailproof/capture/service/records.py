@@ -38,6 +38,7 @@ NO_PORT = 0  # the peer is stored whole (None, IPv6 4-tuple, port 0...): no port
 PORT_MAX = 65535
 ENVELOPES_INTERNED = 4096  # distinct shared envelopes remembered; past that the table starts over
 COMPACT_AFTER = 1024  # evicted slots tolerated at the head before the columns are shifted
+REBASE_AFTER = 1 << 30  # positions compaction dropped before the table's are rebased (32-bit slots)
 
 
 def index_key(recipient: str) -> bytes:
@@ -196,6 +197,9 @@ class Records:
         else:
             self._base += head
         self._dropped += head  # the table's positions stay valid
+        if self._dropped >= REBASE_AFTER:
+            self._table.rebase(self._dropped)
+            self._dropped = 0
         self._head = 0
 
     # -- reading -----------------------------------------------------------------------------
