@@ -7,8 +7,9 @@ runs on the service's one event loop, so nothing here needs a lock.
 The loop also runs SMTP capture, so no request may hold it for long: the store keeps the seqs of
 each (lower-cased) envelope recipient (``seqs_to``), so a wait or listing for one recipient never
 scans the rest (a message to one lower-case recipient is indexed inside ``Records``, in an array
-table and a chain column, some 25 B; any other in ``by_rcpt``, a dict); whatever still walks retained records yields to the loop every ``SCAN_CHUNK``
-records; and a large message is parsed in a worker thread (``prepared``), never on the loop.
+table and a chain column, some 15 B; any other in ``by_rcpt``, a dict); whatever still walks
+retained records yields to the loop every ``SCAN_CHUNK`` records; and a large message is parsed
+in a worker thread (``prepared``), never on the loop.
 
 Retention (docs/architecture.md, decision 5): the oldest record is evicted at the cap only once
 every stream client has been sent it. A client that names itself (``/stream?client=ID``) keeps a
