@@ -7,7 +7,7 @@ retained 143-byte message cost, so for those records the index is this table ins
 - open addressing with linear probing over an ``array('I')`` of 4-byte slots (a power of two, at
   most half full; halved when under an eighth full), each 0 (empty) or 1 + the record's position;
 - sized up front for the store's cap (up to ``PRESIZE_SLOTS``, 2 MB: the default 200,000-message
-  cap fits), never shrunk below that: a resize is a loop in Python (60 ms for 131,072 keys, where
+  cap fits), never shrunk below that: a resize is a loop in Python (some 50 ms for 131,072 keys, where
   a dict takes a few), and it would run in the SMTP DATA handler, before the 250;
 - a position is "absolute": column index plus every slot ``Records`` compaction has dropped, so
   compaction moves nothing here (``rebase`` brings them back under 32 bits, once in a billion
