@@ -169,16 +169,15 @@ class Records:
         rcpt = self._rcpts[head]
         if type(rcpt) is not bytes:
             keys = index_keys(rcpt)
+        elif self._table.remove(rcpt, self._dropped + head, self._rcpts, self._dropped):
+            keys = ()  # its recipient's newest record, indexed here (the usual case)
         else:
             if rcpt.isascii():
                 key = rcpt.lower()  # for ASCII the same as str.lower
             else:
                 key = index_key(rcpt.decode("utf-8", "surrogatepass"))
-            if key == rcpt:  # indexed here (``append``'s test, on the bytes): gone with the chain's head
-                self._table.remove(rcpt, self._dropped + head, self._rcpts, self._dropped)
-                keys = ()
-            else:
-                keys = (key,)
+            # Lower-case: indexed here, and a newer record to it heads the chain. Else the caller's.
+            keys = () if key == rcpt else (key,)
         self._datas[head] = self._rcpts[head] = self._envs[head] = None
         self._head = head = head + 1
         if head == len(self._datas):
