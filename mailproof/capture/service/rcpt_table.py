@@ -50,10 +50,12 @@ class RcptTable:
 
     def __init__(self, expected: int = 0) -> None:
         self.floor = slots_for(expected)  # never shrunk below this
-        self.clear()
+        self._allocate(self.floor)
+        self.count = 0
 
     def clear(self) -> None:
-        self._allocate(self.floor)
+        if self.count or len(self.slots) != self.floor:  # else empty already: every slot is 0
+            self._allocate(self.floor)
         self.count = 0
 
     def _allocate(self, size: int) -> None:
