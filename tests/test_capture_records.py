@@ -129,21 +129,25 @@ def test_any_recipient_str_round_trips_and_is_found_case_insensitively():
     assert store.seqs_to("mixed@x.test") == [3]
 
 
-def test_the_recipient_index_keeps_a_bare_seq_then_a_deque_and_shares_the_recipient_str():
+def test_one_lower_case_recipient_is_chained_in_the_records_and_any_other_goes_to_the_dict():
     store = CaptureStore(max_messages=3)
     to = "".join(["solo+", "abc123.000001@x.test"])
     store.add(captured(1, to=(to,)))
-    (key, value), = store.by_rcpt.items()
-    assert key is store.messages._rcpts[0] and key == to.encode() and value == 1  # the record's own bytes, an int
-    store.add(captured(2, to=("Solo+ABC123.000001@x.test",)))  # the same recipient, other case
-    assert store.by_rcpt[to.encode()] == deque([1, 2]) and store.seqs_to("SOLO+abc123.000001@X.TEST") == [1, 2]
-    assert store.seqs_to(to, since=1) == [2]
-    store.add(captured(3, to=("b@x.test",)))
-    store.add(captured(4, to=("c@x.test",)))  # evicts seq 1
-    assert store.by_rcpt[to.encode()] == 2 and store.seqs_to(to) == [2] and store.seqs_to(to, since=2) == []
-    store.add(captured(5, to=("d@x.test",)))  # evicts seq 2: the recipient leaves the index
-    assert to.encode() not in store.by_rcpt and store.seqs_to(to) == []
-    assert sorted(store.by_rcpt) == [b"b@x.test", b"c@x.test", b"d@x.test"]
+    assert store.by_rcpt == {} and len(store.messages._table) == 1  # no dict entry, no int
+    assert store.messages.seqs_to(to.encode()) == [1] and store.messages._prev[0] == 0
+    store.add(captured(2, to=("Solo+ABC123.000001@x.test",)))  # the same recipient, other case: the dict
+    assert store.by_rcpt == {to.encode(): 2} and store.seqs_to("SOLO+abc123.000001@X.TEST") == [1, 2]
+    store.add(captured(3, to=(to,)))  # chained to seq 1, two records back
+    assert store.messages._prev[2] == 2 and store.seqs_to(to) == [1, 2, 3] and store.seqs_to(to, since=1) == [2, 3]
+    store.add(captured(4, to=("c@x.test", to)))  # several recipients: the dict (a deque now)
+    assert store.by_rcpt[to.encode()] == deque([2, 4]) and store.by_rcpt[b"c@x.test"] == 4
+    assert store.seqs_to(to) == [2, 3, 4] and store.seqs_to(to, since=3) == [4]  # seq 1 evicted
+    store.add(captured(5, to=("d@x.test",)))  # evicts seq 2
+    assert store.seqs_to(to) == [3, 4] and store.by_rcpt[to.encode()] == 4
+    store.add(captured(6, to=("e@x.test",)))  # evicts seq 3, the chain's head: the table forgets it
+    assert store.messages.seqs_to(to.encode()) == [] and store.seqs_to(to) == [4]
+    store.add(captured(7, to=("f@x.test",)))  # evicts seq 4
+    assert store.seqs_to(to) == [] and store.by_rcpt == {} and len(store.messages._table) == 3
 
 
 def test_retained_records_leave_nothing_tracked_for_the_collector_but_the_columns():
@@ -155,11 +159,14 @@ def test_retained_records_leave_nothing_tracked_for_the_collector_but_the_column
     assert not any(gc.is_tracked(r) for r in recs._rcpts)
 
 
-def test_evict_names_the_oldest_records_seq_size_and_index_keys():
+def test_evict_names_the_oldest_records_seq_size_and_the_keys_its_caller_must_forget():
     recs = Records()
     for seq, to in enumerate((("Ab@X.test",), ("Ü@x.test",), ("a@x.test", "B@x.test")), 1):
         recs.append(captured(seq, to=to, data=b"x" * seq))
-    assert recs.evict() == (1, 1, (b"ab@x.test",))
+    recs.append(captured(4, to=("ü@x.test",), data=b"x" * 4))
+    assert recs.evict() == (1, 1, (b"ab@x.test",))  # mixed case: the caller's dict holds it
     assert recs.evict() == (2, 2, ("ü@x.test".encode(),))
     assert recs.evict() == (3, 3, {b"a@x.test", b"b@x.test"})
-    assert len(recs) == 0
+    assert len(recs._table) == 1 and recs.seqs_to("ü@x.test".encode()) == [4]
+    assert recs.evict() == (4, 4, ())  # lower case: indexed in the records themselves, forgotten there
+    assert len(recs) == 0 and len(recs._table) == 0 and recs.seqs_to("ü@x.test".encode()) == []

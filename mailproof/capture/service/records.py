@@ -8,6 +8,13 @@ stored as a few machine words (docs/performance.md, "Memory"):
 - the arrival time and the peer's port are array items (8 and 2 bytes, not a float and an int);
 - one recipient is kept as its UTF-8 bytes (16 B less than the str; a 1-tuple would cost 48 B
   more), and those very bytes are the recipient index's key when the address is lower-case;
+- such a record (one lower-case str recipient: nearly every message of a rehearsal) is indexed
+  here, in ``RcptTable`` (rcpt_table.py: a slot array holding the newest record of each key) and
+  a 4-byte column "how many records back is the previous one to the same recipient", so a
+  recipient's mail is a chain newest to oldest; eviction is always of the oldest, so a chain
+  simply ends at the oldest retained record, and only evicting a chain's head touches the table.
+  Any other record (several recipients, a mixed-case or non-str one) is left to the caller's dict
+  index: ``append`` returns the keys it must hold, ``evict`` those it must forget;
 - what one application's messages share (sender, HELO, peer host, SMTPUTF8, TLS, AUTH user, MAIL
   options) is one tuple interned by value: thousands of messages point at the same one. (Kept
   once per run of records instead, it would cost nothing per message only while the MAIL options
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 from array import array
 
+from mailproof.capture.service.rcpt_table import RcptTable
+
 Record = tuple
 SEQ, FROM, RCPTS, DATA, AT, PEER, HELO, SMTPUTF8, TLS, AUTH_USER, MAIL_OPTIONS = range(11)
 
@@ -29,6 +38,7 @@ NO_PORT = 0  # the peer is stored whole (None, IPv6 4-tuple, port 0...): no port
 PORT_MAX = 65535
 ENVELOPES_INTERNED = 4096  # distinct shared envelopes remembered; past that the table starts over
 COMPACT_AFTER = 1024  # evicted slots tolerated at the head before the columns are shifted
+REBASE_AFTER = 1 << 30  # positions compaction dropped before the table's are rebased (32-bit slots)
 
 
 def index_key(recipient: str) -> bytes:
@@ -48,10 +58,14 @@ class Records:
     """Retained records in seq order: ``append`` a CapturedMail, ``popleft`` the oldest, index
     (``[i]``, ``seq_at(i)``), iterate or reverse them. Not thread-safe (the service's one loop)."""
 
-    __slots__ = ("_head", "_base", "_seqs", "_ats", "_ports", "_datas", "_rcpts", "_envs", "_interned")
+    __slots__ = ("_head", "_base", "_seqs", "_ats", "_ports", "_datas", "_rcpts", "_envs", "_interned", "_prev",
+                 "_dropped", "_table")
 
-    def __init__(self) -> None:
+    def __init__(self, expected: int = 0) -> None:
+        """``expected``: how many records are usually retained (the cap): the recipient table is
+        sized for it up front."""
         self._interned: dict[tuple, tuple] = {}
+        self._table = RcptTable(expected)
         self.clear()
 
     def clear(self) -> None:
@@ -63,12 +77,19 @@ class Records:
         self._datas: list = []
         self._rcpts: list = []
         self._envs: list = []
+        # Per record: how many columns back the previous record to the same recipient is (0: none,
+        # or not indexed here). A distance, not a position, so compaction leaves it valid; it is
+        # at most the retained count, far below 2**32.
+        self._prev = array("I")
+        self._dropped = 0  # column slots compaction removed: a record's position is this + its index
+        self._table.clear()
 
     # -- writing -----------------------------------------------------------------------------
 
-    def append(self, msg) -> "bytes | None":
-        """Retain ``msg`` (a ``CapturedMail``) as the newest record. For a message to one
-        recipient, returns its ``index_key`` (the stored bytes themselves when they are one)."""
+    def append(self, msg) -> "tuple | set":
+        """Retain ``msg`` (a ``CapturedMail``) as the newest record. Returns the index keys the
+        caller's own index must hold for it: none when it is indexed here (one lower-case
+        recipient), else those of its recipients."""
         peer, port = msg.peer, NO_PORT
         if type(peer) is tuple and len(peer) == 2 and type(peer[1]) is int and 0 < peer[1] <= PORT_MAX:
             peer, port = peer
@@ -78,15 +99,18 @@ class Records:
         env = (msg.mail_from, peer, msg.helo, msg.smtputf8, msg.tls, msg.auth_user, options)
         env = self._intern(env, (type(msg.smtputf8), type(msg.tls)))
         rcpts = msg.rcpt_tos
-        key = None
+        here = False
         if len(rcpts) == 1 and type(rcpts[0]) is str:
             r = rcpts[0]
             lower = r.lower()
-            key = rcpt = r.encode("utf-8", "surrogatepass")
-            if lower != r:
-                key = lower.encode("utf-8", "surrogatepass")
+            rcpt = r.encode("utf-8", "surrogatepass")
+            if lower == r:
+                here, keys = True, ()
+            else:
+                keys = (lower.encode("utf-8", "surrogatepass"),)
         else:
             rcpt = tuple(rcpts)
+            keys = index_keys(rcpts)
         at = msg.received_at
         seq = msg.seq
         count = len(self._datas)
@@ -102,7 +126,13 @@ class Records:
         self._datas.append(msg.data)
         self._rcpts.append(rcpt)
         self._envs.append(env)
-        return key
+        if here:
+            pos = self._dropped + count
+            newest = self._table.put(rcpt, pos, self._rcpts, self._dropped)
+            self._prev.append(pos - newest if newest >= 0 else 0)
+        else:
+            self._prev.append(0)
+        return keys
 
     def _intern(self, env: tuple, flag_types: tuple) -> tuple:
         # Flags that are not both bools put their types in the key: True == 1 and they hash alike,
@@ -121,22 +151,16 @@ class Records:
         return env
 
     def popleft(self) -> Record:
-        """Remove and return the oldest record."""
-        head = self._head
-        if head >= len(self._datas):
+        """Remove and return the oldest record (``evict`` says which keys the caller must forget)."""
+        if self._head >= len(self._datas):
             raise IndexError("popleft from empty Records")
-        rec = self._record(head)
-        self._datas[head] = self._rcpts[head] = self._envs[head] = None  # free them now
-        self._head = head = head + 1
-        if head == len(self._datas):
-            self.clear()  # empty: fresh columns (dense seqs again)
-        elif head >= COMPACT_AFTER and head * 2 >= len(self._datas):
-            self._compact()
+        rec = self._record(self._head)
+        self.evict()
         return rec
 
     def evict(self) -> tuple[int, int, "set | tuple"]:
-        """Remove the oldest record; return its seq, its size and its recipient index keys (what
-        eviction needs, without building the record)."""
+        """Remove the oldest record; return its seq, its size and the keys the caller's index must
+        forget for it (what eviction needs, without building the record)."""
         head = self._head
         if head >= len(self._datas):
             raise IndexError("evict from empty Records")
@@ -145,10 +169,15 @@ class Records:
         rcpt = self._rcpts[head]
         if type(rcpt) is not bytes:
             keys = index_keys(rcpt)
-        elif rcpt.isascii():
-            keys = (rcpt.lower(),)  # for ASCII the same as str.lower
+        elif self._table.remove(rcpt, self._dropped + head, self._rcpts, self._dropped):
+            keys = ()  # its recipient's newest record, indexed here (the usual case)
         else:
-            keys = (index_key(rcpt.decode("utf-8", "surrogatepass")),)
+            if rcpt.isascii():
+                key = rcpt.lower()  # for ASCII the same as str.lower
+            else:
+                key = index_key(rcpt.decode("utf-8", "surrogatepass"))
+            # Lower-case: indexed here, and a newer record to it heads the chain. Else the caller's.
+            keys = () if key == rcpt else (key,)
         self._datas[head] = self._rcpts[head] = self._envs[head] = None
         self._head = head = head + 1
         if head == len(self._datas):
@@ -160,12 +189,16 @@ class Records:
     def _compact(self) -> None:
         """Drop the evicted head slots (amortised O(1): at most as many as remain are moved)."""
         head = self._head
-        for column in (self._ats, self._ports, self._datas, self._rcpts, self._envs):
+        for column in (self._ats, self._ports, self._datas, self._rcpts, self._envs, self._prev):
             del column[:head]
         if self._seqs is not None:
             del self._seqs[:head]
         else:
             self._base += head
+        self._dropped += head  # the table's positions stay valid
+        if self._dropped >= REBASE_AFTER:
+            self._table.rebase(self._dropped)
+            self._dropped = 0
         self._head = 0
 
     # -- reading -----------------------------------------------------------------------------
@@ -216,3 +249,24 @@ class Records:
 
     def data_at(self, i: int) -> bytes:
         return self._datas[self._index(i)]
+
+    def seqs_to(self, key: bytes, since: int = 0) -> list[int]:
+        """Seqs > ``since`` of the records indexed here under ``key``, oldest first (the caller's
+        own index holds the rest)."""
+        pos = self._table.find(key, self._rcpts, self._dropped)
+        if pos < 0:
+            return []
+        head, prev, seqs = self._head, self._prev, self._seqs
+        j = pos - self._dropped
+        found = []
+        while j >= head:  # the chain's tail before the oldest retained record is evicted mail
+            seq = self._base + j if seqs is None else seqs[j]
+            if seq <= since:
+                break
+            found.append(seq)
+            back = prev[j]
+            if not back:
+                break
+            j -= back
+        found.reverse()
+        return found

@@ -6,8 +6,10 @@ runs on the service's one event loop, so nothing here needs a lock.
 
 The loop also runs SMTP capture, so no request may hold it for long: the store keeps the seqs of
 each (lower-cased) envelope recipient (``seqs_to``), so a wait or listing for one recipient never
-scans the rest; whatever still walks retained records yields to the loop every ``SCAN_CHUNK``
-records; and a large message is parsed in a worker thread (``prepared``), never on the loop.
+scans the rest (a message to one lower-case recipient is indexed inside ``Records``, in an array
+table and a chain column, some 15 B; any other in ``by_rcpt``, a dict); whatever still walks
+retained records yields to the loop every ``SCAN_CHUNK`` records; and a large message is parsed
+in a worker thread (``prepared``), never on the loop.
 
 Retention (docs/architecture.md, decision 5): the oldest record is evicted at the cap only once
 every stream client has been sent it. A client that names itself (``/stream?client=ID``) keeps a
@@ -268,16 +270,17 @@ class CaptureStore:
         self.cursors: dict[str, Cursor] = {}  # named stream clients -> what they were sent
         self.over_cap = 0  # deliveries kept past max_messages: a stream client had not been sent the oldest
         self._over_cap_logged = False
-        self.messages = Records()
+        self.messages = Records(max_messages)
         self.received = 0
         self.bytes = 0
         self.retained_bytes = 0
         self.evicted = 0
         self.cleared = 0
         self.last_seq = 0
-        # Envelope recipient (``index_key``: lower-cased, UTF-8) -> its retained seq (an int: one
-        # message, the usual case) or seqs (a deque, oldest first: a deque costs some 600 B, too
-        # much for every recipient).
+        # The records ``Records`` does not index itself (several recipients, a mixed-case or non-str
+        # one: rare in a rehearsal): envelope recipient (``index_key``: lower-cased, UTF-8) -> its
+        # retained seq (an int: one message) or seqs (a deque, oldest first: a deque costs some
+        # 600 B, too much for every recipient).
         self.by_rcpt: "dict[bytes, int | deque[int]]" = {}
         self.subjects: dict[int, str] = {}  # seq -> decoded Subject, once some request parsed it
         # Evicted seqs as [first, last] runs (a clear starts a new run): how many were evicted
@@ -294,10 +297,9 @@ class CaptureStore:
 
     def add(self, msg: CapturedMail) -> None:
         messages = self.messages
-        key = messages.append(msg)
         by_rcpt = self.by_rcpt
         seq = msg.seq
-        for key in (key,) if key is not None else index_keys(msg.rcpt_tos):
+        for key in messages.append(msg):  # none, usually: Records indexed it
             seqs = by_rcpt.get(key)
             if seqs is None:
                 by_rcpt[key] = seq  # most recipients get one message: a bare int, not a deque
@@ -484,17 +486,22 @@ class CaptureStore:
 
     def seqs_to(self, recipient: str, since: int = 0) -> list[int]:
         """Retained seqs > ``since`` of mail to ``recipient`` (envelope, case-insensitive), oldest first."""
-        seqs = self.by_rcpt.get(index_key(recipient))
+        key = index_key(recipient)
+        chained = self.messages.seqs_to(key, since)
+        seqs = self.by_rcpt.get(key)
         if seqs is None:
-            return []
+            return chained
         if type(seqs) is int:
-            return [seqs] if seqs > since else []
-        found = []
-        for seq in reversed(seqs):  # ints only: cheap even for a recipient with many messages
-            if seq <= since:
-                break
-            found.append(seq)
-        found.reverse()
+            found = [seqs] if seqs > since else []
+        else:
+            found = []
+            for seq in reversed(seqs):  # ints only: cheap even for a recipient with many messages
+                if seq <= since:
+                    break
+                found.append(seq)
+            found.reverse()
+        if chained:  # both indexes hold mail to it (e.g. "A@x" and "a@x"): one record is in only one
+            return sorted(chained + found)
         return found
 
     def after(self, seq: int, limit: int) -> list[Record]:
