@@ -404,7 +404,7 @@ class _Reading:
         self.parts: list[Part] = []
         self.notes: dict[int, list[str]] = {}
         for index, entity in enumerate(self.tree.leaves):
-            part, notes = read_part(index, entity, linesep)
+            part, notes = read_part(index, entity, linesep, self.tree.type_of(entity))
             self.parts.append(part)
             self.notes[id(entity)] = notes
         # Which parts are the text and the HTML body: as the email package's get_body picks them.

@@ -196,7 +196,15 @@ class Tree:
         self.spans: dict[int, tuple[int, int]] = {}  # id(container) -> leaf indexes it holds [a, b)
         self.walked: set[int] = set()
         self.notes: list[str] = []
+        self._types: dict[int, str] = {}  # id(entity) -> declared_type, read once per entity
         self._walk()
+
+    def type_of(self, entity) -> str:
+        """``declared_type(entity)``, remembered (the walk, both body searches and every part read ask)."""
+        found = self._types.get(id(entity))
+        if found is None:
+            found = self._types[id(entity)] = declared_type(entity)
+        return found
 
     def _walk(self) -> None:
         stack: list = [self.root]
@@ -207,7 +215,7 @@ class Tree:
                 self.spans[id(entity[1])] = (entity[0], len(self.leaves))
                 continue
             payload = entity._payload
-            container = isinstance(payload, list) and declared_type(entity).startswith("multipart/")
+            container = isinstance(payload, list) and self.type_of(entity).startswith("multipart/")
             if len(self.order) >= 4 * MAX_PARTS or (not container and len(self.leaves) >= MAX_PARTS):
                 self.notes.append(f"the message has more than {MAX_PARTS} parts; only the first "
                                   f"{len(self.leaves)} are read")
@@ -232,7 +240,7 @@ class Tree:
     def _find_body(self, entity, kind: str, depth: int):
         if id(entity) not in self.walked or depth > MAX_DEPTH + 1 or disposition(entity) == "attachment":
             return None
-        maintype, subtype = declared_type(entity).split("/", 1)
+        maintype, subtype = self.type_of(entity).split("/", 1)
         if maintype == "text":
             return entity if subtype == kind else None
         payload = entity._payload
@@ -253,7 +261,7 @@ class Tree:
         return None if candidate is None else self._find_body(candidate, kind, depth + 1)
 
     def label(self, entity) -> str:
-        ctype = declared_type(entity)
+        ctype = self.type_of(entity)
         if id(entity) in self.spans:
             if entity is self.root:
                 return f"message ({ctype})"
@@ -314,13 +322,28 @@ def param(entity, name: str, header: str = "content-type", notes: Optional[list]
     return _collapse(value, [] if notes is None else notes)
 
 
-def _params(entity, notes: list) -> tuple[tuple[str, str], ...]:
+def _all_params(entity, header: str = "content-type") -> Optional[list]:
+    """``entity.get_params(None, header)``: the header's parameters, the first being the value
+    itself; None when it is missing or cannot be read (where ``param`` finds nothing)."""
     try:
-        found = entity.get_params(None, "content-type") or []
+        return entity.get_params(None, header)
     except Exception:
-        return ()
+        return None
+
+
+def _param_of(found: Optional[list], name: str, notes: list) -> Optional[str]:
+    """``param`` on parameters ``_all_params`` read once: the first named ``name``, as get_param."""
+    key = name.lower()
+    for pname, value in found or ():
+        if pname.lower() == key:
+            return _collapse(value, notes)
+    return None
+
+
+def _params(found: Optional[list], notes: list) -> tuple[tuple[str, str], ...]:
+    """Content-Type parameters (``_all_params``), names lower case, values decoded."""
     out = []
-    for name, value in found[1:]:  # the first is the type itself
+    for name, value in (found or [])[1:]:  # the first is the type itself
         try:
             out.append((str(name).strip().lower(), _collapse(value, notes).strip()))
         except Exception:
@@ -408,13 +431,15 @@ def _message_bytes(entity, linesep: str) -> bytes:
     return b"".join(chunks)
 
 
-def read_part(index: int, entity, linesep: str = "\r\n") -> tuple[Part, list[str]]:
+def read_part(index: int, entity, linesep: str = "\r\n", ctype: Optional[str] = None) -> tuple[Part, list[str]]:
     """The part at leaf ``index`` and what went wrong reading it.
 
-    ``linesep`` is the message's line ending, for the bytes of an attached message.
+    ``linesep`` is the message's line ending, for the bytes of an attached message; ``ctype`` its
+    ``declared_type`` when already known.
     """
     notes: list[str] = []
-    ctype = declared_type(entity)
+    if ctype is None:
+        ctype = declared_type(entity)
     try:
         if entity.too_deep:
             notes.append(f"nested more than {MAX_DEPTH} levels deep: kept unparsed")
@@ -426,7 +451,8 @@ def read_part(index: int, entity, linesep: str = "\r\n") -> tuple[Part, list[str
     except Exception as exc:
         notes.append(f"content could not be read ({type(exc).__name__}): left empty")
         data = b""
-    charset = param(entity, "charset", notes=notes)
+    content_params = _all_params(entity)  # read once: charset, name and params come from it
+    charset = _param_of(content_params, "charset", notes)
     if charset is not None:
         charset = charset.strip().lower() or None
     if ctype.startswith("text/"):
@@ -438,11 +464,11 @@ def read_part(index: int, entity, linesep: str = "\r\n") -> tuple[Part, list[str
         content = data
     filename = param(entity, "filename", "content-disposition", notes)
     if filename is None:
-        filename = param(entity, "name", "content-type", notes)
+        filename = _param_of(content_params, "name", notes)
     part = Part(index=index, content_type=ctype, content=content, data=data,
                 filename=filename.strip() if filename is not None else None, charset=charset,
                 disposition=disposition(entity), content_id=_header(entity, "content-id"),
-                params=_params(entity, notes))
+                params=_params(content_params, notes))
     return part, notes
 
 
