@@ -14,11 +14,16 @@ for the whole run, pinned to CPU 0; then, round after round, one Locust process 
 - ``plain-fast``: the same on FastHttpUser;
 - ``flow``: mailproof's FlowUser (HttpUser) running the flow itself under a Rehearsal: sink stream,
   MailStore, Mailbox, ledger, Locust MAIL/FLOW events;
-- ``fast-flow``: FastFlowUser (FastHttpUser, ``mailproof rehearse --client fast``), the same.
+- ``fast-flow``: FastFlowUser (FastHttpUser, ``mailproof rehearse --client fast``), the same;
+- ``receive`` (only when asked for, ``--variants``): ``plain-fast`` with a Rehearsal beside it
+  and its run's addresses, so that every email comes back on the stream into the MailStore and
+  the ledger, but no flow waits for it or reads it: the receiving side of the accounting alone.
 
 CPU is the Locust process's own (``/proc/self/stat`` utime + stime, all its threads), read when
 the test starts and when it stops (for the flow variants, after the ledger settled); the ledger's
-reconciliation and results.json afterwards are shown apart ("after"). Every flow run must pass
+reconciliation and results.json afterwards are shown apart ("after"). It is also read when the
+first tenth of the flows and when nine tenths have completed: "steady" is the CPU per flow in
+between, without what a run costs once (start, the ledger settling). Every flow run must pass
 and, for the flow variants, the ledger must show every email delivered and none lost; the script
 exits 1 otherwise. Ratios are per flow, against ``plain`` (and ``fast-flow`` against
 ``plain-fast``) of the same round, then the median over rounds.
@@ -35,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("plain", "plain-fast", "flow", "fast-flow")
+EXTRA_VARIANTS = ("receive",)  # run only when --variants names them
+RECEIVES = ("flow", "fast-flow", "receive")  # the variants with a Rehearsal (sink stream, ledger)
 GOAL = 1.5
 
 
@@ -81,10 +88,17 @@ if os.environ.get("LOADGEN_VARIANT") and __name__ != "__main__":
         PLAN = ArrivalPlan(CONFIG.offsets(), max_users=CONFIG.max_users)
         FAILED = [0]
 
+        if VARIANT == "receive":
+            from mailproof.load.rehearsal import Rehearsal
+            from mailproof.load.user import FlowUser  # noqa: F401  (installs the Rehearsal's listeners)
+
         def _signup_requests(user) -> None:
             """signup_confirms_account's requests, answers read as the flow reads them."""
             client, host = user.client, user.host.rstrip("/")
-            address = f"plain-{secrets.token_hex(6)}@mailproof.test"
+            if VARIANT == "receive":  # the run's own address: its email comes back on the stream
+                address = Rehearsal.of(user.environment).address_book.address("signup")
+            else:
+                address = f"plain-{secrets.token_hex(6)}@mailproof.test"
             with client.post("/signup", json={"email": address, "name": "Ada Lovelace"}, name="/signup",
                              catch_response=True) as response:
                 ok = response.status_code == 202 and bool(response.text)
@@ -107,12 +121,13 @@ if os.environ.get("LOADGEN_VARIANT") and __name__ != "__main__":
                 _signup_requests(user)
             finally:
                 PLAN.completed()
+                _completed()
 
         def _idle(user) -> float:
             """As FlowUser's open-model wait: none, until the schedule is spent."""
             return 3600.0 if PLAN.stopped_at is not None or PLAN.next >= len(PLAN.offsets) else 0.0
 
-        if VARIANT == "plain-fast":
+        if VARIANT in ("plain-fast", "receive"):
             class PlainFastUser(FastHttpUser):
                 wait_time = _idle
                 tasks = [_signup]
@@ -123,7 +138,26 @@ if os.environ.get("LOADGEN_VARIANT") and __name__ != "__main__":
 
         def _flow_counts(environment) -> dict:
             counts = PLAN.counts()
-            return {"flows": counts.total_completed, "failed": FAILED[0], "offered": counts.total_offered}
+            found = {"flows": counts.total_completed, "failed": FAILED[0], "offered": counts.total_offered}
+            if VARIANT == "receive":
+                found["received"] = Rehearsal.of(environment).backend.store.delivered
+            return found
+
+    TOTAL = len(CONFIG.offsets())
+    WARM, END = max(1, TOTAL // 10), TOTAL - TOTAL // 10  # the steady window, in completed flows
+    DONE = [0]
+
+    def _completed() -> None:
+        DONE[0] += 1
+        if DONE[0] == WARM:
+            MARKS["cpu_warm"] = _cpu_seconds()
+        elif DONE[0] == END:
+            MARKS["cpu_end"] = _cpu_seconds()
+
+    @events.request.add_listener
+    def _flow_event(request_type, **_kw) -> None:
+        if request_type == "FLOW":  # a flow run ended (FlowUser's own event)
+            _completed()
 
     @events.test_start.add_listener
     def _start(environment, **_kw) -> None:
@@ -158,7 +192,7 @@ def _run_variant(variant: str, args, app_url: str, sink_url: str, work: Path, ro
            "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve()), "--headless", "--host", app_url,
                "--only-summary", "--stop-timeout", "30", "--loglevel", os.environ.get("LOADGEN_LOGLEVEL", "WARNING"), "--exit-code-on-error", "0"]
-    if variant in ("flow", "fast-flow"):
+    if variant in RECEIVES:
         command += ["--mailproof-sink-url", sink_url, "--mailproof-results", str(results), "--mailproof-quiet",
                     "--mailproof-grace", "10"]
     log = work / f"{variant}-{round_no}.log"
@@ -172,6 +206,9 @@ def _run_variant(variant: str, args, app_url: str, sink_url: str, work: Path, ro
     marks["wall"] = time.monotonic() - began
     marks["load_cpu"] = marks["cpu_stop"] - marks["cpu_start"]
     marks["after_cpu"] = marks["cpu_quit"] - marks["cpu_stop"]
+    total = len(shape.offsets())
+    marks["steady_flows"] = (total - total // 10) - max(1, total // 10)
+    marks["steady_cpu"] = marks.get("cpu_end", marks["cpu_stop"]) - marks.get("cpu_warm", marks["cpu_start"])
     marks["emails"] = marks["flows"]  # plain: one email sent per flow, none accounted
     problems = []
     if marks["failed"] or marks["flows"] != marks["offered"] or not marks["flows"]:
@@ -183,6 +220,8 @@ def _run_variant(variant: str, args, app_url: str, sink_url: str, work: Path, ro
         marks["emails"] = delivered
         if lost or delivered != marks["flows"]:
             problems.append(f"ledger: {delivered} delivered, {lost} lost or unverified, for {marks['flows']} flows")
+    if variant == "receive" and marks["received"] != marks["flows"]:
+        problems.append(f"{marks['received']} emails received on the stream for {marks['flows']} flows")
     if problems:
         raise SystemExit(f"loadgen_cost: {variant} (round {round_no}): {'; '.join(problems)}; log: {log}")
     return marks
@@ -201,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants, in order")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
-    if "plain" not in variants or any(v not in VARIANTS for v in variants):
-        parser.error(f"--variants: some of {', '.join(VARIANTS)}, plain among them (the baseline)")
+    if "plain" not in variants or any(v not in VARIANTS + EXTRA_VARIANTS for v in variants):
+        parser.error(f"--variants: some of {', '.join(VARIANTS + EXTRA_VARIANTS)}, plain among them (the baseline)")
 
     sys.path.insert(0, str(ROOT))
     import signal
@@ -242,18 +281,24 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nconstant {args.rate:g} flows/s for {args.duration:g} s, {args.rounds} round(s); "
           "Locust CPU per flow (ms), median over rounds:")
-    print(f"{'variant':>10} {'ms/flow':>8} {'ms/email':>9} {'after ms/flow':>14}")
+    def steady(m: dict) -> float:
+        return m["steady_cpu"] / m["steady_flows"] * 1000
+
+    print(f"{'variant':>10} {'ms/flow':>8} {'ms/email':>9} {'steady ms/flow':>15} {'after ms/flow':>14}")
     for variant in variants:
         flow_ms = statistics.median(per_flow(r[variant]) for r in rounds)
         email_ms = statistics.median(r[variant]["load_cpu"] / r[variant]["emails"] * 1000 for r in rounds)
+        steady_ms = statistics.median(steady(r[variant]) for r in rounds)
         after_ms = statistics.median(r[variant]["after_cpu"] / r[variant]["flows"] * 1000 for r in rounds)
-        print(f"{variant:>10} {flow_ms:8.2f} {email_ms:9.2f} {after_ms:14.2f}")
-    verdict = 0
-    for variant, base in (("flow", "plain"), ("fast-flow", "plain"), ("fast-flow", "plain-fast")):
+        print(f"{variant:>10} {flow_ms:8.2f} {email_ms:9.2f} {steady_ms:15.2f} {after_ms:14.2f}")
+    for variant, base in (("flow", "plain"), ("fast-flow", "plain"), ("fast-flow", "plain-fast"),
+                          ("receive", "plain-fast")):
         if variant in variants and base in variants:
             ratio = statistics.median(per_flow(r[variant]) / per_flow(r[base]) for r in rounds)
-            print(f"ratio {variant}/{base}: {ratio:.2f} (goal <= {GOAL})")
-    return verdict
+            ratio_steady = statistics.median(steady(r[variant]) / steady(r[base]) for r in rounds)
+            goal = f" (goal <= {GOAL})" if variant != "receive" else ""
+            print(f"ratio {variant}/{base}: {ratio:.2f}, steady {ratio_steady:.2f}{goal}")
+    return 0
 
 
 if __name__ == "__main__":
