@@ -52,7 +52,7 @@ _LINE_BREAK = re.compile(r"\r|\n")
 # Values the header registry would give back unchanged (or, for ``<addr>``, as the bare address),
 # read without it: most of what applications send. The registry costs 40 us for a Subject and
 # 170 us for a From, on every message a rehearsal reads; property tests hold these to the
-# registry's own answer (tests/test_message_text.py).
+# registry's own answer (tests/test_message_headers.py).
 _PLAIN_TEXT = re.compile(r"[ !-~\t]*")  # printable ASCII, spaces and tabs: no encoded word asks decoding
 _ADDR = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _PLAIN_ADDRESS = re.compile(rf"(?:(?P<name>[A-Za-z0-9]+(?: [A-Za-z0-9]+)*) )?<(?P<angle>{_ADDR})>|(?P<bare>{_ADDR})")
