@@ -170,3 +170,42 @@ def test_evict_names_the_oldest_records_seq_size_and_the_keys_its_caller_must_fo
     assert len(recs._table) == 1 and recs.seqs_to("ü@x.test".encode()) == [4]
     assert recs.evict() == (4, 4, ())  # lower case: indexed in the records themselves, forgotten there
     assert len(recs) == 0 and len(recs._table) == 0 and recs.seqs_to("ü@x.test".encode()) == []
+
+
+# -- reading by seq when seqs have gaps (a message that failed to store leaves one) -----------------
+
+
+@pytest.mark.parametrize("after", [0, 1, 2, 5, 9, 10, 11, 12])
+def test_pages_and_counts_by_seq_with_gaps(after):
+    store = CaptureStore(max_messages=10)
+    kept = (1, 10, 11)
+    for seq in kept:
+        store.add(captured(seq))
+    expected = [s for s in kept if s > after]
+    assert [m[SEQ] for m in store.since(after)] == expected
+    assert [m[SEQ] for m in store.after(after, 10)] == expected
+    assert [m[SEQ] for m in store.after(after, 1)] == expected[:1]
+    assert store.count_after(after) == len(expected)
+    assert (store.get(after) is not None) == (after in kept)
+
+
+def test_pages_by_seq_with_gaps_after_eviction():
+    store = CaptureStore(max_messages=3)
+    for seq in (1, 4, 5, 9, 12, 13):
+        store.add(captured(seq))
+    assert [m[SEQ] for m in store.since(0)] == [9, 12, 13]
+    assert [m[SEQ] for m in store.since(10)] == [12, 13]
+    assert store.count_after(4) == 3 and store.count_after(12) == 1
+    assert store.get(5) is None and store.get(12)[SEQ] == 12
+
+
+def test_a_message_numbered_at_or_below_the_last_is_kept_under_the_next_seq(caplog):
+    store = CaptureStore(max_messages=10)
+    store.add(captured(1, to=("a@x.test",)))
+    store.add(captured(1, to=("b@x.test",)))  # a second capture path counting from 1 on its own
+    store.add(captured(2, to=("c@x.test",)))
+    assert [(m[SEQ], m[RCPTS]) for m in store.since(0)] == [(1, ("a@x.test",)), (2, ("b@x.test",)),
+                                                            (3, ("c@x.test",))]
+    assert store.seqs_to("b@x.test") == [2] and store.seqs_to("c@x.test") == [3]
+    assert store.renumbered == 2
+    assert "capture paths numbering apart" in caplog.text

@@ -597,7 +597,7 @@ class SmtpSink:
         install_warning_filter()
         self.captured_count = 0
         self.connections_total = 0
-        self._seq = itertools.count(1)
+        self.seqs = itertools.count(1)  # each captured message's seq; shared with any other path into the same store
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server: Optional[asyncio.base_events.Server] = None
         self._thread: Optional[threading.Thread] = None
@@ -787,7 +787,7 @@ class SmtpSink:
             data = data.encode("utf-8", "surrogateescape")
         auth_user = session.auth_data if isinstance(session.auth_data, str) else None
         captured = CapturedMail(
-            seq=next(self._seq),
+            seq=next(self.seqs),
             mail_from=envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=data,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import json
 import os
 from dataclasses import asdict
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import aiohttp
 from aiohttp import web
@@ -111,7 +111,8 @@ class ProviderCapture:
 
     def __init__(self, store: Optional[MailStore] = None, *, host: str = LOOPBACK, port: int = 0,
                  keys: Optional[Keys] = None, faults: Optional[ProviderFaultPlan] = None,
-                 deliver: Optional[Callable[[CapturedMail], Any]] = None) -> None:
+                 deliver: Optional[Callable[[CapturedMail], Any]] = None,
+                 seqs: Optional[Iterator[int]] = None) -> None:
         self.store = store if store is not None else MailStore()
         # Where captured records go instead of ``store`` (the sink service's CaptureStore.add).
         self.deliver = deliver
@@ -120,7 +121,9 @@ class ProviderCapture:
         self.faults = faults or ProviderFaultPlan()
         self.webhooks = WebhookLog()
         self.accepted: dict[str, int] = {p: 0 for p in PROVIDERS}
-        self._seq = itertools.count(1)
+        # The seqs of captured records: beside an SMTP sink feeding the same store (the sink service
+        # with --providers), the sink's own counter, so that every message gets a seq of its own.
+        self._seq = seqs if seqs is not None else itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._runner: Optional[web.AppRunner] = None

@@ -74,7 +74,8 @@ HTTP API (JSON unless said otherwise):
     Drop every open stream connection abruptly (a chaos hook: clients must reconnect with
     ``since`` and lose nothing).
 ``GET /stats``
-    received, retained, retained_bytes, evicted, cleared, over_cap, stream_clients, bytes,
+    received, retained, retained_bytes, evicted, cleared, over_cap, renumbered (messages that came
+    numbered at or below the last seq, kept under the next one: a harness fault), stream_clients, bytes,
     last_seq, max_messages, connections {total, active}, streams, waiters, waiters_abandoned, faults (per rule: fired,
     acted), uptime. ``?waiters=N&timeout=S`` (at most 60, default 10) answers once N ``/wait``
     waiters are registered, or after S seconds: see a wait begin or end without polling.

@@ -346,7 +346,7 @@ class SinkApi:
         return web.json_response({
             "received": store.received, "retained": len(store.messages),
             "retained_bytes": store.retained_bytes, "evicted": store.evicted, "cleared": store.cleared,
-            "over_cap": store.over_cap, "stream_clients": len(store.cursors),
+            "over_cap": store.over_cap, "renumbered": store.renumbered, "stream_clients": len(store.cursors),
             "stream_client_ids": sorted(store.cursors),
             "bytes": store.bytes, "last_seq": store.last_seq, "max_messages": store.max_messages,
             "connections": {"total": service.sink.connections_total, "active": len(service.sink._connections)},

@@ -28,6 +28,7 @@ the list items themselves.
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_right
 
 from mailproof.capture.service.rcpt_table import RcptTable
 
@@ -218,6 +219,14 @@ class Records:
         """The seq of the ``i``-th retained record (0: the oldest, -1: the newest)."""
         j = self._index(i)
         return self._base + j if self._seqs is None else self._seqs[j]
+
+    def count_to(self, seq: int) -> int:
+        """How many retained records have a seq of at most ``seq`` (seqs only ever grow; with gaps
+        too: a binary search of the seq column, not arithmetic)."""
+        head, end = self._head, len(self._datas)
+        if self._seqs is None:
+            return min(max(0, seq - (self._base + head) + 1), end - head)
+        return bisect_right(self._seqs, seq, head, end) - head
 
     def __getitem__(self, i: int) -> Record:
         return self._record(self._index(i))

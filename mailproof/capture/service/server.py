@@ -54,7 +54,7 @@ class SinkService:
             from mailproof.providers.server import Keys, ProviderCapture
 
             self.providers = ProviderCapture(host=host, port=providers_port, keys=Keys.from_env(),
-                                             deliver=self.store.add)
+                                             deliver=self.store.add, seqs=self.sink.seqs)
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex[:16]  # a restarted service numbers from 1 again: clients must know
         self.stopping = False
