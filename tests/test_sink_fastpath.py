@@ -304,3 +304,71 @@ def test_loop_uvloop_without_uvloop_says_how_to_install_it(monkeypatch):
     assert cli.loop_factory("auto") is None and cli.loop_factory("asyncio") is None
     with pytest.raises(smtp_sink_errors.MailproofError, match=r"pip install 'mailproof\[speed\]'"):
         cli.loop_factory("uvloop")
+
+
+# MAIL, RCPT and DATA answer the common case themselves (issue 12); every other case must get
+# aiosmtpd's own reply. The script hits each check those commands make, in order.
+_SCRIPT = [
+    b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA", b"EHLO x.test",
+    b"RCPT TO:<c@d.test>", b"DATA", b"MAIL FROM:<a@b.test>", b"MAIL FROM:<n@b.test>",
+    b"RCPT TO:<c@d.test>", b"RCPT TO: <e@d.test>", b"rcpt to:<f@d.test>  ", b"RCPT TO:<g@d.test> NOTIFY=NEVER",
+    b"RCPT TO:", b"RCPT", b"RCPT TO:<bad", b"RCPT TO:<h@d.test> (comment)", b"RCPT TO:<=?utf-8?q?x?=@d.test>",
+    b"RCPT TO:<\"q q\"@d.test>", b"RCPT TO:<" + b"l" * 70 + b"@d.test>", b"RCPT FROM:<c@d.test>", b"DATA x",
+    b"DATA", b"Subject: one", b"", b"body", b".",
+    b"MAIL from:<x@y.test> SIZE=100 BODY=8BITMIME", b"RCPT TO:<z@y.test>", b"RSET", b"RCPT TO:<z@y.test>",
+    b"MAIL FROM:<>", b"MAIL FROM:<a@b.test>x", b"MAIL FROM:a@b.test", b"MAIL FROM: <a@b.test>", b"MAIL TO:<a@b.test>",
+    b"MAIL", b"RSET", b"MAIL FROM:<u@b.test> SMTPUTF8", b"RCPT TO:<v@b.test>", b"DATA", b"two", b".",
+    b"HELP MAIL", b"HELP RCPT", b"HELP DATA", b"QUIT",
+]
+
+
+def _run_script(credentials) -> tuple[list[bytes], list]:
+    got: "queue.Queue" = queue.Queue()
+    sink = SmtpSink(on_message=got.put, credentials=credentials, auth_required=bool(credentials)).start()
+    client = _Client(sink.port)
+    replies = [client.reply()]
+    in_data = False
+    script = list(_SCRIPT)
+    if credentials:  # RCPT and DATA refused before AUTH (530), then the same as without
+        script.insert(script.index(b"MAIL FROM:<a@b.test>", 1), b"AUTH PLAIN AHUAcA==")  # u / p
+    try:
+        for line in script:
+            client.sock.sendall(line + b"\r\n")
+            if in_data and line != b".":
+                continue
+            reply = client.reply()
+            replies.append(reply)
+            in_data = reply.startswith(b"354")
+    finally:
+        client.close()
+        sink.stop()
+    mails = []
+    while not got.empty():
+        m = got.get()
+        mails.append((m.mail_from, m.rcpt_tos, m.mail_options, m.smtputf8, m.data))
+    return replies, mails
+
+
+@pytest.mark.parametrize("credentials", [None, {"u": "p"}])
+def test_mail_rcpt_and_data_answer_like_aiosmtpds_own(credentials, monkeypatch):
+    calls = []  # aiosmtpd's own MAIL/RCPT, reached only for what the fast path passes on
+    for name in ("smtp_MAIL", "smtp_RCPT"):
+        own = getattr(smtp_sink.SMTP, name)
+        monkeypatch.setattr(smtp_sink.SMTP, name, lambda self, arg, own=own: calls.append(arg) or own(self, arg))
+    fast = _run_script(credentials)
+    monkeypatch.undo()
+    if credentials is None:
+        # Before EHLO (and RCPT before MAIL) aiosmtpd answers; after it, the fast path.
+        assert calls.count("FROM:<a@b.test>") == 1 and calls.count("TO:<c@d.test>") == 2
+        assert "to:<f@d.test>" not in calls and "TO:<g@d.test> NOTIFY=NEVER" in calls
+    monkeypatch.setattr(smtp_sink._ClassTables, "_cache", {})  # the method tables are cached per class
+    for name in ("smtp_MAIL", "smtp_RCPT", "push"):
+        monkeypatch.setattr(smtp_sink._SinkSMTP, name, getattr(smtp_sink.SMTP, name))
+    slow = _run_script(credentials)
+    assert fast == slow
+    if credentials:
+        assert fast[0].count(b"530 5.7.0 Authentication required\r\n") == 2
+    # the script delivers two messages, one with each kind of MAIL
+    assert [m[:4] for m in fast[1]] == [("a@b.test", ("c@d.test", "e@d.test", "f@d.test", "bad", "h@d.test",
+                                                            "x@d.test", '"q q"@d.test', "l" * 70 + "@d.test"),
+                                          (), False), ("u@b.test", ("v@b.test",), ("SMTPUTF8",), True)]

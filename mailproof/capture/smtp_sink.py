@@ -65,6 +65,7 @@ from aiosmtpd.smtp import _AuthMechAttr
 from mailproof.net import LOOPBACK
 
 log = logging.getLogger("mailproof.sink")
+_mail_log = logging.getLogger("mail.log")  # aiosmtpd's logger
 
 
 # aiosmtpd 1.4.6 sets its own deprecated Session.login_data on every successful AUTH.
@@ -402,6 +403,64 @@ class _SinkSMTP(SMTP):
                 return address, rest
         return super()._getaddr(arg)
 
+    # -- the per-command path ------------------------------------------------------------------
+    # On a reused connection each message is four commands (MAIL, RCPT, DATA, the body), and the
+    # per-command Python around aiosmtpd's steps is most of the CPU a message costs (issue 12).
+    # The common case is answered here with aiosmtpd's replies; anything else goes to aiosmtpd.
+
+    async def push(self, status) -> None:
+        """aiosmtpd's push without its drain while the transport takes the bytes.
+
+        StreamWriter.drain() returns at once unless writing is paused (the client does not read
+        its replies) or the connection is closing; it is awaited exactly then, as aiosmtpd does."""
+        response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
+        writer = self._writer
+        writer.write(response + b"\r\n")
+        _mail_log.debug("%r << %r", self.session.peer, response)
+        if self._paused or writer.transport.is_closing():
+            await writer.drain()
+
+    def _needs_helo_or_auth(self) -> bool:
+        """True when aiosmtpd's check_helo_needed or check_auth_needed would refuse the command."""
+        session = self.session
+        return not session.host_name or (self._auth_required and not session.authenticated)
+
+    def _plain_address(self, arg: Optional[str], keyword: str) -> Optional[str]:
+        """The address of ``FROM:<a@b>`` / ``TO:<a@b>`` with no parameters, as aiosmtpd parses it
+        (_strip_command_keyword, then _getaddr); None for anything else, which aiosmtpd answers."""
+        if not arg or arg[:len(keyword)].upper() != keyword:
+            return None
+        address, rest = self._getaddr(arg[len(keyword):].strip())
+        return address if address and not rest else None
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: Optional[str]) -> None:
+        """aiosmtpd's MAIL for a plain address without parameters (its steps, none of its
+        coroutines but the hook's); everything else is aiosmtpd's own smtp_MAIL."""
+        address = None if self._needs_helo_or_auth() or self.envelope.mail_from else self._plain_address(arg, "FROM:")
+        if address is None:
+            return await super().smtp_MAIL(arg)
+        self.envelope.smtp_utf8 = False
+        status = await self._call_handler_hook("MAIL", address, [])
+        if status is MISSING:
+            self.envelope.mail_from = address
+            status = "250 OK"
+        _mail_log.info("%r sender: %s", self.session.peer, address)
+        await self.push(status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: Optional[str]) -> None:
+        """aiosmtpd's RCPT for a plain address without parameters; everything else is its own."""
+        address = None if self._needs_helo_or_auth() or not self.envelope.mail_from else self._plain_address(arg, "TO:")
+        if address is None:
+            return await super().smtp_RCPT(arg)
+        status = await self._call_handler_hook("RCPT", address, [])
+        if status is MISSING:
+            self.envelope.rcpt_tos.append(address)
+            status = "250 OK"
+        _mail_log.info("%r recip: %s", self.session.peer, address)
+        await self.push(status)
+
     def _reset_timeout(self, duration: Optional[float] = None) -> None:
         # aiosmtpd cancels and re-creates its timer on every command. Once armed, the timer
         # re-arms itself from _last_rx (_timeout_cb), so a command need not touch it.
@@ -419,9 +478,7 @@ class _SinkSMTP(SMTP):
         The checks, the replies and the hook call are aiosmtpd 1.4.6's; the reading is not.
         Bytes read past the final dot (a pipelining client's next command) go back to the reader.
         """
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
+        if self._needs_helo_or_auth() and (await self.check_helo_needed() or await self.check_auth_needed("DATA")):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
