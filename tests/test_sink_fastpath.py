@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import re
 import socket
 import sys
 import time
@@ -306,7 +307,7 @@ def test_loop_uvloop_without_uvloop_says_how_to_install_it(monkeypatch):
         cli.loop_factory("uvloop")
 
 
-# MAIL, RCPT and DATA answer the common case themselves (issue 12); every other case must get
+# The command loop, MAIL, RCPT and DATA answer the common case themselves (issue 12); every other case must get
 # aiosmtpd's own reply. The script hits each check those commands make, in order.
 _SCRIPT = [
     b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA", b"EHLO x.test",
@@ -318,7 +319,10 @@ _SCRIPT = [
     b"MAIL from:<x@y.test> SIZE=100 BODY=8BITMIME", b"RCPT TO:<z@y.test>", b"RSET", b"RCPT TO:<z@y.test>",
     b"MAIL FROM:<>", b"MAIL FROM:<a@b.test>x", b"MAIL FROM:a@b.test", b"MAIL FROM: <a@b.test>", b"MAIL TO:<a@b.test>",
     b"MAIL", b"RSET", b"MAIL FROM:<u@b.test> SMTPUTF8", b"RCPT TO:<v@b.test>", b"DATA", b"two", b".",
-    b"HELP MAIL", b"HELP RCPT", b"HELP DATA", b"QUIT",
+    b"HELP MAIL", b"HELP RCPT", b"HELP DATA",
+    # the command loop's own checks
+    b"", b"NOOP", b"noop  x ", b"X" * 600, b"MAIL FROM:<" + b"m" * 600 + b"@b.test>", b"\xff\xfe", b"BOGUS x",
+    b"MAIL FROM:<caf\xc3\xa9@b.test>", b"RCPT TO:<a\xff@b.test>", b"RSET", b"VRFY <a@b.test>", b"QUIT",
 ]
 
 
@@ -364,6 +368,7 @@ def test_mail_rcpt_and_data_answer_like_aiosmtpds_own(credentials, monkeypatch):
     monkeypatch.setattr(smtp_sink._ClassTables, "_cache", {})  # the method tables are cached per class
     for name in ("smtp_MAIL", "smtp_RCPT", "push"):
         monkeypatch.setattr(smtp_sink._SinkSMTP, name, getattr(smtp_sink.SMTP, name))
+    monkeypatch.setattr(smtp_sink._SinkSMTP, "_command_loop", smtp_sink.SMTP._handle_client)
     slow = _run_script(credentials)
     assert fast == slow
     if credentials:
@@ -372,3 +377,35 @@ def test_mail_rcpt_and_data_answer_like_aiosmtpds_own(credentials, monkeypatch):
     assert [m[:4] for m in fast[1]] == [("a@b.test", ("c@d.test", "e@d.test", "f@d.test", "bad", "h@d.test",
                                                             "x@d.test", '"q q"@d.test', "l" * 70 + "@d.test"),
                                           (), False), ("u@b.test", ("v@b.test",), ("SMTPUTF8",), True)]
+
+
+_PIPELINED = (b"EHLO p.test\r\nMAIL FROM:<a@p.test>\r\nRCPT TO:<b@p.test>\r\nRCPT TO:<c@p.test> X=1\r\n"
+              b"NOOP\r\nDATA\r\nSubject: p\r\n\r\n..dot\r\n.\r\nMAIL FROM:<d@p.test>\r\n"
+              b"RCPT TO:<e@p.test>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n")
+
+
+def test_pipelined_commands_split_at_every_byte_boundary_get_the_same_replies_and_mail():
+    got: "queue.Queue" = queue.Queue()
+    sink = SmtpSink(on_message=got.put).start()
+    try:
+        outcomes = set()
+        for cut in range(0, len(_PIPELINED)):  # 0: all in one write
+            client = _Client(sink.port)
+            try:
+                client.reply()
+                client.sock.sendall(_PIPELINED[:cut])
+                time.sleep(0.001 if cut % 16 == 0 else 0)  # sometimes let the first part arrive alone
+                client.sock.sendall(_PIPELINED[cut:])
+                replies = re.sub(rb"queued as \d+", b"queued as N", b"".join(client.reply() for _ in range(12)))
+            finally:
+                client.close()
+            mails = (got.get(timeout=10), got.get(timeout=10))
+            outcomes.add((replies, tuple((m.mail_from, m.rcpt_tos, m.data) for m in mails)))
+        assert got.empty()
+    finally:
+        sink.stop()
+    assert len(outcomes) == 1
+    replies, mails = outcomes.pop()
+    assert mails == (("a@p.test", ("b@p.test",), b"Subject: p\r\n\r\n.dot\r\n"), ("d@p.test", ("e@p.test",), b"x\r\n"))
+    assert [r[:3] for r in replies.split(b"\r\n")[5:-1]] == [b"250", b"250", b"250", b"555", b"250", b"354", b"250",
+                                                               b"250", b"250", b"354", b"250", b"221"]

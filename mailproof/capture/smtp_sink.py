@@ -61,6 +61,9 @@ import aiosmtpd
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 from aiosmtpd.smtp import __ident__ as _AIOSMTPD_IDENT
 from aiosmtpd.smtp import _AuthMechAttr
+from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS as _ALLOWED_BEFORE_STARTTLS
+from aiosmtpd.smtp import BOGUS_LIMIT as _BOGUS_LIMIT
+from aiosmtpd.smtp import TLSSetupException, sanitized_log
 
 from mailproof.net import LOOPBACK
 
@@ -385,7 +388,111 @@ class _SinkSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
             return
-        await super()._handle_client()
+        if _FAST_INIT and self._proxy_timeout is None and not self._enforce_call_limit:
+            await self._command_loop()
+        else:
+            await super()._handle_client()
+
+    async def _command_loop(self) -> None:
+        """aiosmtpd 1.4.6's _handle_client loop (without its PROXY and call-limit parts, which
+        take aiosmtpd's own), step for step, but for its two log lines per command: aiosmtpd builds
+        their sanitized arguments even when the logger drops them; here only when it would log."""
+        log_info = _mail_log.isEnabledFor(logging.INFO)
+        log_debug = _mail_log.isEnabledFor(logging.DEBUG)
+        _mail_log.info("%r handling connection", self.session.peer)
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        bogus_budget = _BOGUS_LIMIT
+        reader = self._reader
+        methods = self._smtp_methods
+        while self.transport is not None:
+            try:
+                try:
+                    line: bytes = await reader.readuntil()
+                except asyncio.LimitOverrunError as error:
+                    # Line too long. Read until end of line before sending 500.
+                    await reader.read(error.consumed)
+                    while True:
+                        try:
+                            await reader.readuntil()
+                            break
+                        except asyncio.LimitOverrunError as e:
+                            await reader.read(e.consumed)
+                    await self.push("500 Command line too long")
+                    continue
+                if log_debug:
+                    sanitized_log(_mail_log.debug, "_handle_client readline: %r", line)
+                line = line.rstrip(b"\r\n")
+                if log_info:
+                    sanitized_log(_mail_log.info, "%r >> %r", self.session.peer, line)
+                if not line:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                command_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = command_bytes.upper().decode(encoding="ascii")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                if not arg_bytes:
+                    arg: Optional[str] = None
+                else:
+                    arg_bytes = arg_bytes.strip()
+                    if self.enable_SMTPUTF8:
+                        arg = str(arg_bytes, encoding="utf-8", errors="surrogateescape")
+                    else:
+                        try:
+                            arg = str(arg_bytes, encoding="ascii", errors="strict")
+                        except UnicodeDecodeError:
+                            await self.push("500 Error: strict ASCII mode")
+                            continue
+                max_sz = (self.command_size_limits[command] if self.session.extended_smtp
+                          else self.command_size_limit)
+                if len(line) > max_sz:
+                    await self.push("500 Command line too long")
+                    continue
+                if not self._tls_handshake_okay and command != "QUIT":
+                    await self.push("554 Command refused due to lack of security")
+                    continue
+                if self.require_starttls and not self._tls_protocol and command not in _ALLOWED_BEFORE_STARTTLS:
+                    await self.push("530 Must issue a STARTTLS command first")
+                    continue
+                method = methods.get(command)
+                if method is None:
+                    _mail_log.warning("%r unrecognised: %s", self.session.peer, command)
+                    bogus_budget -= 1
+                    if bogus_budget < 1:
+                        _mail_log.warning("%r too many bogus commands", self.session.peer)
+                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        self.transport.close()
+                        continue
+                    await self.push(f'500 Error: command "{command}" not recognized')
+                    continue
+                self._reset_timeout()
+                await method(arg)
+            except asyncio.CancelledError:
+                _mail_log.info("%r Connection lost during _handle_client()", self.session.peer)
+                self._writer.close()
+                raise
+            except ConnectionResetError:
+                _mail_log.info("%r Connection lost during _handle_client()", self.session.peer)
+                self._writer.close()
+                raise
+            except Exception as error:
+                status = None
+                try:
+                    status = await self.handle_exception(error)
+                except Exception as inner_error:
+                    try:
+                        _mail_log.exception("%r Exception in handle_exception()", self.session.peer)
+                        status = "500 Error: ({}) {}".format(inner_error.__class__.__name__, str(inner_error))
+                    except Exception:
+                        status = "500 Error: Cannot describe error"
+                finally:
+                    if isinstance(error, TLSSetupException):
+                        self.transport.close()
+                        self.connection_lost(error)
+                    else:
+                        await self.push(status)
 
     def _getaddr(self, arg: str) -> tuple[Optional[str], Optional[str]]:
         """aiosmtpd's _getaddr, answered without the email parser for a plain ``<local@domain>``
