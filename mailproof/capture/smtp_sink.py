@@ -548,7 +548,8 @@ class _SinkSMTP(SMTP):
         if address is None:
             return await super().smtp_MAIL(arg)
         self.envelope.smtp_utf8 = False
-        status = await self._call_handler_hook("MAIL", address, [])
+        hook = self._handle_hooks.get("MAIL")  # _call_handler_hook, without its own coroutine
+        status = MISSING if hook is None else await hook(self, self.session, self.envelope, address, [])
         if status is MISSING:
             self.envelope.mail_from = address
             status = "250 OK"
@@ -561,7 +562,8 @@ class _SinkSMTP(SMTP):
         address = None if self._needs_helo_or_auth() or not self.envelope.mail_from else self._plain_address(arg, "TO:")
         if address is None:
             return await super().smtp_RCPT(arg)
-        status = await self._call_handler_hook("RCPT", address, [])
+        hook = self._handle_hooks.get("RCPT")
+        status = MISSING if hook is None else await hook(self, self.session, self.envelope, address, [])
         if status is MISSING:
             self.envelope.rcpt_tos.append(address)
             status = "250 OK"
@@ -617,7 +619,8 @@ class _SinkSMTP(SMTP):
             return
         self.envelope.content = content
         self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        hook = self._handle_hooks.get("DATA")
+        status = MISSING if hook is None else await hook(self, self.session, self.envelope)
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 
