@@ -32,8 +32,11 @@ lines keep aiosmtpd's limits (512 bytes, more with ESMTP extensions).
 Speed (issue 12, docs/performance.md "Capture"): the connection setup reuses per-class method
 tables instead of aiosmtpd's dir()/getmembers() per connection, plain ``<local@domain>``
 addresses skip the email package's parser, EHLO goes out in one write, no fault coroutine runs
-while no rule is installed, and commands do not churn the idle timer. Each is tested to give
-aiosmtpd's own results (tests/test_sink_fastpath.py).
+while no rule is installed, and commands do not churn the idle timer. Per command (four per
+message on a reused connection): the command loop builds its log lines only when mail.log emits
+them, MAIL and RCPT with a plain address and no parameters skip aiosmtpd's check coroutines, and
+a reply is not followed by a drain() unless writing is paused. Each is tested to give aiosmtpd's
+own replies and mail (tests/test_sink_fastpath.py).
 
 aiosmtpd logs each unrecognised command at WARNING on ``mail.log``; a :class:`RepeatedWarningFilter`
 on that logger lets the first few of each kind through per minute and counts the rest.
