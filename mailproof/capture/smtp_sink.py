@@ -52,7 +52,6 @@ import itertools
 import logging
 import re
 import ssl
-import tempfile
 import threading
 import time
 import types
@@ -68,6 +67,7 @@ from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS as _ALLOWED_BEFORE_STARTTLS
 from aiosmtpd.smtp import BOGUS_LIMIT as _BOGUS_LIMIT
 from aiosmtpd.smtp import TLSSetupException, sanitized_log
 
+from mailproof.capture.data_scanner import DataScanner
 from mailproof.net import LOOPBACK
 
 log = logging.getLogger("mailproof.sink")
@@ -629,88 +629,29 @@ class _SinkSMTP(SMTP):
 
     async def _read_data(self, limit: Optional[int], max_line: Optional[int],
                          spool_threshold: Optional[int]) -> tuple[Optional[bytes], bool, bool]:
-        """Read DATA up to the lone dot; undo dot-stuffing. Returns (content, too_much, too_long).
-
-        The stream is scanned for CRLF "." with a virtual CRLF before the first byte: followed by
-        CRLF it is the end, otherwise the dot is a stuffed one and is dropped. ``pending`` holds
-        the few bytes that cannot be decided yet (a CRLF or CRLF "." at a chunk's end).
-        """
+        """Read DATA from the stream reader up to the lone dot (DataScanner); returns (content,
+        too_much, too_long). Bytes read past the dot go back to the reader."""
         reader = self._reader
-        # In memory up to spool_threshold, then a temporary file (None or 0: never spooled).
-        out = tempfile.SpooledTemporaryFile(max_size=spool_threshold or 0)
-        write = out.write
         # The reader's limit (aiosmtpd: 1,001 bytes, for command lines) also decides when it
         # pauses the transport (twice the limit buffered): raised for DATA so that 64 KiB reads
         # do not pause and resume the socket every 2 KB. Restored for the commands that follow.
         command_limit = reader._limit  # type: ignore[attr-defined]
         reader._limit = max(command_limit, _CHUNK)  # type: ignore[attr-defined]
-        pending = bytearray(b"\r\n")
-        skip = 2  # the virtual CRLF is not content
-        size = 0  # message bytes as sent, stuffed dots included (aiosmtpd's measure), CRLF "." CRLF not
-        too_much = too_long = False
-        line_len = 0  # length of the current (unfinished) line, for max_line (lines split at LF)
-        scan_middle = max_line is not None and max_line < _CHUNK
-
-        def emit(part) -> None:
-            nonlocal skip, size
-            if skip:
-                cut = min(skip, len(part))
-                part, skip = part[cut:], skip - cut
-            size += len(part)
-            if part and not (too_much or too_long):
-                write(part)
-
+        scanner = DataScanner(limit, max_line, spool_threshold)
         try:
             while True:
                 chunk = await reader.read(_CHUNK)
                 if not chunk:  # EOF (eof_received normally cancels us first)
                     raise asyncio.CancelledError()
-                if max_line is not None and not too_long:
-                    first = chunk.find(b"\n")
-                    if first < 0:
-                        line_len += len(chunk)
-                    else:
-                        if line_len + first - 1 > max_line:
-                            too_long = True
-                        elif scan_middle and max(map(len, chunk.split(b"\n")[1:-1]), default=0) - 1 > max_line:
-                            too_long = True
-                        line_len = len(chunk) - chunk.rfind(b"\n") - 1
-                    if line_len - 1 > max_line:
-                        too_long = True
-                pending += chunk
-                pos = 0
-                while True:
-                    i = pending.find(b"\r\n.", pos)
-                    if i < 0:
-                        keep = max(pos, len(pending) - 2)  # a trailing CRLF may start CRLF "."
-                        emit(memoryview(pending)[pos:keep])
-                        del pending[:keep]
-                        break
-                    if len(pending) < i + 5:  # cannot tell the end from a stuffed dot yet
-                        emit(memoryview(pending)[pos:i])
-                        del pending[:i]
-                        break
-                    emit(memoryview(pending)[pos:i + 2])  # the CRLF ends the previous line
-                    if pending[i + 3:i + 5] == b"\r\n":
-                        if limit and size > limit:
-                            too_much = True
-                        rest = pending[i + 5:]
-                        if rest:  # pipelined commands after the dot: hand them back
-                            reader._buffer[0:0] = rest  # type: ignore[attr-defined]
-                        if too_much or too_long:
-                            return None, too_much, too_long
-                        out.seek(0)
-                        return out.read(), False, False
-                    pos = i + 3  # drop the stuffed dot
-                    size += 1
-                if limit and size > limit:
-                    too_much = True
-                if too_much or too_long:
-                    out.seek(0)
-                    out.truncate()  # discard what we had: no memory pressure while draining
+                rest = scanner.feed(chunk)
+                if rest is not None:
+                    if rest:  # pipelined commands after the dot: hand them back
+                        reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+                    return scanner.result()
         finally:
             reader._limit = command_limit  # type: ignore[attr-defined]
-            out.close()
+            scanner.close()
+
 
 class SmtpSink:
     """A real SMTP server that captures mail in-process.
