@@ -175,18 +175,14 @@ class _Handler:
             reply = await self.sink._fault("mail", server, session, envelope, address=address)
             if reply:
                 return reply
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
+        return self.accept_mail(envelope, address, mail_options)
 
     async def handle_RCPT(self, server, session, envelope: Envelope, address, rcpt_options):
         if self.sink._faulting():
             reply = await self.sink._fault("rcpt", server, session, envelope, address=address)
             if reply:
                 return reply
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 OK"
+        return self.accept_rcpt(envelope, address, rcpt_options)
 
     async def handle_DATA(self, server, session: Session, envelope: Envelope):
         faulting = self.sink._faulting()
@@ -194,13 +190,37 @@ class _Handler:
             reply = await self.sink._fault("data", server, session, envelope)
             if reply:
                 return reply
+        captured = self.accept_data(session, envelope)
+        if faulting or self.sink._faulting():  # a rule may have come in during on_message
+            return await self.after_data(server, session, envelope, captured)
+        return self.queued(captured)
+
+    async def after_data(self, server, session: Session, envelope: Envelope, captured: CapturedMail) -> str:
+        reply = await self.sink._fault("after_data", server, session, envelope, captured=captured)
+        return reply or self.queued(captured)
+
+    # What each hook does when no fault applies: no awaits, so that the sink's connections can
+    # answer the common case straight from the bytes they receive (_SinkSMTP._answer).
+
+    @staticmethod
+    def accept_mail(envelope: Envelope, address: str, mail_options) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    @staticmethod
+    def accept_rcpt(envelope: Envelope, address: str, rcpt_options) -> str:
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    def accept_data(self, session: Session, envelope: Envelope) -> CapturedMail:
         # Stamped after a data-stage fault (a slow relay's Delay): the mail is accepted now, and
         # latency from the trigger must include the delay the test injected.
-        captured = self.sink._record(session, envelope, time.time())
-        if faulting or self.sink._faulting():  # a rule may have come in during on_message
-            reply = await self.sink._fault("after_data", server, session, envelope, captured=captured)
-            if reply:
-                return reply
+        return self.sink._record(session, envelope, time.time())
+
+    @staticmethod
+    def queued(captured: CapturedMail) -> str:
         return f"250 2.0.0 OK queued as {captured.seq}"
 
 
@@ -212,6 +232,9 @@ _Handler.handle_EHLO.__signature__ = inspect.signature(_Handler.handle_EHLO)  # 
 
 
 _CHUNK = 64 * 1024
+
+# The commands a connection answers from its received bytes (_SinkSMTP._answer), upper-cased.
+_ANSWERED = {b"MAIL": "MAIL", b"RCPT": "RCPT", b"DATA": "DATA"}
 
 # An angle address whose local part and domain are plain dot-atoms (RFC 5322 atext, ASCII):
 # what nearly every MAIL FROM and RCPT TO carries. For these the email package's parser, which
@@ -289,6 +312,13 @@ class _SinkSMTP(SMTP):
         self._sink = sink
         self._last_rx = 0.0
         self._session_handle: Optional[asyncio.TimerHandle] = None
+        # Answering from the received bytes (_answer): the command loop's parking future, what it
+        # must await when it wakes, the DATA phase being read and its deadline.
+        self._parked: Optional[asyncio.Future] = None
+        self._resume: Optional[collections.abc.Awaitable] = None
+        self._scanner: Optional[DataScanner] = None
+        self._data_deadline: Optional[asyncio.TimerHandle] = None
+        self._log_info = self._log_debug = False
 
     def _fast_init(self, sink: "SmtpSink", handler, loop: asyncio.AbstractEventLoop) -> None:
         """aiosmtpd 1.4.6's SMTP.__init__ for the options SmtpSink._protocol passes, line for line,
@@ -351,6 +381,7 @@ class _SinkSMTP(SMTP):
         self._sink._connections.discard(self)
         if self._session_handle is not None:
             self._session_handle.cancel()
+        self._end_inline_data()  # a message cut off mid-DATA is not accepted: nothing to keep
         super().connection_lost(error)
 
     # -- idle timeout ------------------------------------------------------------------------
@@ -360,6 +391,16 @@ class _SinkSMTP(SMTP):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
+        parked = self._parked
+        if parked is not None and not parked.done():
+            rest = self._answer(data)
+            if rest is None:
+                return
+            self._parked = None  # the command loop takes the rest
+            parked.set_result(None)
+            if not rest:
+                return
+            data = rest
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
@@ -400,15 +441,27 @@ class _SinkSMTP(SMTP):
         """aiosmtpd 1.4.6's _handle_client loop (without its PROXY and call-limit parts, which
         take aiosmtpd's own), step for step, but for its two log lines per command: aiosmtpd builds
         their sanitized arguments even when the logger drops them; here only when it would log."""
-        log_info = _mail_log.isEnabledFor(logging.INFO)
-        log_debug = _mail_log.isEnabledFor(logging.DEBUG)
+        self._log_info = log_info = _mail_log.isEnabledFor(logging.INFO)
+        self._log_debug = log_debug = _mail_log.isEnabledFor(logging.DEBUG)
         _mail_log.info("%r handling connection", self.session.peer)
         await self.push(f"220 {self.hostname} {self.__ident__}")
         bogus_budget = _BOGUS_LIMIT
         reader = self._reader
         methods = self._smtp_methods
+        answers = not self.require_starttls  # before STARTTLS only the loop refuses MAIL with 530
         while self.transport is not None:
             try:
+                resume = self._resume
+                if resume is not None:  # what _answer left to finish (a fault's hook, a drain)
+                    self._resume = None
+                    await resume
+                    continue
+                if answers and not reader._buffer and self._tls_protocol is None:  # type: ignore[attr-defined]
+                    # Nothing buffered: park, and let data_received answer the common commands
+                    # itself until one needs this loop.
+                    self._parked = parked = self.loop.create_future()
+                    await parked
+                    continue
                 try:
                     line: bytes = await reader.readuntil()
                 except asyncio.LimitOverrunError as error:
@@ -523,12 +576,16 @@ class _SinkSMTP(SMTP):
 
         StreamWriter.drain() returns at once unless writing is paused (the client does not read
         its replies) or the connection is closing; it is awaited exactly then, as aiosmtpd does."""
+        if self._write_reply(status):
+            await self._writer.drain()
+
+    def _write_reply(self, status) -> bool:
+        """Write one reply; True when the writer must be drained before the next command."""
         response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
         writer = self._writer
         writer.write(response + b"\r\n")
         _mail_log.debug("%r << %r", self.session.peer, response)
-        if self._paused or writer.transport.is_closing():
-            await writer.drain()
+        return self._paused or writer.transport.is_closing()
 
     def _needs_helo_or_auth(self) -> bool:
         """True when aiosmtpd's check_helo_needed or check_auth_needed would refuse the command."""
@@ -543,34 +600,165 @@ class _SinkSMTP(SMTP):
         address, rest = self._getaddr(arg[len(keyword):].strip())
         return address if address and not rest else None
 
+    def _plain_sender(self, arg: Optional[str]) -> Optional[str]:
+        """MAIL's plain address when the fast path may take it (after EHLO/AUTH, no sender yet)."""
+        return None if self._needs_helo_or_auth() or self.envelope.mail_from else self._plain_address(arg, "FROM:")
+
+    def _plain_recipient(self, arg: Optional[str]) -> Optional[str]:
+        """RCPT's plain address when the fast path may take it (after EHLO/AUTH and MAIL)."""
+        return None if self._needs_helo_or_auth() or not self.envelope.mail_from else self._plain_address(arg, "TO:")
+
+    def _mail_status(self, address: str, status) -> str:
+        if status is MISSING:
+            self.envelope.mail_from = address
+            status = "250 OK"
+        _mail_log.info("%r sender: %s", self.session.peer, address)
+        return status
+
+    def _rcpt_status(self, address: str, status) -> str:
+        if status is MISSING:
+            self.envelope.rcpt_tos.append(address)
+            status = "250 OK"
+        _mail_log.info("%r recip: %s", self.session.peer, address)
+        return status
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: Optional[str]) -> None:
         """aiosmtpd's MAIL for a plain address without parameters (its steps, none of its
         coroutines but the hook's); everything else is aiosmtpd's own smtp_MAIL."""
-        address = None if self._needs_helo_or_auth() or self.envelope.mail_from else self._plain_address(arg, "FROM:")
+        address = self._plain_sender(arg)
         if address is None:
             return await super().smtp_MAIL(arg)
         self.envelope.smtp_utf8 = False
         hook = self._handle_hooks.get("MAIL")  # _call_handler_hook, without its own coroutine
         status = MISSING if hook is None else await hook(self, self.session, self.envelope, address, [])
-        if status is MISSING:
-            self.envelope.mail_from = address
-            status = "250 OK"
-        _mail_log.info("%r sender: %s", self.session.peer, address)
-        await self.push(status)
+        await self.push(self._mail_status(address, status))
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: Optional[str]) -> None:
         """aiosmtpd's RCPT for a plain address without parameters; everything else is its own."""
-        address = None if self._needs_helo_or_auth() or not self.envelope.mail_from else self._plain_address(arg, "TO:")
+        address = self._plain_recipient(arg)
         if address is None:
             return await super().smtp_RCPT(arg)
         hook = self._handle_hooks.get("RCPT")
         status = MISSING if hook is None else await hook(self, self.session, self.envelope, address, [])
-        if status is MISSING:
-            self.envelope.rcpt_tos.append(address)
-            status = "250 OK"
-        _mail_log.info("%r recip: %s", self.session.peer, address)
+        await self.push(self._rcpt_status(address, status))
+
+    # -- answering from the received bytes -----------------------------------------------------
+    # While the command loop has nothing buffered it parks, and data_received answers MAIL, RCPT
+    # and DATA (its message included) itself: the same checks and replies as the loop and the
+    # methods above, without waking a coroutine per command. The first line it does not answer,
+    # and everything after it, goes to the loop. It answers only when no fault rule is installed
+    # (the handler's hooks then never wait) and writing is not paused.
+
+    def _answer(self, data: bytes) -> Optional[bytes]:
+        """Answer what ``data`` holds; None when all of it was answered, else the bytes from the
+        first that the command loop must take (possibly none, when it must first finish
+        something: ``_resume``)."""
+        while True:
+            scanner = self._scanner
+            if scanner is not None:
+                rest = scanner.feed(data)
+                if rest is None:
+                    return None
+                data = rest
+                if not self._end_data(scanner):
+                    return data
+            if not data:
+                return None
+            if self._paused or self._resume is not None:
+                return data
+            end = data.find(b"\n") + 1
+            if not end or not self._answer_line(data[:end]):
+                return data
+            data = data[end:]
+
+    def _answer_line(self, line: bytes) -> bool:
+        """Answer one command line as the loop would, if it is MAIL, RCPT or DATA in the common
+        case; False (and nothing done) for anything else."""
+        if self._sink._faulting() or not self._tls_handshake_okay:
+            return False
+        stripped = line.rstrip(b"\r\n")
+        command_bytes, _, arg_bytes = stripped.partition(b" ")
+        command = command_bytes.upper()
+        if command not in _ANSWERED:
+            return False
+        command = _ANSWERED[command]
+        max_size = self.command_size_limits[command] if self.session.extended_smtp else self.command_size_limit
+        if len(stripped) > max_size:
+            return False
+        arg_bytes = arg_bytes.strip()
+        arg = str(arg_bytes, encoding="utf-8", errors="surrogateescape") if arg_bytes else None
+        if command == "MAIL":
+            address = self._plain_sender(arg)
+            if address is None:
+                return False
+        elif command == "RCPT":
+            address = self._plain_recipient(arg)
+            if address is None:
+                return False
+        elif arg or self._needs_helo_or_auth() or not self.envelope.rcpt_tos:
+            return False  # DATA with an argument, before EHLO/AUTH or RCPT: the loop's replies
+        if self._log_debug:
+            sanitized_log(_mail_log.debug, "_handle_client readline: %r", line)
+        if self._log_info:
+            sanitized_log(_mail_log.info, "%r >> %r", self.session.peer, stripped)
+        self._reset_timeout()
+        handler = self.event_handler
+        if command == "MAIL":
+            self.envelope.smtp_utf8 = False
+            reply = self._mail_status(address, handler.accept_mail(self.envelope, address, []))
+        elif command == "RCPT":
+            reply = self._rcpt_status(address, handler.accept_rcpt(self.envelope, address, []))
+        else:
+            reply = "354 End data with <CR><LF>.<CR><LF>"
+            sink = self._sink
+            self._scanner = DataScanner(self.data_size_limit, sink.max_line_length, sink.spool_threshold)
+            if sink.data_timeout:
+                self._data_deadline = self.loop.call_later(sink.data_timeout, self._close_with, "DATA took too long")
+        if self._write_reply(reply):
+            self._resume = self._writer.drain()
+        return True
+
+    def _end_data(self, scanner: DataScanner) -> bool:
+        """The DATA phase ``scanner`` read has ended: accept or refuse the message as smtp_DATA
+        does. False when a fault rule came in meanwhile: the loop then finishes it (``_resume``)."""
+        content, too_much, too_long = scanner.result()
+        self._end_inline_data()
+        if too_long or too_much:
+            self._set_post_data_state()
+            reply = "500 5.5.2 Line too long (see max_line_length)" if too_long else "552 Error: Too much mail data"
+        else:
+            envelope = self.envelope
+            envelope.content = envelope.original_content = content
+            if self._sink._faulting():
+                self._resume = self._finish_data(None)
+                return False
+            captured = self.event_handler.accept_data(self.session, envelope)
+            if self._sink._faulting():  # a rule came in during on_message: its after_data stage
+                self._resume = self._finish_data(captured)
+                return False
+            self._set_post_data_state()
+            reply = self.event_handler.queued(captured)
+        if self._write_reply(reply):
+            self._resume = self._writer.drain()
+        return True
+
+    def _end_inline_data(self) -> None:
+        scanner, self._scanner = self._scanner, None
+        if scanner is not None:
+            scanner.close()
+        if self._data_deadline is not None:
+            self._data_deadline.cancel()
+            self._data_deadline = None
+
+    async def _finish_data(self, captured: Optional[CapturedMail]) -> None:
+        """The end of smtp_DATA for a message read from the received bytes, when faults apply."""
+        if captured is None:
+            status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
+        else:
+            status = await self.event_handler.after_data(self, self.session, self.envelope, captured)
+        self._set_post_data_state()
         await self.push(status)
 
     def _reset_timeout(self, duration: Optional[float] = None) -> None:
