@@ -656,6 +656,8 @@ class _SinkSMTP(SMTP):
         first that the command loop must take (possibly none, when it must first finish
         something: ``_resume``)."""
         while True:
+            if not data:
+                return None
             scanner = self._scanner
             if scanner is not None:
                 rest = scanner.feed(data)
@@ -664,8 +666,8 @@ class _SinkSMTP(SMTP):
                 data = rest
                 if not self._end_data(scanner):
                     return data
-            if not data:
-                return None
+                if not data:
+                    return None
             if self._paused or self._resume is not None:
                 return data
             end = data.find(b"\n") + 1
