@@ -175,7 +175,10 @@ def test_require_starttls_refuses_mail_in_clear(server_tls):
             client.ehlo()
             with pytest.raises(smtplib.SMTPSenderRefused) as refused:
                 client.sendmail("app@example.test", ["x@example.test"], _raw("x@example.test"))
-        assert refused.value.smtp_code == 530
+            assert refused.value.smtp_code == 530
+            # plain commands, one at a time (what the connection answers from its received bytes)
+            for command in ("MAIL FROM:<app@example.test>", "RCPT TO:<x@example.test>", "DATA"):
+                assert client.docmd(command) == (530, b"Must issue a STARTTLS command first"), command
         cap.assert_empty()
     finally:
         cap.sink.stop()

@@ -311,7 +311,8 @@ def test_loop_uvloop_without_uvloop_says_how_to_install_it(monkeypatch):
 # aiosmtpd's own reply. The script hits each check those commands make, in order.
 _SCRIPT = [
     b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA", b"EHLO x.test",
-    b"RCPT TO:<c@d.test>", b"DATA", b"MAIL FROM:<a@b.test>", b"MAIL FROM:<n@b.test>",
+    b"RCPT TO:<c@d.test>", b"DATA", b"MAIL FROM:<a@b.test> SMTPUTF8 SIZE=999999999999",  # 552, but SMTPUTF8 noted
+    b"MAIL FROM:<a@b.test>", b"MAIL FROM:<n@b.test>",
     b"RCPT TO:<c@d.test>", b"RCPT TO: <e@d.test>", b"rcpt to:<f@d.test>  ", b"RCPT TO:<g@d.test> NOTIFY=NEVER",
     b"RCPT TO:", b"RCPT", b"RCPT TO:<bad", b"RCPT TO:<h@d.test> (comment)", b"RCPT TO:<=?utf-8?q?x?=@d.test>",
     b"RCPT TO:<\"q q\"@d.test>", b"RCPT TO:<" + b"l" * 70 + b"@d.test>", b"RCPT FROM:<c@d.test>", b"DATA x",
@@ -372,7 +373,7 @@ def test_mail_rcpt_and_data_answer_like_aiosmtpds_own(credentials, monkeypatch):
     slow = _run_script(credentials)
     assert fast == slow
     if credentials:
-        assert fast[0].count(b"530 5.7.0 Authentication required\r\n") == 2
+        assert fast[0].count(b"530 5.7.0 Authentication required\r\n") == 3
     # the script delivers two messages, one with each kind of MAIL
     assert [m[:4] for m in fast[1]] == [("a@b.test", ("c@d.test", "e@d.test", "f@d.test", "bad", "h@d.test",
                                                             "x@d.test", '"q q"@d.test', "l" * 70 + "@d.test"),
@@ -413,3 +414,161 @@ def test_pipelined_commands_split_at_every_byte_boundary_get_the_same_replies_an
     assert mails == (("a@p.test", ("b@p.test",), b"Subject: p\r\n\r\n.dot\r\n"), ("d@p.test", ("e@p.test",), b"x\r\n"))
     assert [r[:3] for r in replies.split(b"\r\n")[5:-1]] == [b"250", b"250", b"250", b"555", b"250", b"354", b"250",
                                                                b"250", b"250", b"354", b"250", b"221"]
+
+
+# -- answering from the received bytes (data_received) -------------------------------------------
+# While the command loop has nothing buffered, a connection answers MAIL, RCPT and DATA (its
+# message included) itself. The script and the byte-boundary tests above run through it; these
+# cover what only it can meet: fault rules arriving mid-command, a client that reads no replies.
+
+def _envelope(client: _Client, rcpt: bytes = b"b@x.test") -> None:
+    assert client.reply().startswith(b"220")
+    client.sock.sendall(b"EHLO x.test\r\n")
+    assert client.reply().startswith(b"250")
+    for line, code in ((b"MAIL FROM:<a@x.test>", b"250"), (b"RCPT TO:<" + rcpt + b">", b"250"), (b"DATA", b"354")):
+        client.sock.sendall(line + b"\r\n")
+        assert client.reply().startswith(code)
+
+
+def test_plain_commands_are_answered_without_waking_the_command_loop(monkeypatch):
+    monkeypatch.setattr(smtp_sink._ClassTables, "_cache", {})  # the method tables are cached per class
+    for name in ("smtp_MAIL", "smtp_RCPT", "smtp_DATA"):
+        monkeypatch.setattr(smtp_sink._SinkSMTP, name, lambda self, arg, name=name: pytest.fail(f"{name} ran"))
+    got: "queue.Queue" = queue.Queue()
+    sink = SmtpSink(on_message=got.put).start()
+    client = _Client(sink.port)
+    try:
+        _envelope(client)
+        client.sock.sendall(b"Subject: s\r\n\r\n..x\r\n.\r\n")
+        assert client.reply() == b"250 2.0.0 OK queued as 1\r\n"
+        assert got.get(timeout=10).data == b"Subject: s\r\n\r\n.x\r\n"
+    finally:
+        client.close()
+        sink.stop()
+
+
+def test_an_after_data_rule_installed_by_on_message_applies_to_that_very_message():
+    plan = FaultPlan()
+    got: "queue.Queue" = queue.Queue()
+
+    def on_message(mail) -> None:
+        got.put(mail)
+        if mail.seq == 1:
+            plan.rule("after_data", Reply("451 4.3.0 after the first"))
+
+    sink = SmtpSink(on_message=on_message, faults=plan).start()
+    client = _Client(sink.port)
+    try:
+        _envelope(client)
+        client.sock.sendall(b"Subject: one\r\n\r\n.\r\n")
+        assert client.reply() == b"451 4.3.0 after the first\r\n"  # captured, then the rule's reply
+        assert got.get(timeout=10).data == b"Subject: one\r\n\r\n"
+        plan.clear()
+        for line in (b"MAIL FROM:<a@x.test>", b"RCPT TO:<c@x.test>", b"DATA"):
+            client.sock.sendall(line + b"\r\n")
+            assert client.reply()[:1] in (b"2", b"3")
+        client.sock.sendall(b"Subject: two\r\n\r\n.\r\n")
+        assert client.reply() == b"250 2.0.0 OK queued as 2\r\n"
+        assert got.get(timeout=10).rcpt_tos == ("c@x.test",)
+    finally:
+        client.close()
+        sink.stop()
+
+
+def test_a_data_rule_installed_while_the_message_is_being_sent_refuses_it():
+    plan = FaultPlan()
+    got: "queue.Queue" = queue.Queue()
+    sink = SmtpSink(on_message=got.put, faults=plan).start()
+    client = _Client(sink.port)
+    try:
+        _envelope(client)  # answered from the received bytes: no rule yet
+        client.sock.sendall(b"Subject: half\r\n\r\n")
+        plan.rule("data", Reply("554 5.7.1 refused mid-data"))
+        client.sock.sendall(b"the rest\r\n.\r\n")
+        assert client.reply() == b"554 5.7.1 refused mid-data\r\n"
+        client.sock.sendall(b"NOOP\r\n")
+        assert client.reply().startswith(b"250")
+        assert got.empty() and sink.captured_count == 0
+    finally:
+        client.close()
+        sink.stop()
+
+
+def test_a_client_cut_off_mid_message_leaves_nothing_and_the_next_one_is_captured(monkeypatch):
+    lost: "queue.Queue" = queue.Queue()
+    connection_lost = smtp_sink._SinkSMTP.connection_lost
+
+    def note_lost(self, error) -> None:
+        connection_lost(self, error)
+        lost.put(self)
+
+    monkeypatch.setattr(smtp_sink._SinkSMTP, "connection_lost", note_lost)
+    got: "queue.Queue" = queue.Queue()
+    sink = SmtpSink(on_message=got.put).start()
+    try:
+        client = _Client(sink.port)
+        _envelope(client, b"cut@x.test")
+        client.sock.sendall(b"Subject: cut\r\n\r\nhalf a mess")
+        client.close()
+        proto = lost.get(timeout=10)
+        # its DATA deadline (600 s by default) would otherwise keep the connection alive
+        assert proto._scanner is None and proto._data_deadline is None
+        client = _Client(sink.port)
+        _envelope(client, b"whole@x.test")
+        client.sock.sendall(b"Subject: whole\r\n\r\n.\r\n")
+        assert client.reply() == b"250 2.0.0 OK queued as 1\r\n"
+        client.close()
+        mail = got.get(timeout=10)
+        assert (mail.seq, mail.rcpt_tos, sink.captured_count) == (1, ("whole@x.test",), 1)
+    finally:
+        sink.stop()
+
+
+def test_a_client_that_reads_no_replies_still_gets_every_reply_in_order(monkeypatch):
+    # Replies pile up until the transport pauses writing; the connection must then stop answering
+    # from the received bytes and let the command loop wait for the drain, as aiosmtpd's push does.
+    paused = []
+    made = smtp_sink._SinkSMTP.connection_made
+
+    def small_send_buffer(self, transport) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=4096)
+        made(self, transport)
+
+    def pause_writing(self) -> None:
+        paused.append(True)
+        asyncio.StreamReaderProtocol.pause_writing(self)
+
+    buffered = []  # the transport's write buffer after each reply
+    write_reply = smtp_sink._SinkSMTP._write_reply
+
+    def note_buffer(self, status) -> bool:
+        drain = write_reply(self, status)
+        buffered.append(self.transport.get_write_buffer_size())
+        return drain
+
+    monkeypatch.setattr(smtp_sink._SinkSMTP, "connection_made", small_send_buffer)
+    monkeypatch.setattr(smtp_sink._SinkSMTP, "pause_writing", pause_writing)
+    monkeypatch.setattr(smtp_sink._SinkSMTP, "_write_reply", note_buffer)
+    got: "queue.Queue" = queue.Queue()
+    sink = SmtpSink(on_message=got.put).start()
+    count = 500
+    session = b"EHLO x.test\r\n" + b"".join(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<r%d@x.test>\r\nDATA\r\nn %d\r\n.\r\n" % (i, i)
+                                             for i in range(count)) + b"QUIT\r\n"
+    client = _Client(sink.port)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        client.sock.sendall(session)  # the sink reads it all while its replies wait in the transport
+        replies = client.file.read()  # to the close after QUIT
+    finally:
+        client.close()
+        sink.stop()
+    assert paused, "the transport never paused writing: the test did not reach its case"
+    assert max(buffered) < 4096 + 100  # no reply written past the high-water mark but the one that hit it
+    lines = replies.split(b"\r\n")
+    assert lines[-2:] == [b"221 Bye", b""]
+    expected = [b"250 2.1.0 OK", b"250 2.1.5 OK", b"354 End data with <CR><LF>.<CR><LF>"]
+    for i in range(count):
+        assert lines[-2 - 4 * (count - i):-2 - 4 * (count - i) + 4] == expected + [b"250 2.0.0 OK queued as %d" % (i + 1)]
+    mails = [got.get(timeout=10) for _ in range(count)]
+    assert [(m.rcpt_tos, m.data) for m in mails] == [((f"r{i}@x.test",), b"n %d\r\n" % i) for i in range(count)]

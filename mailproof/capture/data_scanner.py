@@ -34,7 +34,6 @@ class DataScanner:
         self._skip = 2  # the virtual CRLF is not content
         self._size = 0  # message bytes as sent, stuffed dots included, CRLF "." CRLF not
         self._line_len = 0  # length of the current (unfinished) line, for max_line (lines split at LF)
-        self._scan_middle = max_line is not None
         self._fresh = True
         self.too_much = False
         self.too_long = False
@@ -46,21 +45,8 @@ class DataScanner:
             self._fresh = False
             if self._whole(chunk):
                 return b""
-        max_line = self.max_line
-        if max_line is not None and not self.too_long:
-            first = chunk.find(b"\n")
-            if first < 0:
-                self._line_len += len(chunk)
-            else:
-                if self._line_len + first - 1 > max_line:
-                    self.too_long = True
-                elif (self._scan_middle and len(chunk) > max_line
-                      and max(map(len, chunk.split(b"\n")[1:-1]), default=0) - 1 > max_line):
-                    self.too_long = True
-                self._line_len = len(chunk) - chunk.rfind(b"\n") - 1
-            if self._line_len - 1 > max_line:
-                self.too_long = True
         pending = self._pending
+        base = len(pending)  # undecided bytes of earlier chunks, already measured
         pending += chunk
         pos = 0
         while True:
@@ -76,17 +62,36 @@ class DataScanner:
                 break
             self._emit(memoryview(pending)[pos:i + 2])  # the CRLF ends the previous line
             if pending[i + 3:i + 5] == b"\r\n":
+                self._measure(chunk[:i + 5 - base])  # the lines up to the dot's, not the commands after it
                 if self.limit and self._size > self.limit:
                     self.too_much = True
                 return bytes(pending[i + 5:])
             pos = i + 3  # drop the stuffed dot
             self._size += 1
+        self._measure(chunk)
         if self.limit and self._size > self.limit:
             self.too_much = True
         if (self.too_much or self.too_long) and self._out is not None:
             self._out.seek(0)
             self._out.truncate()  # discard what we had: no memory pressure while draining
         return None
+
+    def _measure(self, part: bytes) -> None:
+        """Follow line lengths across chunks (lines split at LF, a CR before it not counted)."""
+        max_line = self.max_line
+        if max_line is None or self.too_long:
+            return
+        first = part.find(b"\n")
+        if first < 0:
+            self._line_len += len(part)
+        else:
+            if self._line_len + first - 1 > max_line:
+                self.too_long = True
+            elif len(part) > max_line and max(map(len, part.split(b"\n")[1:-1]), default=0) - 1 > max_line:
+                self.too_long = True  # a line inside the chunk (none can be longer than the chunk)
+            self._line_len = len(part) - part.rfind(b"\n") - 1
+        if self._line_len - 1 > max_line:
+            self.too_long = True
 
     def _whole(self, chunk: bytes) -> bool:
         """The common case, a whole message in one chunk with no dot at a line's start but the
