@@ -431,9 +431,15 @@ def _envelope(client: _Client, rcpt: bytes = b"b@x.test") -> None:
 
 
 def test_plain_commands_are_answered_without_waking_the_command_loop(monkeypatch):
-    monkeypatch.setattr(smtp_sink._ClassTables, "_cache", {})  # the method tables are cached per class
-    for name in ("smtp_MAIL", "smtp_RCPT", "smtp_DATA"):
-        monkeypatch.setattr(smtp_sink._SinkSMTP, name, lambda self, arg, name=name: pytest.fail(f"{name} ran"))
+    lines_read = []  # the command loop reads a line only for what it answers itself
+    readuntil = asyncio.StreamReader.readuntil
+
+    async def note_read(self, *args):
+        line = await readuntil(self, *args)
+        lines_read.append(line)
+        return line
+
+    monkeypatch.setattr(asyncio.StreamReader, "readuntil", note_read)
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put).start()
     client = _Client(sink.port)
@@ -441,10 +447,22 @@ def test_plain_commands_are_answered_without_waking_the_command_loop(monkeypatch
         _envelope(client)
         client.sock.sendall(b"Subject: s\r\n\r\n..x\r\n.\r\n")
         assert client.reply() == b"250 2.0.0 OK queued as 1\r\n"
+        for line, code in ((b"RSET", b"250"), (b"NOOP", b"250"), (b"HELO y.test", b"250"), (b"EHLO y.test", b"250"),
+                           (b"MAIL FROM:<a@x.test> SIZE=10 BODY=8BITMIME", b"250"), (b"RCPT TO:<q@x.test>", b"250"),
+                           (b"QUIT", b"221")):
+            client.sock.sendall(line + b"\r\n")
+            assert client.reply().startswith(code), line
+        assert client.reply() == b""  # closed after QUIT
         assert got.get(timeout=10).data == b"Subject: s\r\n\r\n.x\r\n"
+        client.close()
+        client = _Client(sink.port)  # what the loop still answers: AUTH, STARTTLS, unknown commands, ...
+        client.reply()
+        client.sock.sendall(b"VRFY <a@x.test>\r\n")
+        assert client.reply().startswith(b"252")
     finally:
         client.close()
         sink.stop()
+    assert lines_read == [b"VRFY <a@x.test>\r\n"]
 
 
 def test_an_after_data_rule_installed_by_on_message_applies_to_that_very_message():

@@ -233,8 +233,30 @@ _Handler.handle_EHLO.__signature__ = inspect.signature(_Handler.handle_EHLO)  # 
 
 _CHUNK = 64 * 1024
 
-# The commands a connection answers from its received bytes (_SinkSMTP._answer), upper-cased.
-_ANSWERED = {b"MAIL": "MAIL", b"RCPT": "RCPT", b"DATA": "DATA"}
+# The commands a connection answers from its received bytes (_SinkSMTP._answer), upper-cased:
+# the common ones. STARTTLS, AUTH (which reads more lines) and the rest go to the command loop.
+_ANSWERED = {name.encode(): name for name in ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT")}
+
+
+async def _raising(error: BaseException) -> None:
+    raise error
+
+
+@types.coroutine
+def _rest_of(command, waiting):
+    """Await the rest of a coroutine whose first step, run outside any task, yielded ``waiting``
+    (the future it waits on): what a task would have done with it from there."""
+    while True:
+        try:
+            yield waiting
+        except BaseException as error:  # thrown into the awaiting task (a cancel): pass it on
+            step = command.throw, error
+        else:
+            step = command.send, None
+        try:
+            waiting = step[0](step[1])
+        except StopIteration as done:
+            return done.value
 
 # An angle address whose local part and domain are plain dot-atoms (RFC 5322 atext, ASCII):
 # what nearly every MAIL FROM and RCPT TO carries. For these the email package's parser, which
@@ -397,7 +419,8 @@ class _SinkSMTP(SMTP):
             if rest is None:
                 return
             self._parked = None  # the command loop takes the rest
-            parked.set_result(None)
+            if not parked.done():  # (QUIT cancelled it: the loop is ending)
+                parked.set_result(None)
             if not rest:
                 return
             data = rest
@@ -654,8 +677,10 @@ class _SinkSMTP(SMTP):
     def _answer(self, data: bytes) -> Optional[bytes]:
         """Answer what ``data`` holds; None when all of it was answered, else the bytes from the
         first that the command loop must take (possibly none, when it must first finish
-        something: ``_resume``)."""
+        something: ``_resume``, never set while a message is being read)."""
         while True:
+            if self._resume is not None:
+                return data
             if not data:
                 return None
             scanner = self._scanner
@@ -666,9 +691,8 @@ class _SinkSMTP(SMTP):
                 data = rest
                 if not self._end_data(scanner):
                     return data
-                if not data:
-                    return None
-            if self._paused or self._resume is not None:
+                continue
+            if self._paused or self.transport is None or self.transport.is_closing():
                 return data
             end = data.find(b"\n") + 1
             if not end or not self._answer_line(data[:end]):
@@ -676,51 +700,50 @@ class _SinkSMTP(SMTP):
             data = data[end:]
 
     def _answer_line(self, line: bytes) -> bool:
-        """Answer one command line as the loop would, if it is MAIL, RCPT or DATA in the common
-        case; False (and nothing done) for anything else."""
+        """Answer one command line as the command loop would (its checks, then the command's own
+        method, run to its end now); False, with nothing done, for what only the loop answers."""
         if self._sink._faulting() or not self._tls_handshake_okay:
             return False
         stripped = line.rstrip(b"\r\n")
         command_bytes, _, arg_bytes = stripped.partition(b" ")
-        command = command_bytes.upper()
-        if command not in _ANSWERED:
+        command = _ANSWERED.get(command_bytes.upper())
+        if command is None:
             return False
-        command = _ANSWERED[command]
         max_size = self.command_size_limits[command] if self.session.extended_smtp else self.command_size_limit
         if len(stripped) > max_size:
             return False
-        arg_bytes = arg_bytes.strip()
-        arg = str(arg_bytes, encoding="utf-8", errors="surrogateescape") if arg_bytes else None
-        if command == "MAIL":
-            address = self._plain_sender(arg)
-            if address is None:
-                return False
-        elif command == "RCPT":
-            address = self._plain_recipient(arg)
-            if address is None:
-                return False
-        elif arg or self._needs_helo_or_auth() or not self.envelope.rcpt_tos:
-            return False  # DATA with an argument, before EHLO/AUTH or RCPT: the loop's replies
+        arg = str(arg_bytes.strip(), encoding="utf-8", errors="surrogateescape") if arg_bytes else None
+        if command == "DATA" and (arg or self._needs_helo_or_auth() or not self.envelope.rcpt_tos):
+            return False  # DATA with an argument, before EHLO/AUTH or RCPT: smtp_DATA's replies
         if self._log_debug:
             sanitized_log(_mail_log.debug, "_handle_client readline: %r", line)
         if self._log_info:
             sanitized_log(_mail_log.info, "%r >> %r", self.session.peer, stripped)
         self._reset_timeout()
-        handler = self.event_handler
-        if command == "MAIL":
-            self.envelope.smtp_utf8 = False
-            reply = self._mail_status(address, handler.accept_mail(self.envelope, address, []))
-        elif command == "RCPT":
-            reply = self._rcpt_status(address, handler.accept_rcpt(self.envelope, address, []))
-        else:
-            reply = "354 End data with <CR><LF>.<CR><LF>"
-            sink = self._sink
-            self._scanner = DataScanner(self.data_size_limit, sink.max_line_length, sink.spool_threshold)
-            if sink.data_timeout:
-                self._data_deadline = self.loop.call_later(sink.data_timeout, self._close_with, "DATA took too long")
-        if self._write_reply(reply):
-            self._resume = self._writer.drain()
+        if command != "DATA":
+            self._run_now(self._smtp_methods[command](arg))
+            return True
+        sink = self._sink
+        self._scanner = DataScanner(self.data_size_limit, sink.max_line_length, sink.spool_threshold)
+        if sink.data_timeout:
+            self._data_deadline = self.loop.call_later(sink.data_timeout, self._close_with, "DATA took too long")
+        # Its drain, were writing paused now, waits for the reply that ends the message: the
+        # bytes after the 354 are the message's, which the loop must not read as commands.
+        self._write_reply("354 End data with <CR><LF>.<CR><LF>")
         return True
+
+    def _run_now(self, command) -> None:
+        """Run a command method's coroutine to its end now: with no fault rule and writing not
+        paused, nothing in it waits. If it does wait (or raises), the command loop takes over
+        what is left, as if it had awaited the method itself (``_resume``)."""
+        try:
+            waiting = command.send(None)
+        except StopIteration:
+            return
+        except BaseException as error:  # the loop's handling: handle_exception's reply, ...
+            self._resume = _raising(error)
+            return
+        self._resume = _rest_of(command, waiting)
 
     def _end_data(self, scanner: DataScanner) -> bool:
         """The DATA phase ``scanner`` read has ended: accept or refuse the message as smtp_DATA
