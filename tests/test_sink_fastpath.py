@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import re
 import socket
@@ -319,7 +320,7 @@ _SCRIPT = [
     b"DATA", b"Subject: one", b"", b"body", b".",
     b"MAIL from:<x@y.test> SIZE=100 BODY=8BITMIME", b"RCPT TO:<z@y.test>", b"RSET", b"RCPT TO:<z@y.test>",
     b"MAIL FROM:<>", b"MAIL FROM:<a@b.test>x", b"MAIL FROM:a@b.test", b"MAIL FROM: <a@b.test>", b"MAIL TO:<a@b.test>",
-    b"MAIL", b"RSET", b"MAIL FROM:<u@b.test> SMTPUTF8", b"RCPT TO:<v@b.test>", b"DATA", b"two", b".",
+    b"MAIL", b"MAIL FROM:<", b"RSET", b"MAIL FROM:<u@b.test> SMTPUTF8", b"RCPT TO:<v@b.test>", b"DATA", b"two", b".",
     b"HELP MAIL", b"HELP RCPT", b"HELP DATA",
     # the command loop's own checks
     b"", b"NOOP", b"noop  x ", b"X" * 600, b"MAIL FROM:<" + b"m" * 600 + b"@b.test>", b"\xff\xfe", b"BOGUS x",
@@ -590,3 +591,52 @@ def test_a_client_that_reads_no_replies_still_gets_every_reply_in_order(monkeypa
         assert lines[-2 - 4 * (count - i):-2 - 4 * (count - i) + 4] == expected + [b"250 2.0.0 OK queued as %d" % (i + 1)]
     mails = [got.get(timeout=10) for _ in range(count)]
     assert [(m.rcpt_tos, m.data) for m in mails] == [((f"r{i}@x.test",), b"n %d\r\n" % i) for i in range(count)]
+
+
+def test_a_command_that_waits_is_finished_by_the_command_loop_in_order(monkeypatch):
+    # A command method that waits (a slow hook, a drain) cannot finish inside data_received:
+    # the command loop awaits the rest, and the commands after it wait their turn.
+    async def waiting_noop(self, arg) -> None:
+        await asyncio.sleep(0)  # a bare yield ...
+        answer = self.loop.create_future()  # ... then a future resolved two loop turns later
+        self.loop.call_soon(self.loop.call_soon, answer.set_result, f"250 waited for {arg}")
+        await self.push(await answer)
+
+    monkeypatch.setattr(smtp_sink._ClassTables, "_cache", {})  # the method tables are cached per class
+    monkeypatch.setattr(smtp_sink._SinkSMTP, "smtp_NOOP", waiting_noop)
+    got: "queue.Queue" = queue.Queue()
+    sink = SmtpSink(on_message=got.put).start()
+    client = _Client(sink.port)
+    try:
+        client.reply()
+        client.sock.sendall(b"EHLO x.test\r\n")
+        client.reply()
+        client.sock.sendall(b"NOOP one\r\nNOOP two\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n")
+        assert [client.reply() for _ in range(5)] == [
+            b"250 waited for one\r\n", b"250 waited for two\r\n", b"250 2.1.0 OK\r\n", b"250 2.1.5 OK\r\n",
+            b"354 End data with <CR><LF>.<CR><LF>\r\n"]
+        client.sock.sendall(b"x\r\n.\r\nNOOP three\r\n")
+        assert [client.reply() for _ in range(2)] == [b"250 2.0.0 OK queued as 1\r\n", b"250 waited for three\r\n"]
+        assert got.get(timeout=10).data == b"x\r\n"
+    finally:
+        client.close()
+        sink.stop()
+
+
+def test_nothing_after_quit_is_answered(caplog):
+    got: "queue.Queue" = queue.Queue()
+    sink = SmtpSink(on_message=got.put).start()
+    client = _Client(sink.port)
+    try:
+        client.reply()
+        client.sock.sendall(b"EHLO x.test\r\n")
+        client.reply()
+        with caplog.at_level(logging.ERROR):
+            client.sock.sendall(b"QUIT\r\nNOOP\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\nx\r\n.\r\n")
+            assert client.file.read() == b"221 Bye\r\n"  # then the close
+            sink.stop()  # the loop's own errors (a failed data_received) are logged by then
+    finally:
+        client.close()
+        sink.stop()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert got.empty() and sink.captured_count == 0
