@@ -33,10 +33,12 @@ Speed (issue 12, docs/performance.md "Capture"): the connection setup reuses per
 tables instead of aiosmtpd's dir()/getmembers() per connection, plain ``<local@domain>``
 addresses skip the email package's parser, EHLO goes out in one write, no fault coroutine runs
 while no rule is installed, and commands do not churn the idle timer. Per command (four per
-message on a reused connection): the command loop builds its log lines only when mail.log emits
-them, MAIL and RCPT with a plain address and no parameters skip aiosmtpd's check coroutines, and
-a reply is not followed by a drain() unless writing is paused. Each is tested to give aiosmtpd's
-own replies and mail (tests/test_sink_fastpath.py).
+message on a reused connection): while the command loop has nothing buffered, the connection
+answers the common commands from the bytes it receives, without waking the loop (see
+"answering from the received bytes" below); the loop builds its log lines only when mail.log
+emits them, MAIL and RCPT with a plain address and no parameters skip aiosmtpd's check
+coroutines, and a reply is not followed by a drain() unless writing is paused. Each is tested to
+give aiosmtpd's own replies and mail (tests/test_sink_fastpath.py, tests/test_data_scanner.py).
 
 aiosmtpd logs each unrecognised command at WARNING on ``mail.log``; a :class:`RepeatedWarningFilter`
 on that logger lets the first few of each kind through per minute and counts the rest.
@@ -668,11 +670,12 @@ class _SinkSMTP(SMTP):
         await self.push(self._rcpt_status(address, status))
 
     # -- answering from the received bytes -----------------------------------------------------
-    # While the command loop has nothing buffered it parks, and data_received answers MAIL, RCPT
-    # and DATA (its message included) itself: the same checks and replies as the loop and the
-    # methods above, without waking a coroutine per command. The first line it does not answer,
-    # and everything after it, goes to the loop. It answers only when no fault rule is installed
-    # (the handler's hooks then never wait) and writing is not paused.
+    # While the command loop has nothing buffered it parks, and data_received answers the common
+    # commands itself: the loop's checks, then the command's own method run to its end at once
+    # (EHLO, HELO, MAIL, RCPT, RSET, NOOP, QUIT), or DATA with its message read by DataScanner;
+    # no task wakes per command. The first line it does not answer, and everything after it, goes
+    # to the loop, and so does whatever a method left waiting (_resume). It answers only while no
+    # fault rule is installed (the handler's hooks then never wait) and writing is not paused.
 
     def _answer(self, data: bytes) -> Optional[bytes]:
         """Answer what ``data`` holds; None when all of it was answered, else the bytes from the
