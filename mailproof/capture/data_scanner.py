@@ -34,6 +34,7 @@ class DataScanner:
         self._skip = 2  # the virtual CRLF is not content
         self._size = 0  # message bytes as sent, stuffed dots included, CRLF "." CRLF not
         self._line_len = 0  # length of the current (unfinished) line, for max_line (lines split at LF)
+        self._cr = False  # the last byte measured was a CR (the next one may be its LF)
         self._fresh = True
         self.too_much = False
         self.too_long = False
@@ -77,20 +78,24 @@ class DataScanner:
         return None
 
     def _measure(self, part: bytes) -> None:
-        """Follow line lengths across chunks (lines split at LF, a CR before it not counted)."""
+        """Follow line lengths across chunks: lines end at LF, and a CR right before it is not
+        counted (a line ended by a bare LF is measured whole)."""
         max_line = self.max_line
-        if max_line is None or self.too_long:
+        if max_line is None or self.too_long or not part:
             return
         first = part.find(b"\n")
         if first < 0:
             self._line_len += len(part)
         else:
-            if self._line_len + first - 1 > max_line:
+            cr = part[first - 1] == 13 if first else self._cr  # 13: CR, maybe the previous chunk's last byte
+            if self._line_len + first - cr > max_line:
                 self.too_long = True
-            elif len(part) > max_line and max(map(len, part.split(b"\n")[1:-1]), default=0) - 1 > max_line:
+            elif len(part) > max_line and any(len(line) - line.endswith(b"\r") > max_line
+                                               for line in part.split(b"\n")[1:-1]):
                 self.too_long = True  # a line inside the chunk (none can be longer than the chunk)
             self._line_len = len(part) - part.rfind(b"\n") - 1
-        if self._line_len - 1 > max_line:
+        self._cr = part[-1] == 13
+        if self._line_len - self._cr > max_line:  # the line so far, a CR at its end not counted
             self.too_long = True
 
     def _whole(self, chunk: bytes) -> bool:
