@@ -724,7 +724,8 @@ class _SinkSMTP(SMTP):
             sanitized_log(_mail_log.info, "%r >> %r", self.session.peer, stripped)
         self._reset_timeout()
         if command != "DATA":
-            self._run_now(self._smtp_methods[command](arg))
+            if not (command in ("MAIL", "RCPT") and self._answer_plain(command, arg)):
+                self._run_now(self._smtp_methods[command](arg))
             return True
         sink = self._sink
         self._scanner = DataScanner(self.data_size_limit, sink.max_line_length, sink.spool_threshold)
@@ -733,6 +734,25 @@ class _SinkSMTP(SMTP):
         # Its drain, were writing paused now, waits for the reply that ends the message: the
         # bytes after the 354 are the message's, which the loop must not read as commands.
         self._write_reply("354 End data with <CR><LF>.<CR><LF>")
+        return True
+
+    def _answer_plain(self, command: str, arg: Optional[str]) -> bool:
+        """MAIL or RCPT with a plain address and no parameters (most of all commands), answered
+        with smtp_MAIL's or smtp_RCPT's steps but none of their coroutines; False otherwise."""
+        try:
+            address = self._plain_sender(arg) if command == "MAIL" else self._plain_recipient(arg)
+        except Exception:  # aiosmtpd's parser raised: its method answers it (500), not this
+            return False
+        if address is None:
+            return False
+        handler, envelope = self.event_handler, self.envelope
+        if command == "MAIL":
+            envelope.smtp_utf8 = False
+            reply = self._mail_status(address, handler.accept_mail(envelope, address, []))
+        else:
+            reply = self._rcpt_status(address, handler.accept_rcpt(envelope, address, []))
+        if self._write_reply(reply):
+            self._resume = self._writer.drain()
         return True
 
     def _run_now(self, command) -> None:
