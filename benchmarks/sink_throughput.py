@@ -7,6 +7,8 @@ Servers, each in its own process:
   (a) ``smtp-sink``: Postfix's C sink, the baseline every ratio is taken against (issue 12's goal:
       the sink service at 0.5 times it or better in every mode and size);
   (b) bare aiosmtpd: an SMTP server whose DATA handler only appends the bytes to a list;
+  (b') ``--floor``: a bare asyncio Protocol with fixed replies and no SMTP library (uvloop when
+      installed), what a Python server's reads and writes alone cost on this machine;
   (c) the sink service (``python -m mailproof.capture.service``), checked for zero loss via ``/stats``;
   (c') ``--variant 'LABEL=DIR [ARGS]'``: the sink service of another checkout (``git archive`` of an
       older commit into DIR) or with other arguments (``--loop asyncio``), for before/after figures
@@ -84,6 +86,51 @@ async def main():
     print(f"CAPTURED {len(handler.mails)}", flush=True)
 
 asyncio.run(main())
+'''
+
+# The floor for Python on this event loop: no SMTP library, fixed replies, the end of DATA found
+# by its last five bytes (smtp-source does not pipeline). Not a capture (it keeps nothing): what
+# a Python server's reads and writes cost here, beside aiosmtpd's object model.
+PYTHON_FLOOR = r'''
+import asyncio, signal
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+
+class Floor(asyncio.Protocol):
+    count = 0
+    def connection_made(self, transport):
+        self.transport, self.data, self.tail = transport, False, b""
+        transport.write(b"220 floor.bench ESMTP\r\n")
+    def data_received(self, chunk):
+        if self.data:
+            self.tail = (self.tail + chunk[-5:])[-5:]
+            if self.tail == b"\r\n.\r\n":
+                self.data, self.tail = False, b""
+                Floor.count += 1
+                self.transport.write(b"250 2.0.0 OK\r\n")
+            return
+        verb = chunk[:4].upper()
+        if verb == b"DATA":
+            self.data, self.tail = True, b"\r\n"
+            self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        elif verb == b"QUIT":
+            self.transport.write(b"221 Bye\r\n")
+            self.transport.close()
+        else:
+            self.transport.write(b"250 OK\r\n")
+
+async def main():
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Floor, "127.0.0.1", 0)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY smtp=127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+    await stop.wait()
+
+uvloop.run(main()) if uvloop else asyncio.run(main())
 '''
 
 STREAM_CONSUMER = r'''
@@ -201,6 +248,16 @@ class BareAiosmtpd(Server):
         return int(line.split()[1])
 
 
+class PythonFloor(Server):
+    name = "python floor (no SMTP library)"
+
+    def __init__(self, server_pin) -> None:
+        super().__init__(server_pin)
+        self.proc = subprocess.Popen(self.pin + [sys.executable, "-c", PYTHON_FLOOR],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.port = int(read_ready(self.proc, self.name).rsplit(":", 1)[1])
+
+
 class SinkServiceServer(Server):
     name = "sink service"
 
@@ -315,6 +372,9 @@ def main(argv=None) -> int:
                         help="head-to-head rounds against bare aiosmtpd per mode at the first size (default 5; 0 skips)")
     parser.add_argument("--h2h-window", type=float, default=6.0, help="seconds counted per head-to-head round")
     parser.add_argument("--no-postfix-sink", action="store_true", help="skip Postfix's smtp-sink")
+    parser.add_argument("--floor", action="store_true",
+                        help="also serve the Python floor: a bare asyncio Protocol (uvloop when installed) "
+                             "with fixed replies and no SMTP library, what reads and writes alone cost")
     parser.add_argument("--service-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the sink service (repeatable), e.g. --service-arg=--smtp-processes=2")
     parser.add_argument("--variant", action="append", default=[], metavar="'LABEL=DIR [ARG...]'",
@@ -348,6 +408,8 @@ def main(argv=None) -> int:
         if not args.no_bare:
             bare = BareAiosmtpd(server_pin)
             servers.append(bare)
+        if args.floor:
+            servers.append(PythonFloor(server_pin))
         for variant in args.variant:
             label, _, rest = variant.partition("=")
             words = shlex.split(rest)
