@@ -25,6 +25,7 @@ from mailproof import errors as smtp_sink_errors
 from mailproof.capture import smtp_sink
 from mailproof.capture.smtp_sink import SmtpSink
 from mailproof.faults import FaultPlan, Reply
+from tests.smtp_wire import WireClient, lost_connections  # noqa: F401  (a fixture)
 
 
 def _stuff(body: bytes) -> bytes:
@@ -64,25 +65,6 @@ def test_the_data_reader_is_byte_exact_for_any_body_and_any_chunk_boundaries(bod
     assert left == b"QUIT\r\n"  # the pipelined command after the dot goes back to the reader
 
 
-class _Client:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.file = self.sock.makefile("rb")
-
-    def reply(self) -> bytes:
-        lines = []
-        while True:
-            line = self.file.readline()
-            lines.append(line)
-            if not line or line[3:4] != b"-":
-                return b"".join(lines)
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 CORPUS = [
     b"Subject: dots\r\n\r\n.\r\n..\r\n...\r\n.x\r\n",
     b"Subject: end-like\r\n\r\nline\r\n.\r\nnot the end\r\n",  # a lone dot line in the body (stuffed)
@@ -98,7 +80,7 @@ CORPUS = [
 def test_a_corpus_of_tricky_data_goes_through_a_real_sink_byte_for_byte(split):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         assert client.reply().startswith(b"220")
         client.sock.sendall(b"EHLO corpus.test\r\n")
@@ -154,7 +136,7 @@ def test_the_cached_connection_setup_equals_aiosmtpds_own(credentials, monkeypat
 
 
 def _ehlo_reply(port: int) -> bytes:
-    client = _Client(port)
+    client = WireClient(port)
     try:
         client.reply()
         client.sock.sendall(b"EHLO x.test\r\n")
@@ -187,16 +169,16 @@ def test_a_fault_plan_filled_after_start_still_fires_at_every_stage():
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, faults=plan).start()
     try:
-        client = _Client(sink.port)
+        client = WireClient(sink.port)
         assert client.reply().startswith(b"220")  # no rules: the fast path
         client.close()
         plan.rule("connect", Reply("421 4.3.2 connect fault"))
-        client = _Client(sink.port)
+        client = WireClient(sink.port)
         assert client.reply().startswith(b"421 4.3.2 connect fault")
         client.close()
         plan.clear()
         plan.rule("rcpt", Reply("450 4.2.0 rcpt fault"))
-        client = _Client(sink.port)
+        client = WireClient(sink.port)
         client.reply()
         client.sock.sendall(b"EHLO x.test\r\nMAIL FROM:<a@x.test>\r\n")
         client.reply(), client.reply()
@@ -212,7 +194,7 @@ def test_the_idle_timeout_still_fires_between_commands():
     # Commands no longer re-arm the timer (it re-arms itself from the last byte): silence after
     # a command must still end the session with 421.
     sink = SmtpSink(timeout=0.3).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.reply()
         client.sock.sendall(b"EHLO x.test\r\n")
@@ -331,7 +313,7 @@ _SCRIPT = [
 def _run_script(credentials) -> tuple[list[bytes], list]:
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, credentials=credentials, auth_required=bool(credentials)).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     replies = [client.reply()]
     in_data = False
     script = list(_SCRIPT)
@@ -393,7 +375,7 @@ def test_pipelined_commands_split_at_every_byte_boundary_get_the_same_replies_an
     try:
         outcomes = set()
         for cut in range(0, len(_PIPELINED)):  # 0: all in one write
-            client = _Client(sink.port)
+            client = WireClient(sink.port)
             try:
                 client.reply()
                 client.sock.sendall(_PIPELINED[:cut])
@@ -422,15 +404,6 @@ def test_pipelined_commands_split_at_every_byte_boundary_get_the_same_replies_an
 # message included) itself. The script and the byte-boundary tests above run through it; these
 # cover what only it can meet: fault rules arriving mid-command, a client that reads no replies.
 
-def _envelope(client: _Client, rcpt: bytes = b"b@x.test") -> None:
-    assert client.reply().startswith(b"220")
-    client.sock.sendall(b"EHLO x.test\r\n")
-    assert client.reply().startswith(b"250")
-    for line, code in ((b"MAIL FROM:<a@x.test>", b"250"), (b"RCPT TO:<" + rcpt + b">", b"250"), (b"DATA", b"354")):
-        client.sock.sendall(line + b"\r\n")
-        assert client.reply().startswith(code)
-
-
 def test_plain_commands_are_answered_without_waking_the_command_loop(monkeypatch):
     lines_read = []  # the command loop reads a line only for what it answers itself
     readuntil = asyncio.StreamReader.readuntil
@@ -443,9 +416,9 @@ def test_plain_commands_are_answered_without_waking_the_command_loop(monkeypatch
     monkeypatch.setattr(asyncio.StreamReader, "readuntil", note_read)
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
-        _envelope(client)
+        client.envelope()
         client.sock.sendall(b"Subject: s\r\n\r\n..x\r\n.\r\n")
         assert client.reply() == b"250 2.0.0 OK queued as 1\r\n"
         for line, code in ((b"RSET", b"250"), (b"NOOP", b"250"), (b"HELO y.test", b"250"), (b"EHLO y.test", b"250"),
@@ -456,7 +429,7 @@ def test_plain_commands_are_answered_without_waking_the_command_loop(monkeypatch
         assert client.reply() == b""  # closed after QUIT
         assert got.get(timeout=10).data == b"Subject: s\r\n\r\n.x\r\n"
         client.close()
-        client = _Client(sink.port)  # what the loop still answers: AUTH, STARTTLS, unknown commands, ...
+        client = WireClient(sink.port)  # what the loop still answers: AUTH, STARTTLS, unknown commands, ...
         client.reply()
         client.sock.sendall(b"VRFY <a@x.test>\r\n")
         assert client.reply().startswith(b"252")
@@ -476,9 +449,9 @@ def test_an_after_data_rule_installed_by_on_message_applies_to_that_very_message
             plan.rule("after_data", Reply("451 4.3.0 after the first"))
 
     sink = SmtpSink(on_message=on_message, faults=plan).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
-        _envelope(client)
+        client.envelope()
         client.sock.sendall(b"Subject: one\r\n\r\n.\r\n")
         assert client.reply() == b"451 4.3.0 after the first\r\n"  # captured, then the rule's reply
         assert got.get(timeout=10).data == b"Subject: one\r\n\r\n"
@@ -498,9 +471,9 @@ def test_a_data_rule_installed_while_the_message_is_being_sent_refuses_it():
     plan = FaultPlan()
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, faults=plan).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
-        _envelope(client)  # answered from the received bytes: no rule yet
+        client.envelope()  # answered from the received bytes: no rule yet
         client.sock.sendall(b"Subject: half\r\n\r\n")
         plan.rule("data", Reply("554 5.7.1 refused mid-data"))
         client.sock.sendall(b"the rest\r\n.\r\n")
@@ -513,27 +486,19 @@ def test_a_data_rule_installed_while_the_message_is_being_sent_refuses_it():
         sink.stop()
 
 
-def test_a_client_cut_off_mid_message_leaves_nothing_and_the_next_one_is_captured(monkeypatch):
-    lost: "queue.Queue" = queue.Queue()
-    connection_lost = smtp_sink._SinkSMTP.connection_lost
-
-    def note_lost(self, error) -> None:
-        connection_lost(self, error)
-        lost.put(self)
-
-    monkeypatch.setattr(smtp_sink._SinkSMTP, "connection_lost", note_lost)
+def test_a_client_cut_off_mid_message_leaves_nothing_and_the_next_one_is_captured(lost_connections):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put).start()
     try:
-        client = _Client(sink.port)
-        _envelope(client, b"cut@x.test")
+        client = WireClient(sink.port)
+        client.envelope(b"cut@x.test")
         client.sock.sendall(b"Subject: cut\r\n\r\nhalf a mess")
         client.close()
-        proto = lost.get(timeout=10)
+        proto = lost_connections.get(timeout=10)
         # its DATA deadline (600 s by default) would otherwise keep the connection alive
         assert proto._scanner is None and proto._data_deadline is None
-        client = _Client(sink.port)
-        _envelope(client, b"whole@x.test")
+        client = WireClient(sink.port)
+        client.envelope(b"whole@x.test")
         client.sock.sendall(b"Subject: whole\r\n\r\n.\r\n")
         assert client.reply() == b"250 2.0.0 OK queued as 1\r\n"
         client.close()
@@ -574,7 +539,7 @@ def test_a_client_that_reads_no_replies_still_gets_every_reply_in_order(monkeypa
     count = 500
     session = b"EHLO x.test\r\n" + b"".join(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<r%d@x.test>\r\nDATA\r\nn %d\r\n.\r\n" % (i, i)
                                              for i in range(count)) + b"QUIT\r\n"
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
         client.sock.sendall(session)  # the sink reads it all while its replies wait in the transport
@@ -606,7 +571,7 @@ def test_a_command_that_waits_is_finished_by_the_command_loop_in_order(monkeypat
     monkeypatch.setattr(smtp_sink._SinkSMTP, "smtp_NOOP", waiting_noop)
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.reply()
         client.sock.sendall(b"EHLO x.test\r\n")
@@ -626,7 +591,7 @@ def test_a_command_that_waits_is_finished_by_the_command_loop_in_order(monkeypat
 def test_nothing_after_quit_is_answered(caplog):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.reply()
         client.sock.sendall(b"EHLO x.test\r\n")

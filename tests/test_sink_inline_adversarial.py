@@ -10,7 +10,7 @@ Two harnesses:
 - ``_Session`` drives one connection's protocol object in-process through a fake transport, one
   chunk at a time, and lets the event loop settle (the command loop parked or waiting for bytes)
   before the next chunk: every split point is exactly where the server sees it, with no sockets;
-- ``_Client`` is a real socket against a started sink, for timeouts, half-closes, stops and
+- ``WireClient`` (tests/smtp_wire.py) is a real socket against a started sink, for timeouts, half-closes, stops and
   fault rules installed from another thread.
 """
 
@@ -31,6 +31,7 @@ from mailproof.capture import smtp_sink
 from mailproof.capture.data_scanner import DataScanner
 from mailproof.capture.smtp_sink import SmtpSink
 from mailproof.faults import Delay, Disconnect, FaultPlan, Reply
+from tests.smtp_wire import WireClient, lost_connections  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
 
@@ -290,7 +291,7 @@ def test_mail_from_an_unclosed_angle_bracket_over_a_socket_is_answered_not_dropp
     # Pipelined behind EHLO in one packet the loop reads it and answers 500; alone, while the loop
     # is parked, it reaches the inline path: the reply depends on how the packets fell.
     sink = SmtpSink().start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         assert client.reply().startswith(b"220")
         client.sock.sendall(b"EHLO x.test\r\n")
@@ -447,34 +448,6 @@ def test_a_client_gone_right_after_the_dot_leaves_no_unawaited_finish_when_a_rul
 
 # -- real sockets ----------------------------------------------------------------------------------
 
-class _Client:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.file = self.sock.makefile("rb")
-
-    def reply(self) -> bytes:
-        lines = []
-        while True:
-            line = self.file.readline()
-            lines.append(line)
-            if not line or line[3:4] != b"-":
-                return b"".join(lines)
-
-    def envelope(self, rcpt: bytes = b"c@d.test") -> None:
-        """Greeting, EHLO, then MAIL, RCPT and DATA each in a packet of its own (answered inline)."""
-        assert self.reply().startswith(b"220")
-        self.sock.sendall(b"EHLO x.test\r\n")
-        assert self.reply().endswith(b"250 HELP\r\n")
-        for line, code in ((b"MAIL FROM:<a@b.test>", b"250"), (b"RCPT TO:<" + rcpt + b">", b"250"), (b"DATA", b"354")):
-            self.sock.sendall(line + b"\r\n")
-            assert self.reply().startswith(code)
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def inline_only(monkeypatch):
     """The sink's own DATA fails if it runs: the message is read from the received bytes (MAIL
@@ -482,20 +455,6 @@ def inline_only(monkeypatch):
     monkeypatch.setattr(smtp_sink._ClassTables, "_cache", {})
     for name in ("smtp_DATA",):
         monkeypatch.setattr(smtp_sink._SinkSMTP, name, lambda self, arg, name=name: pytest.fail(f"{name} ran"))
-
-
-@pytest.fixture
-def lost(monkeypatch):
-    """A queue of each connection's protocol object once its connection_lost has run."""
-    lost: "queue.Queue" = queue.Queue()
-    connection_lost = smtp_sink._SinkSMTP.connection_lost
-
-    def note(self, error) -> None:
-        connection_lost(self, error)
-        lost.put(self)
-
-    monkeypatch.setattr(smtp_sink._SinkSMTP, "connection_lost", note)
-    return lost
 
 
 @pytest.fixture
@@ -516,17 +475,17 @@ def scanners(monkeypatch):
                                           ({"timeout": 0.2, "data_timeout": None}, b"timeout exceeded"),
                                           ({"session_timeout": 0.5, "data_timeout": None}, b"session took too long")])
 def test_a_deadline_firing_mid_message_read_inline_closes_and_releases_everything(
-        options, why, inline_only, lost, scanners):
+        options, why, inline_only, lost_connections, scanners):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, spool_threshold=64, **options).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.envelope()
         client.sock.sendall(b"Subject: slow\r\n\r\n" + b"y" * 200)  # past the spool threshold: a file
         reply = client.reply()  # the sink's 421, then its close
         assert reply.startswith(b"421 4.4.2 mailproof.sink Error: ") and why in reply
         assert client.reply() == b""
-        proto = lost.get(timeout=10)
+        proto = lost_connections.get(timeout=10)
         assert proto._scanner is None and proto._data_deadline is None
         assert scanners and all(s._out is None for s in scanners)
         assert got.empty() and sink.captured_count == 0
@@ -535,17 +494,17 @@ def test_a_deadline_firing_mid_message_read_inline_closes_and_releases_everythin
         sink.stop()
 
 
-def test_stop_mid_message_read_inline_closes_the_client_and_keeps_nothing(inline_only, lost, scanners):
+def test_stop_mid_message_read_inline_closes_the_client_and_keeps_nothing(inline_only, lost_connections, scanners):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, spool_threshold=64).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.envelope()
         client.sock.sendall(b"Subject: cut\r\n\r\n" + b"z" * 500)
         client.sock.sendall(b"NOOP\r\n")  # part of the message: no reply, but the sink has read the part before
         sink.stop()
         assert client.reply() == b""
-        proto = lost.get(timeout=10)
+        proto = lost_connections.get(timeout=10)
         assert proto._scanner is None and proto._data_deadline is None
         assert all(s._out is None for s in scanners)
         assert got.empty() and sink.captured_count == 0
@@ -591,7 +550,7 @@ def test_stop_async_mid_message_read_inline_closes_the_client_and_keeps_nothing(
 def test_a_client_half_closing_right_after_the_final_dot_gets_its_reply_and_its_mail_kept(after, inline_only):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.envelope()
         client.sock.sendall(b"Subject: last\r\n\r\nbye\r\n.\r\n" + after)
@@ -610,7 +569,7 @@ def test_a_client_half_closing_right_after_the_final_dot_gets_its_reply_and_its_
 def test_a_message_of_several_megabytes_in_one_sendall_is_kept_byte_for_byte(spool_threshold, inline_only, scanners):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, spool_threshold=spool_threshold).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     body = b"Subject: big\r\n\r\n" + b"".join(b"%07d ..dots. and text to fill the line\r\n" % i for i in range(120_000))
     stuffed = body.replace(b"\r\n.", b"\r\n..")
     try:
@@ -637,7 +596,7 @@ def test_limits_exactly_at_the_message_accept_it_and_one_byte_less_refuses_it(li
     for limit, reply in ((exact, b"250 2.0.0 OK queued as 1\r\n"), (exact - 1, refused)):
         sink = SmtpSink(on_message=got.put, **{limit_name: limit}).start()
         for split in (None, len(body) - 3):  # the message in one packet (whole) or in two (scanned)
-            client = _Client(sink.port)
+            client = WireClient(sink.port)
             try:
                 client.envelope()
                 wire = body + b".\r\n"
@@ -675,7 +634,7 @@ def test_after_starttls_the_command_loop_answers_everything_and_the_mail_says_tl
     monkeypatch.setattr(smtp_sink._SinkSMTP, "_answer_line", note)
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, tls_context=server_ctx).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.envelope()  # in clear, inline
         client.sock.sendall(b"clear\r\n.\r\n")
@@ -733,7 +692,7 @@ def test_fault_rules_toggled_from_another_thread_never_misattribute_or_lose_a_me
 
     toggler = threading.Thread(target=toggle, daemon=True)
     toggler.start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     queued = {}
     try:
         assert client.reply().startswith(b"220")
@@ -778,7 +737,7 @@ def test_a_delay_rule_installed_mid_message_delays_it_and_the_pipelined_next_one
     plan = FaultPlan()
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, faults=plan).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.envelope()  # inline: no rule yet
         client.sock.sendall(b"Subject: one\r\n")
@@ -813,7 +772,7 @@ def answered(monkeypatch):
 def test_helo_ehlo_rset_and_noop_between_transactions_keep_each_mail_its_own(answered):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, credentials={"u": "p"}).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     script = [
         (b"EHLO one.test", b"250"), (b"MAIL FROM:<a@b.test>", b"250"), (b"RCPT TO:<x@d.test>", b"250"),
         (b"EHLO two.test", b"250"), (b"RCPT TO:<y@d.test>", b"503"),  # EHLO resets the envelope
@@ -850,7 +809,7 @@ def test_data_size_limit_counts_stuffed_dots_as_sent(inline_only):
     replies = []
     for limit in (len(sent), len(sent) - 1):
         sink = SmtpSink(on_message=got.put, data_size_limit=limit).start()
-        client = _Client(sink.port)
+        client = WireClient(sink.port)
         try:
             client.envelope()
             client.sock.sendall(sent + b".\r\n")
@@ -869,7 +828,7 @@ def test_a_line_ended_by_a_bare_lf_one_byte_over_max_line_length_is_refused(spli
     wire = b"0123456789\nmore\r\n.\r\n"
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, max_line_length=9).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         client.envelope()
         for part in ((wire,) if split is None else (wire[:split], wire[split:])):
@@ -887,7 +846,7 @@ _VERBS = {b"EHLO", b"HELO", b"RSET", b"NOOP", b"HELP", b"VRFY", b"MAIL", b"RCPT"
 def _over_a_socket(sink: SmtpSink, chunks: list[bytes]) -> tuple[bytes, list]:
     got: "queue.Queue" = queue.Queue()
     sink.on_message = got.put
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     try:
         for chunk in chunks:  # separate writes, no waiting: the kernel splits or joins them as it likes
             client.sock.sendall(chunk)
@@ -930,7 +889,7 @@ def test_generated_sessions_over_real_sockets_answer_like_aiosmtpds_own_loop(ses
 def test_mail_rcpt_and_data_each_in_a_packet_of_its_own_are_refused_before_ehlo_and_before_auth(credentials, answered):
     got: "queue.Queue" = queue.Queue()
     sink = SmtpSink(on_message=got.put, credentials=credentials, auth_required=bool(credentials)).start()
-    client = _Client(sink.port)
+    client = WireClient(sink.port)
     refusals = [b"503 Error: send HELO first\r\n"] * 3
     try:
         assert client.reply().startswith(b"220")
