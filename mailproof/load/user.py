@@ -31,14 +31,11 @@ Import this only in a locustfile (importing Locust monkey-patches the process). 
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from typing import Any, Callable, Iterable, Optional, Union
-from urllib.parse import urlsplit
 
 import gevent
 import requests
-from requests.utils import get_encoding_from_headers
 from locust import FastHttpUser, HttpUser, between, events
 
 from mailproof import checks as _checks
@@ -50,11 +47,11 @@ from mailproof.load.ledger import Claim, arrival_key
 from mailproof.load.listeners import install
 from mailproof.load.rehearsal import Rehearsal
 from mailproof.load.results import HttpReply
+from mailproof.load.routes import header_encoding, route
 from mailproof.mailbox import Mailbox
 from mailproof.message import Message
 
 install(events)
-_ID_SEGMENT = re.compile(r"(@|%40|\d)")
 REPLY_BODY_CHARS = 300
 IDLE_SECONDS = 3600.0  # a user's wait once the shape's schedule is spent (ended by the end of the run)
 DEFAULT_STEP = "mail"  # the MAIL row of a wait outside any flow.step
@@ -86,7 +83,7 @@ class LocustReporter:
             body = _reply_body(response)
         except Exception:  # undecodable body: the status is what matters
             body = ""
-        self.replies[trigger] = HttpReply(method=method, path=_route(url), status=int(status), body=body)
+        self.replies[trigger] = HttpReply(method=method, path=route(url), status=int(status), body=body)
 
     def mail(self, event: str, msg: Optional[Message], criteria: Criteria,
              error: Optional[Exception], step: str) -> None:
@@ -110,7 +107,8 @@ def _reply_body(response: Any) -> str:
     for every triggering request. Without a charset the headers name, ``text``'s own detection."""
     content = getattr(response, "content", None)
     if isinstance(content, bytes):
-        encoding = getattr(response, "encoding", None) or get_encoding_from_headers(response.headers or {})
+        headers = response.headers or {}
+        encoding = getattr(response, "encoding", None) or header_encoding(headers.get("content-type"))
         if encoding:
             try:
                 return content[: REPLY_BODY_CHARS * 4].decode(encoding, "replace")[:REPLY_BODY_CHARS]
@@ -166,7 +164,7 @@ class _NamedClient:
         def call(*args: Any, expect: Expect = None, **kwargs: Any) -> Any:
             allowed = _expected_statuses(expect)
             url = args[1] if name == "request" and len(args) > 1 else (args[0] if args else kwargs.get("url", ""))
-            kwargs.setdefault("name", _route(str(url)))
+            kwargs.setdefault("name", route(str(url)))
             kwargs["catch_response"] = True
             with attr(*args, **kwargs) as response:
                 status = response.status_code or 0
@@ -183,11 +181,6 @@ class _NamedClient:
             return response
 
         return call
-
-
-def _route(url: str) -> str:
-    path = urlsplit(url).path or "/"
-    return "/".join("{id}" if _ID_SEGMENT.search(seg) else seg for seg in path.split("/"))
 
 
 class _FlowRunner:
