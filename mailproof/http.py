@@ -10,7 +10,8 @@ is measured from the request that caused it: docs/architecture.md, decision 3); 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Mapping  # not typing's: its isinstance goes through typing's __instancecheck__
+from typing import Any, Callable, Optional
 from urllib.parse import unquote, unquote_plus, urljoin
 
 import requests
