@@ -1,7 +1,7 @@
 """The load generator's CPU per flow and per accounted email, against plain Locust users issuing
 the same HTTP requests with no mail accounting (issue 12, goal 2: at most 1.5 times).
 
-    flock /tmp/mailproof-bench.lock .venv/bin/python benchmarks/loadgen_cost.py [--rate 20] [--duration 20] [--rounds 2]
+    flock /tmp/mailproof-bench.lock .venv/bin/python benchmarks/loadgen_cost.py [--rate 20] [--duration 20] [--rounds 2] [--calls]
 
 One sink service and one demo app (loadtests.demo: the app and its validation fake) are started
 for the whole run, pinned to CPU 0; then, round after round, one Locust process per variant
@@ -18,6 +18,11 @@ for the whole run, pinned to CPU 0; then, round after round, one Locust process 
 - ``receive`` (only when asked for, ``--variants``): ``plain-fast`` with a Rehearsal beside it
   and its run's addresses, so that every email comes back on the stream into the MailStore and
   the ledger, but no flow waits for it or reads it: the receiving side of the accounting alone.
+
+``--calls`` counts instead every Python and C function call the Locust process makes between
+test start and stop (a ``sys.setprofile`` hook), per flow: a deterministic measure of the same
+work, for changes too small for CPU time on a busy machine (the counting slows the process, so
+the CPU figures of such a run are not the cost; it prints the counts only).
 
 CPU is the Locust process's own (``/proc/self/stat`` utime + stime, all its threads), read when
 the test starts and when it stops (for the flow variants, after the ledger settled); the ledger's
@@ -159,13 +164,23 @@ if os.environ.get("LOADGEN_VARIANT") and __name__ != "__main__":
         if request_type == "FLOW":  # a flow run ended (FlowUser's own event)
             _completed()
 
+    CALLS = [0]
+
+    def _count_call(frame, event, arg) -> None:
+        if event == "call" or event == "c_call":
+            CALLS[0] += 1
+
     @events.test_start.add_listener
     def _start(environment, **_kw) -> None:
         MARKS.setdefault("cpu_start", _cpu_seconds())
+        if os.environ.get("LOADGEN_CALLS"):  # one OS thread: the users and the stream are greenlets
+            sys.setprofile(_count_call)
 
     @events.test_stop.add_listener  # after mailproof's own (the ledger has settled)
     def _stop(environment, **_kw) -> None:
+        sys.setprofile(None)
         MARKS["cpu_stop"] = _cpu_seconds()
+        MARKS["calls"] = CALLS[0]
         MARKS.update(_flow_counts(environment))
 
     @events.quitting.add_listener  # after mailproof's own (results.json is written)
@@ -189,7 +204,7 @@ def _run_variant(variant: str, args, app_url: str, sink_url: str, work: Path, ro
     results = work / f"{variant}-{round_no}-results.json"
     shape = ShapeConfig("constant", args.rate, args.duration, 1, args.users)
     env = {**os.environ, "LOADGEN_VARIANT": variant, "LOADGEN_OUT": str(out), "MAILPROOF_SHAPE": shape.encode(),
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), "LOADGEN_CALLS": "1" if args.calls else ""}
     command = [sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve()), "--headless", "--host", app_url,
                "--only-summary", "--stop-timeout", "30", "--loglevel", os.environ.get("LOADGEN_LOGLEVEL", "WARNING"), "--exit-code-on-error", "0"]
     if variant in RECEIVES:
@@ -238,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=100, help="the concurrency cap (default 100)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every variant, interleaved (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants, in order")
+    parser.add_argument("--calls", action="store_true",
+                        help="count the Python calls (Python and C functions) per flow instead: deterministic, "
+                             "where CPU time is noisy; the counting slows the process, so its CPU figures are not the cost")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     if "plain" not in variants or any(v not in VARIANTS + EXTRA_VARIANTS for v in variants):
@@ -291,6 +309,16 @@ def main(argv: list[str] | None = None) -> int:
         steady_ms = statistics.median(steady(r[variant]) for r in rounds)
         after_ms = statistics.median(r[variant]["after_cpu"] / r[variant]["flows"] * 1000 for r in rounds)
         print(f"{variant:>10} {flow_ms:8.2f} {email_ms:9.2f} {steady_ms:15.2f} {after_ms:14.2f}")
+    if args.calls:
+        print("Python calls per flow (median over rounds), and the flow variants' own part:")
+        calls = {v: statistics.median(r[v]["calls"] / r[v]["flows"] for r in rounds) for v in variants}
+        for variant in variants:
+            print(f"{variant:>10} {calls[variant]:8.0f}")
+        for variant, base in (("flow", "plain"), ("fast-flow", "plain-fast"), ("receive", "plain-fast")):
+            if variant in variants and base in variants:
+                print(f"{variant} - {base}: {calls[variant] - calls[base]:.0f} calls per flow "
+                      f"({calls[variant] / calls[base]:.2f} times)")
+        return 0
     for variant, base in (("flow", "plain"), ("fast-flow", "plain"), ("fast-flow", "plain-fast"),
                           ("receive", "plain-fast")):
         if variant in variants and base in variants:
