@@ -31,11 +31,15 @@ class WireClient:
             if not line or line[3:4] != b"-":
                 return b"".join(lines)
 
-    def envelope(self, rcpt: bytes = b"c@d.test") -> None:
-        """Greeting, EHLO, then MAIL, RCPT and DATA each in a packet of its own (answered inline)."""
+    def greet(self) -> bytes:
+        """Read the greeting, send EHLO; its reply."""
         assert self.reply().startswith(b"220")
         self.sock.sendall(b"EHLO x.test\r\n")
-        assert self.reply().endswith(b"250 HELP\r\n")
+        return self.reply()
+
+    def envelope(self, rcpt: bytes = b"c@d.test") -> None:
+        """Greeting, EHLO, then MAIL, RCPT and DATA each in a packet of its own (answered inline)."""
+        assert self.greet().endswith(b"250 HELP\r\n")
         for line, code in ((b"MAIL FROM:<a@b.test>", b"250"), (b"RCPT TO:<" + rcpt + b">", b"250"), (b"DATA", b"354")):
             self.sock.sendall(line + b"\r\n")
             assert self.reply().startswith(code)

@@ -196,9 +196,7 @@ def test_the_idle_timeout_still_fires_between_commands():
     sink = SmtpSink(timeout=0.3).start()
     client = WireClient(sink.port)
     try:
-        client.reply()
-        client.sock.sendall(b"EHLO x.test\r\n")
-        client.reply()
+        client.greet()
         started = time.monotonic()
         reply = client.reply()  # the sink's 421, then its close
         assert reply.startswith(b"421 4.4.2") and b"timeout" in reply
@@ -573,9 +571,7 @@ def test_a_command_that_waits_is_finished_by_the_command_loop_in_order(monkeypat
     sink = SmtpSink(on_message=got.put).start()
     client = WireClient(sink.port)
     try:
-        client.reply()
-        client.sock.sendall(b"EHLO x.test\r\n")
-        client.reply()
+        client.greet()
         client.sock.sendall(b"NOOP one\r\nNOOP two\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n")
         assert [client.reply() for _ in range(5)] == [
             b"250 waited for one\r\n", b"250 waited for two\r\n", b"250 2.1.0 OK\r\n", b"250 2.1.5 OK\r\n",
@@ -593,9 +589,7 @@ def test_nothing_after_quit_is_answered(caplog):
     sink = SmtpSink(on_message=got.put).start()
     client = WireClient(sink.port)
     try:
-        client.reply()
-        client.sock.sendall(b"EHLO x.test\r\n")
-        client.reply()
+        client.greet()
         with caplog.at_level(logging.ERROR):
             client.sock.sendall(b"QUIT\r\nNOOP\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\nx\r\n.\r\n")
             assert client.file.read() == b"221 Bye\r\n"  # then the close

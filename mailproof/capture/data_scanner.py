@@ -100,7 +100,7 @@ class DataScanner:
 
     def _whole(self, chunk: bytes) -> bool:
         """The common case, a whole message in one chunk with no dot at a line's start but the
-        final one: its content is the chunk without the dot line, nothing to scan or copy."""
+        final one: its content is the chunk without the dot line (one slice; no scan, no spool file)."""
         end = len(chunk) - 5
         if end < 0 or chunk[:1] == b"." or chunk.find(b"\r\n.") != end or chunk[end + 3:] != b"\r\n":
             return False

@@ -751,9 +751,13 @@ class _SinkSMTP(SMTP):
             reply = self._mail_status(address, handler.accept_mail(envelope, address, []))
         else:
             reply = self._rcpt_status(address, handler.accept_rcpt(envelope, address, []))
+        self._reply_now(reply)
+        return True
+
+    def _reply_now(self, reply: str) -> None:
+        """Write a reply from the received bytes; the loop waits for the drain when one is due."""
         if self._write_reply(reply):
             self._resume = self._writer.drain()
-        return True
 
     def _run_now(self, command) -> None:
         """Run a command method's coroutine to its end now: with no fault rule and writing not
@@ -788,8 +792,7 @@ class _SinkSMTP(SMTP):
                 return False
             self._set_post_data_state()
             reply = self.event_handler.queued(captured)
-        if self._write_reply(reply):
-            self._resume = self._writer.drain()
+        self._reply_now(reply)
         return True
 
     def _end_inline_data(self) -> None:
