@@ -11,7 +11,8 @@ demo app, its fakes and a sink service, one Locust process) and reads its result
 flow's delivery p99 is under ``--p99`` (1 s), and the offered load was held: under a shape no
 arrival hit the concurrency cap or never started; under Locust's own -u/-r/-t (an older checkout's
 closed model) at least 95 % of ``rate x duration`` flows started. A variant's ladder stops at its
-first rate not sustained.
+first rate not sustained; then ``--refine`` bisection runs between its highest sustained rate and
+the next (multiples of ``--resolution``) narrow the limit down.
 
 ``--variant 'LABEL=DIR [ARGS]'`` runs another checkout (``git archive COMMIT | tar -x -C DIR``)
 beside this one, rate by rate, in alternating order so that drift hits both alike; ARGS replace
@@ -175,7 +176,20 @@ class Variant:
 
     def best(self) -> Optional[Outcome]:
         held = [o for o in self.outcomes if o.sustained]
-        return held[-1] if held else None
+        return max(held, key=lambda o: o.rate) if held else None
+
+    def bracket(self) -> Optional[tuple[float, float]]:
+        """The highest sustained rate and the lowest rate above it that was not, if both exist."""
+        best = self.best()
+        above = [o.rate for o in self.outcomes if not o.sustained and best is not None and o.rate > best.rate]
+        return (best.rate, min(above)) if above else None
+
+
+def midpoint(low: float, high: float, resolution: float) -> Optional[float]:
+    """The rate halfway between ``low`` (sustained) and ``high`` (not), in whole multiples of
+    ``resolution``; None when no such rate lies strictly between them."""
+    mid = round((low + high) / 2 / resolution) * resolution
+    return mid if low < mid < high else None
 
 
 def run_once(variant: Variant, rate: float, args, work: Path) -> Outcome:
@@ -221,6 +235,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sample", type=float, default=0.25, help="seconds between CPU samples (default 0.25)")
     parser.add_argument("--variant", action="append", default=[], metavar="'LABEL=DIR [ARGS]'",
                         help="another checkout, run beside this one; ARGS: its load arguments ({rate}, {duration})")
+    parser.add_argument("--refine", type=int, default=1,
+                        help="bisection runs after the ladder, between the highest sustained rate and the next (default 1)")
+    parser.add_argument("--resolution", type=float, default=5.0, help="the rates bisection tries are multiples of this (default 5)")
     parser.add_argument("--no-current", action="store_true", help="run only the --variant checkouts")
     args = parser.parse_args(argv)
     try:
@@ -253,6 +270,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             outcome = run_once(variant, rate, args, work)
             variant.outcomes.append(outcome)
             variant.stopped = not outcome.sustained
+            print(f"{rate:6g}/s  {variant.label:<16} {_describe(outcome)}", flush=True)
+
+    for _ in range(args.refine):  # bisect between each variant's highest sustained rate and the next
+        pending = [(v, midpoint(*v.bracket(), args.resolution)) for v in variants if v.bracket()]
+        pending = [(v, rate) for v, rate in pending if rate is not None]
+        if not pending:
+            break
+        for variant, rate in pending:
+            outcome = run_once(variant, rate, args, work)
+            variant.outcomes.append(outcome)
             print(f"{rate:6g}/s  {variant.label:<16} {_describe(outcome)}", flush=True)
 
     print("\nhighest sustained rate, and where the CPU went at it (CPU ms per flow):")

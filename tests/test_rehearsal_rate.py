@@ -83,3 +83,24 @@ def test_a_closed_model_run_is_held_only_when_95_percent_of_its_flows_started():
 ])
 def test_processes_are_counted_by_role(cmdline, role):
     assert rehearsal_rate.role_of(cmdline) == role
+
+
+@pytest.mark.parametrize("low, high, resolution, expected", [
+    (80, 100, 5, 90),
+    (80, 90, 5, 85),
+    (80, 85, 5, None),  # nothing strictly between: the limit is known to the resolution
+    (40, 60, 1, 50),
+])
+def test_bisection_tries_a_rate_strictly_between(low, high, resolution, expected):
+    assert rehearsal_rate.midpoint(low, high, resolution) == expected
+
+
+def test_the_best_rate_is_the_highest_sustained_and_the_bracket_the_next_failure_above_it():
+    variant = rehearsal_rate.Variant("v", Path("."), rehearsal_rate.DEFAULT_LOAD)
+    clean, failing = _results(), _results(**{"latency.receipt.p99": 1.5})
+    for rate, data in ((40, clean), (80, clean), (100, failing), (90, clean), (120, failing)):
+        variant.outcomes.append(rehearsal_rate.judge(data, rate=rate, duration=20, p99_limit=1.0))
+    assert variant.best().rate == 90
+    assert variant.bracket() == (90, 100)
+    variant.outcomes.append(rehearsal_rate.judge(failing, rate=30, duration=20, p99_limit=1.0))
+    assert variant.bracket() == (90, 100), "a failure below the best is noise, not the limit"
