@@ -13,6 +13,11 @@ Import this only in a locustfile (importing Locust monkey-patches the process). 
 - ``flow.http`` is the Locust user's client, so the app's requests show in Locust's statistics,
   one row per route (ids templated). An answer of 400 or above is a failure there unless the flow
   says it expects it: ``flow.http.post("/reset", json=..., expect=400)`` (or ``expect=(400, 422)``).
+- Each flow run starts on a fresh session, as each pytest test gets a new ``AppSession``: the
+  cookies an earlier run of the same Locust user collected (a login, a cart) are dropped, and on
+  the requests client so are the session headers, auth and params a run set; open connections
+  stay (keep-alive carries no application state). Without this a flow would run logged in as an
+  earlier run's user, and its verdict would not be the one it gets under pytest.
 - Every awaited email is a Locust request event (``request_type="MAIL"``, name
   ``"<flow>: <step>"``, response time = delivery latency from the trigger, ``Message.latency``);
   a missing or late email is a failure, not a crash.
@@ -218,8 +223,13 @@ class _FlowRunner:
         """This process's share of the load shape's arrivals; None without a shape (closed model)."""
         return self.rehearsal.arrival_plan(max(getattr(self.environment.runner, "worker_index", 0), 0))
 
+    def fresh_session(self) -> None:
+        """Drop what earlier flow runs left in the client's session (see the module docstring)."""
+        raise NotImplementedError
+
     def run_flow(self, fn: Callable) -> None:
         info = flow_info(fn)
+        self.fresh_session()
         rehearsal = self.rehearsal
         mailbox = rehearsal.mailbox(self.within or 10.0)
         reporter = LocustReporter(self.environment, rehearsal, info.name, mailbox)
@@ -269,8 +279,19 @@ class FlowUser(_FlowRunner, HttpUser):
 
     abstract = True
 
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        client = self.client
+        self._session_start = (client.headers.copy(), client.auth, dict(client.params or {}))
+
     def flow_client(self) -> Any:
         return self.client
+
+    def fresh_session(self) -> None:
+        client = self.client
+        client.cookies.clear()
+        headers, client.auth, params = self._session_start
+        client.headers, client.params = headers.copy(), dict(params)
 
 
 class FastFlowUser(_FlowRunner, FastHttpUser):
@@ -281,6 +302,9 @@ class FastFlowUser(_FlowRunner, FastHttpUser):
 
     def flow_client(self) -> Any:
         return RequestsLikeClient(self.client)
+
+    def fresh_session(self) -> None:
+        self.client.cookiejar.clear()  # FastHttpSession's only per-session state a flow can change
 
 
 CLIENTS = {"fast": FastFlowUser, "requests": FlowUser}  # mailproof rehearse --client
