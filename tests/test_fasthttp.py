@@ -232,3 +232,28 @@ def test_the_same_flows_give_the_same_ledger_on_both_clients(tmp_path):
     for (kind, name), count in slow_rows.items():
         if kind == "FLOW":
             assert count == slow["flows"]["runs"][name] and fast_rows[(kind, name)] == fast["flows"]["runs"][name]
+
+
+def test_what_requests_has_and_the_fast_client_lacks_is_a_harness_error_naming_the_fix():
+    """A flow reading requests' Session or Response attributes the fast client lacks gets a
+    HarnessError (never counted against the app), still an AttributeError for hasattr()."""
+    from mailproof.errors import HarnessError
+    from mailproof.load.fasthttp import FastReply, RequestsLikeClient
+
+    class Session:  # what a FastHttpSession has of these: none
+        base_url = "http://127.0.0.1:1"
+
+    class Answer:
+        status_code, text, content, headers = 200, "", b"", {}
+
+    client, reply = RequestsLikeClient(Session()), FastReply(Answer())
+    assert client.base_url == "http://127.0.0.1:1"  # what the session has is its own
+    for owner, name in ((client, "headers"), (client, "cookies"), (client, "auth"), (client, "mount"),
+                        (reply, "cookies"), (reply, "elapsed"), (reply, "iter_content")):
+        with pytest.raises(HarnessError, match="--client requests") as raised:
+            getattr(owner, name)
+        assert isinstance(raised.value, AttributeError) and not hasattr(owner, name), name
+    for owner in (client, reply):  # not requests' either: a plain AttributeError, as before
+        with pytest.raises(AttributeError) as raised:
+            owner.no_such_thing
+        assert not isinstance(raised.value, HarnessError)

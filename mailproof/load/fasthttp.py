@@ -13,7 +13,9 @@ requests; ``RequestsLikeClient`` gives them the same calls and answers:
 
 What FastHttpSession cannot do per request (``timeout=``, ``files=``, ``cookies=``, ``verify=``,
 ``stream=``, ``proxies=``, ``cert=``) is refused with a TypeError that names the fix: set
-``network_timeout`` on the user class, or run that flow with ``--client requests``.
+``network_timeout`` on the user class, or run that flow with ``--client requests``. What requests'
+Session or Response has and the fast client lacks (``flow.http.headers``, ``response.cookies``)
+raises ``FastClientLacks``, naming the same fix. Both are harness errors: never the app's failure.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ class FastClientUnsupported(HarnessError, TypeError):
     the application's failure (counted as a harness error, never against the app)."""
 
 
+class FastClientLacks(HarnessError, AttributeError):
+    """A flow read what requests' Session or Response has and the fast client does not
+    (``flow.http.headers``, ``flow.http.cookies``, ``response.cookies``): the harness's limit, not
+    the application's failure. An AttributeError still, so ``hasattr`` and ``getattr(x, n, d)`` work."""
+
+
+def _lacks(kind: str, cls: type, name: str, error: AttributeError) -> AttributeError:
+    """FastClientLacks for a public name of requests' ``cls``, else the AttributeError as it was."""
+    if name.startswith("_") or not (name in getattr(cls, "__attrs__", ()) or hasattr(cls, name)):
+        return error
+    return FastClientLacks(f"flow.http on the fast client (FastHttpUser) has no {kind}.{name}, which requests' "
+                           f"{cls.__name__} has: run this flow with --client requests (FlowUser), or pass what it "
+                           "sets per request (headers=...)")
+
+
 class RequestsLikeClient:
     """Wraps a Locust ``FastHttpSession``: requests' call signatures in, ``FastReply`` out."""
 
@@ -47,7 +64,10 @@ class RequestsLikeClient:
         self._session = session
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
+        try:
+            return getattr(self._session, name)
+        except AttributeError as error:
+            raise _lacks("session", requests.Session, name, error) from None
 
     def request(self, method: str, url: str, params: Any = None, data: Any = None, headers: Optional[dict] = None,
                 **kwargs: Any) -> Any:
@@ -69,6 +89,11 @@ class RequestsLikeClient:
             data = encoded
         if data == "" or data == b"":
             data = None  # requests sends no body for an empty one either
+        if not kwargs.pop("allow_redirects", True):
+            # Not FastHttpSession's allow_redirects=False: it switches the session's redirects off,
+            # and back on only after a request that returned, so one that raised left them off for
+            # every later flow run of the user. max_redirects=0 is this request's alone.
+            kwargs["max_redirects"] = 0
         answer = self._session.request(method.upper(), url, data=data, headers=headers, **kwargs)
         return _Replying(answer) if kwargs.get("catch_response") else FastReply(answer)
 
@@ -119,7 +144,10 @@ class FastReply:
         self._r = response
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._r, name)
+        try:
+            return getattr(self._r, name)
+        except AttributeError as error:
+            raise _lacks("response", requests.Response, name, error) from None
 
     @property
     def status_code(self) -> int:
