@@ -47,7 +47,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
+from mailproof.addresses import AddressBook
 from mailproof.errors import MailproofError
+from mailproof.http import DEFAULT_HTTP_TIMEOUT
 from mailproof.load.flows import FlowsError, LoadedFlows, load_flows, parse_mix
 from mailproof.load.gates import DEFAULT_GATES, GateError, parse_gates
 from mailproof.load.shapes_config import KINDS, ShapeConfig
@@ -141,6 +143,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mail.add_argument("--chaos-seed", type=int, default=None, metavar="S", help="seed for --chaos (repeatable runs)")
     mail.add_argument("--grace", type=float, default=10.0, metavar="S",
                       help="seconds outstanding mail may take after the load stops before it is lost (default 10)")
+    mail.add_argument("--domain", default="mailproof.test", metavar="DOMAIN",
+                      help="the domain of the test addresses flows hand out (pytest's mailproof_domain; default "
+                           "mailproof.test): give the one your app accepts, the same as under pytest")
+    mail.add_argument("--within", type=float, default=10.0, metavar="S",
+                      help="a wait's default SLO, seconds from its trigger (pytest's mailproof_within; default 10)")
+    mail.add_argument("--timeout", type=float, default=None, metavar="S",
+                      help="seconds a wait waits for late mail (pytest's mailproof_timeout; default: wait_for's own)")
+    mail.add_argument("--http-timeout", type=float, default=DEFAULT_HTTP_TIMEOUT, metavar="S",
+                      help="seconds a flow's request to the app may take (pytest's mailproof_http_timeout; default "
+                           f"{DEFAULT_HTTP_TIMEOUT:g})")
     mail.add_argument("--out", default="reports/rehearsal", metavar="DIR",
                       help="results.json, Locust's CSV, HTML and log, report.html (default reports/rehearsal)")
 
@@ -193,6 +205,12 @@ class Plan:
             raise SetupError("--workers must be 0 (one Locust process) or more")
         if args.grace < 0 or args.stop_timeout < 0 or args.pacing < 0:
             raise SetupError("--grace, --stop-timeout and --pacing are seconds, 0 or more")
+        if not args.within > 0 or not args.http_timeout > 0 or (args.timeout is not None and not args.timeout > 0):
+            raise SetupError("--within, --timeout and --http-timeout are seconds, more than 0")
+        try:
+            AddressBook(domain=args.domain)
+        except ValueError as exc:
+            raise SetupError(f"--domain {args.domain!r}: {exc}") from None
 
     def _sub(self, text: str) -> str:
         return text.replace("{port}", str(self.port)) if self.port is not None else text
@@ -454,7 +472,11 @@ class Run:
                    "--exit-code-on-error", "0",  # the gates decide (http:error_rate among them)
                    "--loglevel", "WARNING",
                    "--mailproof-sink-url", self.sink_url, "--mailproof-grace", f"{args.grace:g}",
-                   "--mailproof-results", str(out / "results.json"), "--mailproof-quiet"]
+                   "--mailproof-results", str(out / "results.json"), "--mailproof-quiet",
+                   "--mailproof-domain", args.domain, "--mailproof-within", f"{args.within:g}",
+                   "--mailproof-http-timeout", f"{args.http_timeout:g}"]
+        if args.timeout is not None:
+            command += ["--mailproof-timeout", f"{args.timeout:g}"]
         if plan.shape is None:
             command += ["-t", f"{plan.run_time}s"]
             if args.users is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from mailproof.addresses import AddressBook
+from mailproof.http import DEFAULT_HTTP_TIMEOUT
 from mailproof.load.arrivals import ArrivalCounts, ArrivalPlan
 from mailproof.load.gates import DEFAULT_GATES, Gate, GateError
 from mailproof.load.ledger import FAILED, INTERRUPTED, PASSED, Arrival, Claim, Ledger
@@ -36,6 +37,7 @@ from mailproof.load.results import (FaultRecord, HttpReply, RehearsalResults, Re
                                     StreamCounters, WorkerAccount, decode_record, encode_record)
 from mailproof.load.shapes_config import ShapeConfig
 from mailproof.mailbox import Mailbox
+
 
 log = logging.getLogger("mailproof.load.rehearsal")
 ATTRIBUTE = "mailproof_rehearsal"  # where the rehearsal hangs on its Locust environment
@@ -49,6 +51,9 @@ class RehearsalOptions:
     sink_url: str = ""
     token: Optional[str] = None
     domain: str = "mailproof.test"
+    within: float = 10.0  # a wait's default SLO (pytest's mailproof_within)
+    timeout: Optional[float] = None  # how long a wait waits for late mail (mailproof_timeout; None: wait_for's own)
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT  # seconds a flow's request may take (mailproof_http_timeout)
     grace: float = 10.0
     gates: tuple[Gate, ...] = tuple(Gate.parse(g) for g in DEFAULT_GATES)
     results_path: str = DEFAULT_RESULTS
@@ -90,6 +95,9 @@ class RehearsalOptions:
         return cls(sink_url=get("mailproof_sink_url", "") or os.environ.get("MAILPROOF_SINK_URL", ""),
                    token=os.environ.get("MAILPROOF_SINK_TOKEN") or None,
                    domain=get("mailproof_domain", cls.domain), grace=float(get("mailproof_grace", cls.grace)),
+                   within=float(get("mailproof_within", cls.within)),
+                   timeout=None if get("mailproof_timeout", None) is None else float(get("mailproof_timeout", None)),
+                   http_timeout=float(get("mailproof_http_timeout", cls.http_timeout)),
                    gates=gates, results_path=get("mailproof_results", DEFAULT_RESULTS) or DEFAULT_RESULTS,
                    chaos_profile=get("mailproof_chaos", None) or None, chaos_seed=get("mailproof_chaos_seed", None),
                    host=host if host is not None else get("host", None),
@@ -199,10 +207,14 @@ class Rehearsal:
                                   run=self.address_book.run_id).start()
         self.backend.store.add_listener(self.ledger.on_arrival)
 
-    def mailbox(self, within: float) -> Mailbox:
+    def mailbox(self, within: Optional[float] = None) -> Mailbox:
+        """A flow run's mailbox: ``within`` (a user class's own), else the run's --within, and the
+        run's --timeout, as the pytest plugin's mailbox takes mailproof_within and mailproof_timeout."""
         if self.backend is None:
             raise RuntimeError("mailproof: the rehearsal is not connected to a sink service (a master runs no users)")
-        return Mailbox(self.backend.store, self.address_book, default_within=within)
+        return Mailbox(self.backend.store, self.address_book,
+                       default_within=self.options.within if within is None else within,
+                       default_timeout=self.options.timeout)
 
     def record_flow_run(self, name: str, mailbox: Mailbox, error: Optional[BaseException], *,
                         interrupted: bool = False, harness: bool = False,

@@ -158,8 +158,9 @@ class _NamedClient:
     still checks the answer itself.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, timeout: Optional[float] = None) -> None:
         self._client = client
+        self._timeout = timeout  # a default timeout= per request (the requests client; the fast one has its own)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -171,6 +172,8 @@ class _NamedClient:
             url = args[1] if name == "request" and len(args) > 1 else (args[0] if args else kwargs.get("url", ""))
             kwargs.setdefault("name", route(str(url)))
             kwargs["catch_response"] = True
+            if self._timeout is not None:
+                kwargs.setdefault("timeout", self._timeout)
             with attr(*args, **kwargs) as response:
                 status = response.status_code or 0
                 if status in allowed or 0 < status < 400:
@@ -194,7 +197,7 @@ class _FlowRunner:
 
     flows: dict[Callable, int] = {}
     wait_time = between(0.5, 1.5)
-    within: Optional[float] = None  # default seconds per wait; None keeps each flow's own bounds
+    within: Optional[float] = None  # a wait's default SLO in seconds; None: the run's --within (10 s unless given)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -203,7 +206,7 @@ class _FlowRunner:
 
     def __init__(self, environment: Any) -> None:
         super().__init__(environment)  # type: ignore[call-arg]
-        self._http = _NamedClient(self.flow_client())  # one per user: flows reuse it
+        self._http = _NamedClient(self.flow_client(), self.request_timeout())  # one per user: flows reuse it
         if self.rehearsal.options.shape_config:
             self.wait_time = self._open_model_wait
 
@@ -223,6 +226,10 @@ class _FlowRunner:
         """This process's share of the load shape's arrivals; None without a shape (closed model)."""
         return self.rehearsal.arrival_plan(max(getattr(self.environment.runner, "worker_index", 0), 0))
 
+    def request_timeout(self) -> Optional[float]:
+        """The timeout= each request gets unless the flow gives one; None when the client has its own."""
+        return None
+
     def fresh_session(self) -> None:
         """Drop what earlier flow runs left in the client's session (see the module docstring)."""
         raise NotImplementedError
@@ -231,7 +238,7 @@ class _FlowRunner:
         info = flow_info(fn)
         self.fresh_session()
         rehearsal = self.rehearsal
-        mailbox = rehearsal.mailbox(self.within or 10.0)
+        mailbox = rehearsal.mailbox(self.within)  # None: the run's --within
         reporter = LocustReporter(self.environment, rehearsal, info.name, mailbox)
         flow = Flow(http=self._http, mailbox=mailbox, reporter=reporter, name=info.name)
         started = time.perf_counter()
@@ -287,6 +294,9 @@ class FlowUser(_FlowRunner, HttpUser):
     def flow_client(self) -> Any:
         return self.client
 
+    def request_timeout(self) -> Optional[float]:
+        return self.rehearsal.options.http_timeout  # as AppSession's under pytest (mailproof_http_timeout)
+
     def fresh_session(self) -> None:
         client = self.client
         client.cookies.clear()
@@ -300,11 +310,20 @@ class FastFlowUser(_FlowRunner, FastHttpUser):
 
     abstract = True
 
+    def __init__(self, environment: Any) -> None:
+        # FastHttpSession takes its timeouts when it is made; the run's --http-timeout, unless the
+        # user class set its own (the fast client's only way: it refuses timeout= per request).
+        timeout = Rehearsal.of(environment).options.http_timeout
+        for name in ("network_timeout", "connection_timeout"):
+            if getattr(type(self), name) == getattr(FastHttpUser, name):
+                setattr(self, name, timeout)
+        super().__init__(environment)
+
     def flow_client(self) -> Any:
         return RequestsLikeClient(self.client)
 
     def fresh_session(self) -> None:
-        self.client.cookiejar.clear()  # FastHttpSession's only per-session state a flow can change
+        self.client.cookiejar.clear()  # what the app set; RequestsLikeClient changes nothing else on the session
 
 
 CLIENTS = {"fast": FastFlowUser, "requests": FlowUser}  # mailproof rehearse --client
