@@ -74,19 +74,29 @@ class RequestsLikeClient:
         bad = [k for k in UNSUPPORTED if k in kwargs]
         if bad:
             raise FastClientUnsupported(f"flow.http on the fast client (FastHttpUser) takes no {', '.join(f'{k}=' for k in bad)} "
-                            f"per request ({method.upper()} {url}): drop it (set network_timeout on the user class "
-                            "for timeouts), or run with --client requests")
+                            f"per request ({method.upper()} {url}): drop it (for timeouts: mailproof rehearse --http-timeout, "
+                            "or network_timeout on the user class), or run with --client requests")
         if params:
             query = _encode(params)
             if query:
                 url = f"{url}{'&' if '?' in url else '?'}{query}"
+        headers = dict(headers or {})
+        if not any(k.lower() == "accept" for k in headers):
+            headers["Accept"] = "*/*"  # requests' own; FastHttpSession sends none, or application/json for json=
         if data is not None and not isinstance(data, (str, bytes, bytearray)):
-            encoded = _encode(data)
-            if isinstance(encoded, str):  # a mapping or pairs: a form, as requests sends it
-                headers = dict(headers or {})
-                if not any(k.lower() == "content-type" for k in headers):
-                    headers["Content-Type"] = _FORM
-            data = encoded
+            if hasattr(data, "read"):  # a file: its bytes with a Content-Length, as requests sends a file
+                data = data.read()
+            else:
+                encoded = _encode(data)
+                if isinstance(encoded, str):  # a mapping or pairs: a form, as requests sends it
+                    if not any(k.lower() == "content-type" for k in headers):
+                        headers["Content-Type"] = _FORM
+                elif not isinstance(encoded, (bytes, bytearray)):
+                    # Refused before sending, as requests refuses it: sent, it broke the connection
+                    # pool and hung the user's next request.
+                    raise TypeError(f"data= takes str, bytes, a mapping, pairs or a file, not {type(data).__name__} "
+                                    f"({method.upper()} {url})")
+                data = encoded
         if data == "" or data == b"":
             data = None  # requests sends no body for an empty one either
         if not kwargs.pop("allow_redirects", True):
