@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from mailproof.net import free_port
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_rehearsal import mailproof, read_results, said  # noqa: E402
+from test_rehearsal import own_app, said  # noqa: E402
 
 APP = textwrap.dedent(r'''
     import json, os, secrets
@@ -106,15 +104,7 @@ SESSION_HEADER_FLOWS = textwrap.dedent('''
 
 def rehearse(tmp_path: Path, flows_text: str, client: str) -> tuple[subprocess.CompletedProcess, dict]:
     """One Locust user (--max-users 1) runs 10 arrivals of the flows against APP."""
-    app, flows, out = tmp_path / "session_app.py", tmp_path / "session_flows.py", tmp_path / f"run-{client}"
-    app.write_text(APP)
-    flows.write_text(flows_text)
-    port = free_port()
-    proc = mailproof("rehearse", "-f", str(flows), "--app", f"{sys.executable} {app}", "--app-env", f"PORT={port}",
-                     "--app-ready", f"http://127.0.0.1:{port}/health", "--client", client,
-                     "--shape", "constant", "--peak-rate", "5", "--duration", "2", "--max-users", "1",
-                     "--grace", "1", "--out", str(out))
-    return proc, read_results(proc, out)
+    return own_app(APP, flows_text, tmp_path / f"run-{client}", "--client", client, "--max-users", "1", "--grace", "1")
 
 
 @pytest.mark.parametrize("client", ["fast", "requests"])

@@ -56,6 +56,20 @@ def flask_shop(flows: Path | str, out: Path, *args: str, env: dict | None = None
     return proc, read_results(proc, out)
 
 
+def own_app(app_text: str, flows_text: str, out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`mailproof rehearse` on a one-file app of a test's own (it listens on $PORT; ready when
+    /health answers) at 5 flows/s for 2 s; ``args`` add to or override the command line."""
+    out.mkdir(parents=True, exist_ok=True)
+    app, flows = out / "own_app.py", out / "own_flows.py"
+    app.write_text(app_text)
+    flows.write_text(flows_text)
+    port = free_port()
+    proc = mailproof("rehearse", "-f", str(flows), "--app", f"{sys.executable} {app}", "--app-env", f"PORT={port}",
+                     "--app-ready", f"http://127.0.0.1:{port}/health", "--shape", "constant", "--peak-rate", "5",
+                     "--duration", "2", "--out", str(out), *args)
+    return proc, read_results(proc, out)
+
+
 def demo(out: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict]:
     """The demo's launcher (loadtests/rehearse.py: `mailproof rehearse` with the demo app and its fakes)."""
     proc = subprocess.run([sys.executable, "-m", "loadtests.rehearse", "--grace", "5", "--out", str(out), *args],

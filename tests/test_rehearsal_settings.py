@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mailproof.net import free_port
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_rehearsal import mailproof, read_results, said  # noqa: E402
+from test_rehearsal import own_app, said  # noqa: E402
 
 APP = textwrap.dedent(r'''
     import json, os, smtplib, threading, time
@@ -83,15 +81,7 @@ FLOWS = textwrap.dedent('''
 
 
 def rehearse(tmp_path: Path, flow: str, *args: str) -> tuple[object, dict]:
-    app, flows, out = tmp_path / "settings_app.py", tmp_path / "settings_flows.py", tmp_path / "run"
-    app.write_text(APP)
-    flows.write_text(FLOWS)
-    port = free_port()
-    proc = mailproof("rehearse", "-f", str(flows), "--flow-mix", f"{flow}=1", "--app", f"{sys.executable} {app}",
-                     "--app-env", f"PORT={port}", "--app-ready", f"http://127.0.0.1:{port}/health",
-                     "--shape", "constant", "--peak-rate", "5", "--duration", "2", "--grace", "3",
-                     "--out", str(out), *args)
-    return proc, read_results(proc, out)
+    return own_app(APP, FLOWS, tmp_path / "run", "--flow-mix", f"{flow}=1", "--grace", "3", *args)
 
 
 @pytest.mark.parametrize("args, refused", [((), 10), (("--domain", "example.com"), 0)])
@@ -122,6 +112,5 @@ def test_http_timeout_bounds_each_request_on_both_clients(tmp_path, client):
     proc, results = rehearse(tmp_path, "a_slow_page_answers", "--client", client, "--http-timeout", "0.3")
     assert results["flows"]["runs"].get("a_slow_page_answers") == 10, said(proc)
     assert results["flows"]["failures"].get("a_slow_page_answers") == 10, results["flows"]["failure_samples"]
-    (tmp_path / "default").mkdir()
     proc, results = rehearse(tmp_path / "default", "a_slow_page_answers", "--client", client)
     assert results["flows"]["failures"] == {}, results["flows"]["failure_samples"]

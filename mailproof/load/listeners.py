@@ -20,7 +20,6 @@ import logging
 import time
 from typing import Any
 
-from mailproof.http import DEFAULT_HTTP_TIMEOUT
 from mailproof.load.gates import DEFAULT_GATES
 from mailproof.load.outcome import request_counts
 from mailproof.load.rehearsal import CATCH_UP_SECONDS, DEFAULT_RESULTS, Rehearsal, RehearsalOptions
@@ -48,12 +47,12 @@ def _options(parser: Any) -> None:
     group = parser.add_argument_group("mailproof")
     group.add_argument("--mailproof-sink-url", default="", env_var="MAILPROOF_SINK_URL",
                        help="URL of the sink service (mailproof sink)")
-    group.add_argument("--mailproof-domain", default="mailproof.test", help="domain of test addresses")
-    group.add_argument("--mailproof-within", type=float, default=10.0,
+    group.add_argument("--mailproof-domain", default=RehearsalOptions.domain, help="domain of test addresses")
+    group.add_argument("--mailproof-within", type=float, default=RehearsalOptions.within,
                        help="a wait's default SLO in seconds from its trigger (pytest's mailproof_within)")
     group.add_argument("--mailproof-timeout", type=float, default=None,
                        help="seconds a wait waits for late mail (pytest's mailproof_timeout; default: wait_for's own)")
-    group.add_argument("--mailproof-http-timeout", type=float, default=DEFAULT_HTTP_TIMEOUT,
+    group.add_argument("--mailproof-http-timeout", type=float, default=RehearsalOptions.http_timeout,
                        help="seconds a flow's request to the app may take (pytest's mailproof_http_timeout)")
     group.add_argument("--mailproof-grace", type=float, default=10.0,
                        help="seconds to wait for outstanding mail after the load stops before calling it lost")

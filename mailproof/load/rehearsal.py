@@ -38,7 +38,6 @@ from mailproof.load.results import (FaultRecord, HttpReply, RehearsalResults, Re
 from mailproof.load.shapes_config import ShapeConfig
 from mailproof.mailbox import Mailbox
 
-
 log = logging.getLogger("mailproof.load.rehearsal")
 ATTRIBUTE = "mailproof_rehearsal"  # where the rehearsal hangs on its Locust environment
 FAILURE_SAMPLE_CHARS = 2000
@@ -91,12 +90,13 @@ class RehearsalOptions:
             raise SystemExit("mailproof: MAILPROOF_WORKERS must be the number of Locust workers, "
                              f"not {os.environ['MAILPROOF_WORKERS']!r}") from None
         run_time = get("run_time", None)
+        timeout = get("mailproof_timeout", None)
         spawn_rate = get("spawn_rate", None)
         return cls(sink_url=get("mailproof_sink_url", "") or os.environ.get("MAILPROOF_SINK_URL", ""),
                    token=os.environ.get("MAILPROOF_SINK_TOKEN") or None,
                    domain=get("mailproof_domain", cls.domain), grace=float(get("mailproof_grace", cls.grace)),
                    within=float(get("mailproof_within", cls.within)),
-                   timeout=None if get("mailproof_timeout", None) is None else float(get("mailproof_timeout", None)),
+                   timeout=None if timeout is None else float(timeout),
                    http_timeout=float(get("mailproof_http_timeout", cls.http_timeout)),
                    gates=gates, results_path=get("mailproof_results", DEFAULT_RESULTS) or DEFAULT_RESULTS,
                    chaos_profile=get("mailproof_chaos", None) or None, chaos_seed=get("mailproof_chaos_seed", None),
