@@ -145,6 +145,61 @@ def test_flask_shop_rehearsal_runs_exactly_the_users_asked_and_accounts_for_ever
     assert "Locust ran at most 10 users" in proc.stdout
 
 
+HEALTH_APP = textwrap.dedent(r'''
+    import os
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            status = 200 if self.path == "/health" else 404
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+''')
+
+
+def test_locusts_csv_files_count_every_run_up_to_the_end(tmp_path):
+    """Locust writes its CSVs on a timer and not when it quits (locust#1806): the run's last
+    second was missing from them. With the timer held off (its first tick, at the start, is
+    its last), the files still count every request, flow run and failure of the run."""
+    flows = textwrap.dedent('''
+        import sys
+
+        from mailproof import flow
+
+        if "locust.stats" in sys.modules:  # under Locust (the launcher imports this file too, without it)
+            sys.modules["locust.stats"].CSV_STATS_INTERVAL_SEC = 3600  # Locust's writer: one tick, before any request
+
+        @flow
+        def finds_a_missing_page(flow):
+            flow.http.get("/health")
+            page = flow.http.get("/missing")  # 404, not expected: an HTTP failure
+            assert page.status_code == 200, "the page is missing"  # and a failed run
+    ''')
+    out = tmp_path / "run"
+    proc, results = own_app(HEALTH_APP, flows, out)
+    assert proc.returncode == 3, said(proc)
+    assert results["flows"]["runs"] == results["flows"]["failures"] == {"finds_a_missing_page": 10}
+    assert (results["http"]["requests"], results["http"]["failures"]) == (20, 10)
+    with open(out / "locust_stats.csv", newline="") as handle:
+        rows = {(row["Type"], row["Name"]): (int(row["Request Count"]), int(row["Failure Count"]))
+                for row in csv.DictReader(handle)}
+    assert rows[("FLOW", "finds_a_missing_page")] == (10, 10)
+    assert rows[("GET", "/health")] == (10, 0) and rows[("GET", "/missing")] == (10, 10)
+    assert rows[("", "Aggregated")] == (30, 20)
+    with open(out / "locust_failures.csv", newline="") as handle:
+        failures = {(row["Method"], row["Name"]): int(row["Occurrences"]) for row in csv.DictReader(handle)}
+    assert failures == {("GET", "/missing"): 10, ("FLOW", "finds_a_missing_page"): 10}
+    assert not list(out.glob("*.tmp"))
+
+
 def test_flows_whose_requests_all_get_404_fail_the_run_with_their_failures_and_lose_nothing(tmp_path):
     flows = tmp_path / "wrong_routes.py"
     flows.write_text(textwrap.dedent('''

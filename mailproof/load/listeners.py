@@ -8,7 +8,8 @@ Nothing is process-wide but the record of which events objects are wired.
 
 When the test stops, a local run finishes its load; on a distributed run the master asks every
 worker to finish (``FINISH``), each one sends back its report (``REPORT``) and the master merges
-them. On quitting, the master (or the local run) writes results.json and prints the summary.
+them. On quitting, the master (or the local run) writes results.json, prints the summary and
+brings Locust's CSV files up to the end of the run (mailproof.load.locust_csv).
 
 Locust is imported only inside the listeners (they run under Locust): importing this module
 monkey-patches nothing.
@@ -21,6 +22,7 @@ import time
 from typing import Any
 
 from mailproof.load.gates import DEFAULT_GATES
+from mailproof.load.locust_csv import write_final_csv
 from mailproof.load.outcome import request_counts
 from mailproof.load.rehearsal import CATCH_UP_SECONDS, DEFAULT_RESULTS, Rehearsal, RehearsalOptions
 
@@ -165,6 +167,7 @@ def _on_quitting(environment: Any, **_kw: Any) -> None:
     if not rehearsal.options.quiet:
         print(render_summary(results), flush=True)
         print(f"mailproof: results written to {path}", flush=True)
+    write_final_csv(environment)
     if not results.passed:
         environment.process_exit_code = 3
     rehearsal.stop()
