@@ -205,7 +205,7 @@ def test_the_same_flows_give_the_same_ledger_on_both_clients(tmp_path):
     runs = {}
     for client in ("requests", "fast"):
         out = tmp_path / client
-        proc, results = flask_shop(LOADFLOWS, out, "--shape", "constant", "--peak-rate", "4", "--duration", "5",
+        proc, results = flask_shop(LOADFLOWS, out, "--shape", "constant", "--peak-rate", "8", "--duration", "5",
                                    "--client", client)
         assert proc.returncode == 0, said(proc)
         assert_reconciles(results)
@@ -214,24 +214,36 @@ def test_the_same_flows_give_the_same_ledger_on_both_clients(tmp_path):
     for results in (slow, fast):
         assert results["flows"]["failures"] == {} and results["http"]["failures"] == 0
         assert results["ledger"]["unexpected"] == 0 and results["harness"]["errors"] == []
-        assert sum(results["flows"]["runs"].values()) == 20
-    # Which flow an arrival runs is Locust's weighted pick: compare per run of each flow.
-    assert set(slow["flows"]["runs"]) == set(fast["flows"]["runs"])
-    for name in slow["flows"]["runs"]:
+        assert sum(results["flows"]["runs"].values()) == 40
+        for name, counts in results["ledger"]["flows"].items():
+            for key in ("late", "lost", "unverified", "duplicated", "unexpected", "interrupted", "unawaited"):
+                assert counts[key] == 0, (name, key, counts)
+    # Which flow an arrival runs is Locust's weighted random pick, so one side may (rarely: 40
+    # picks of 4 flows) never run a flow the other ran: compare per run of each flow both ran.
+    shared = set(slow["flows"]["runs"]) & set(fast["flows"]["runs"])
+    assert shared, (slow["flows"]["runs"], fast["flows"]["runs"])
+    for name in shared:
         a, b = slow["ledger"]["flows"].get(name), fast["ledger"]["flows"].get(name)
         ra, rb = slow["flows"]["runs"][name], fast["flows"]["runs"][name]
         assert (a is None) == (b is None), name
         if a is not None:
             for key in ("expected", "delivered"):
                 assert a[key] / ra == b[key] / rb, (name, key, a, b)
-            for key in ("late", "lost", "unverified", "duplicated", "unexpected", "interrupted", "unawaited"):
-                assert a[key] == b[key] == 0, (name, key, a, b)
-    # The same statistics rows: HTTP routes (ids templated), MAIL steps, CHECKs and FLOWs.
-    assert set(slow_rows) == set(fast_rows)
+    # The same statistics rows: MAIL steps and FLOWs of the flows both ran, and, when both ran
+    # the same flows, the same HTTP routes (ids templated) and CHECKs.
+    def of_shared(rows: Counter) -> set:
+        return {(kind, name) for kind, name in rows
+                if kind == "FLOW" and name in shared or kind == "MAIL" and name.partition(":")[0] in shared}
+    assert of_shared(slow_rows) == of_shared(fast_rows) and of_shared(slow_rows)
+    if set(slow["flows"]["runs"]) == set(fast["flows"]["runs"]):
+        assert set(slow_rows) == set(fast_rows)
     assert {kind for kind, _ in slow_rows} >= {"GET", "POST", "MAIL", "FLOW"}
     for (kind, name), count in slow_rows.items():
         if kind == "FLOW":
-            assert count == slow["flows"]["runs"][name] and fast_rows[(kind, name)] == fast["flows"]["runs"][name]
+            assert count == slow["flows"]["runs"][name]
+    for (kind, name), count in fast_rows.items():
+        if kind == "FLOW":
+            assert count == fast["flows"]["runs"][name]
 
 
 def test_what_requests_has_and_the_fast_client_lacks_is_a_harness_error_naming_the_fix():
